@@ -1,0 +1,232 @@
+"""Reading GGUF files (llama.cpp's format): metadata and dequantized tensors.
+
+Owns the GGUF binary layout (a small, bounds-checked parser: the `gguf` package's reader
+spends seconds building per-string views of a 100k-entry vocabulary) and the translation of
+GGUF tensor names and layouts to the canonical Hugging Face names and `[out, in]` order used
+by `weights.py`, including undoing llama.cpp's Q/K row permutation for interleaved RoPE.
+Dequantization is delegated to the `gguf` package. Every failure is a `ModelLoadError`
+naming the file; nothing is allocated beyond what the file's own bytes justify.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import mmap
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llama_jax.config import LlamaConfig
+from llama_jax.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+_SCALARS = {  # GGUF value type -> struct format
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+_MAX_DIMS = 8
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",
+}
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """Canonical (Hugging Face) name of a GGUF tensor, or None for tensors we do not use."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's `LlamaModel.permute`: interleaved RoPE rows -> split halves."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute` (split halves -> interleaved); used to write GGUF files."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy order (GGUF lists dims innermost first)
+    qtype: int
+    offset: int  # absolute file offset
+    nbytes: int
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over a buffer."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise ModelLoadError(self.path, f"truncated GGUF: needs {n} bytes at offset {self.pos}, file has {len(self.buf)}")
+        out = memoryview(self.buf)[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        raw = self.take(self.scalar("<Q"))
+        return bytes(raw).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.scalar("<I"), self.scalar("<Q")
+            if etype in _NUMPY:
+                itemsize = np.dtype(_NUMPY[etype]).itemsize
+                if count * itemsize > len(self.buf) - self.pos:
+                    raise ModelLoadError(self.path, f"array of {count} items runs past the end of the file")
+                return np.frombuffer(self.take(count * itemsize), dtype=_NUMPY[etype]).tolist()
+            if etype == _STRING:
+                if count * 8 > len(self.buf) - self.pos:  # every string costs at least its length field
+                    raise ModelLoadError(self.path, f"array of {count} strings runs past the end of the file")
+                return [self.string() for _ in range(count)]
+            if etype == _ARRAY:
+                if count > len(self.buf) - self.pos:
+                    raise ModelLoadError(self.path, f"nested array of {count} items runs past the end of the file")
+                return [self.value(_ARRAY) for _ in range(count)]
+            raise ModelLoadError(self.path, f"unknown array element type {etype}")
+        raise ModelLoadError(self.path, f"unknown metadata value type {vtype}")
+
+
+class GGUFFile:
+    """An opened GGUF file: `metadata` (plain Python values), `infos`, `config()`, `tensors()`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelLoadError(self.path, "file not found")
+        with open(self.path, "rb") as f:
+            size = self.path.stat().st_size
+            if size < 24:
+                raise ModelLoadError(self.path, f"not a GGUF file: only {size} bytes")
+            self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.metadata, self.infos = self._parse()
+
+    def _parse(self) -> tuple[dict[str, Any], list[TensorInfo]]:
+        import gguf
+
+        cur = _Cursor(self._buf, self.path)
+        magic = bytes(cur.take(4))
+        if magic != GGUF_MAGIC:
+            raise ModelLoadError(self.path, f"not a GGUF file: bad magic {magic!r} (expected b'GGUF')")
+        version = cur.scalar("<I")
+        if version not in (2, 3):
+            raise ModelLoadError(self.path, f"unsupported GGUF version {version} (supported: 2, 3)")
+        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        # Each entry takes at least 8 (key length) + 4 (type) bytes: reject absurd counts up front.
+        if n_kv * 12 + n_tensors * 24 > len(self._buf):
+            raise ModelLoadError(self.path, f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            meta[key] = cur.value(cur.scalar("<I"))
+        raw_infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.scalar("<I")
+            if n_dims > _MAX_DIMS:
+                raise ModelLoadError(self.path, f"tensor {name!r} claims {n_dims} dimensions")
+            dims = [cur.scalar("<Q") for _ in range(n_dims)]
+            raw_infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
+        alignment = int(meta.get("general.alignment", 32))
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ModelLoadError(self.path, f"invalid general.alignment {alignment}")
+        data_start = -(-cur.pos // alignment) * alignment
+        infos = []
+        for name, dims, qtype, offset in raw_infos:
+            try:
+                qt = gguf.GGMLQuantizationType(qtype)
+                block, type_size = gguf.GGML_QUANT_SIZES[qt]
+            except (ValueError, KeyError):
+                raise ModelLoadError(self.path, f"tensor {name!r} has unknown type {qtype}") from None
+            n = int(np.prod(dims, dtype=object)) if dims else 1
+            if not dims or dims[0] % block:
+                raise ModelLoadError(self.path, f"tensor {name!r} shape {dims} does not fit {qt.name} blocks of {block}")
+            nbytes = n // block * type_size
+            start = data_start + offset
+            if start + nbytes > len(self._buf):
+                raise ModelLoadError(
+                    self.path, f"tensor {name!r} ({nbytes} bytes at offset {start}) lies outside the file ({len(self._buf)} bytes): truncated?"
+                )
+            infos.append(TensorInfo(name, tuple(int(d) for d in reversed(dims)), qtype, start, nbytes))
+        return meta, infos
+
+    def config(self) -> LlamaConfig:
+        cfg = LlamaConfig.from_gguf_metadata(self.metadata, self.path)
+        if not any(t.name == "output.weight" for t in self.infos):
+            cfg = dataclasses.replace(cfg, tie_embeddings=True)
+        return cfg
+
+    def raw(self, info: TensorInfo) -> np.ndarray:
+        """The tensor's bytes as uint8 rows `[..., row_bytes]`, as `gguf.quants.dequantize` wants."""
+        data = np.frombuffer(self._buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        return data.reshape(*info.shape[:-1], -1)
+
+    def tensors(self, cfg: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
+        """Yields (canonical name, float32 array in `[out, in]` order) for each used tensor."""
+        import gguf
+
+        unpermute = cfg.architecture in ("llama", "mistral")
+        for info in self.infos:
+            name = hf_name(info.name)
+            if name is None:
+                log.debug("%s: skipping unused tensor %s", self.path, info.name)
+                continue
+            qt = gguf.GGMLQuantizationType(info.qtype)
+            try:
+                arr = gguf.quants.dequantize(self.raw(info), qt)
+            except NotImplementedError:
+                raise ModelLoadError(self.path, f"tensor {info.name!r} has unsupported type {qt.name}") from None
+            arr = np.asarray(arr, dtype=np.float32).reshape(info.shape)
+            if unpermute and name.endswith("q_proj.weight"):
+                arr = unpermute_rope_rows(arr, cfg.n_heads)
+            elif unpermute and name.endswith("k_proj.weight"):
+                arr = unpermute_rope_rows(arr, cfg.n_kv_heads)
+            yield name, arr
+
+    def close(self) -> None:
+        self._buf.close()
