@@ -1,0 +1,167 @@
+"""The Llama-family transformer in Flax NNX, as pure functions of (weights, tokens, cache view).
+
+Shape letters: B batch/slots, T new tokens, C cached context, L layers, D model dim, K KV heads,
+G query heads per KV head (N = K*G), H head dim, F MLP dim, V vocab, X the fused q/k/v axis.
+
+Layout choices (all for speed on XLA, see ../shared/reference/jax-serving.md):
+- Layers are stacked on a leading L axis and applied with `lax.scan` (compile time flat in
+  depth).
+- Q, K and V are one fused weight `[L, D, K, G+2, H]`: per KV head, its G query heads, then
+  its key and its value. One dot instead of three, and the K axis stays whole, so tensor
+  parallelism can split it. Query head n = k*G + g uses KV head k, as in Hugging Face.
+- Gate and up projections are one fused weight `[L, D, 2, F]`.
+- Attention is a grouped einsum over `[B, T, K, G, H]` queries: K/V are never repeated.
+- The model never writes the KV cache: it reads a cache view `[L, B, C, K, H]` (the first C
+  positions, of which `ctx_len[b]` are valid) and returns this chunk's new K/V rows
+  `[L, B, T, K, H]`; `cache.py` writes them. That keeps the cache out of the scan carry, so
+  XLA never copies it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.config import LlamaConfig, rope_frequencies
+
+
+class Buffer(nnx.Variable):
+    """A constant array stored with the model (not a trainable parameter): RoPE frequencies."""
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding on split halves (Hugging Face layout). x: [B, T, ..., H], positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attend(q, k_new, v_new, k_ctx, v_ctx, ctx_len):
+    """Causal attention of a chunk over the cached context plus itself.
+
+    q [B,T,K,G,H]; k_new, v_new [B,T,K,H]; k_ctx, v_ctx [B,C,K,H] or None; ctx_len [B].
+    Returns [B,T,K,G,H].
+    """
+    T = q.shape[1]
+    scale = q.shape[-1] ** -0.5
+    neg = jnp.finfo(jnp.float32).min
+    s_new = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_new, preferred_element_type=jnp.float32) * scale
+    s_new = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s_new, neg)
+    if k_ctx is None:
+        p = jax.nn.softmax(s_new, axis=-1).astype(v_new.dtype)
+        return jnp.einsum("BKGTS,BSKH->BTKGH", p, v_new)
+    C = k_ctx.shape[1]
+    s_ctx = jnp.einsum("BTKGH,BCKH->BKGTC", q, k_ctx, preferred_element_type=jnp.float32) * scale
+    valid = jnp.arange(C)[None, :] < ctx_len[:, None]  # [B, C]
+    s_ctx = jnp.where(valid[:, None, None, None, :], s_ctx, neg)
+    p = jax.nn.softmax(jnp.concatenate([s_ctx, s_new], axis=-1), axis=-1).astype(v_new.dtype)
+    return jnp.einsum("BKGTC,BCKH->BTKGH", p[..., :C], v_ctx) + jnp.einsum(
+        "BKGTS,BSKH->BTKGH", p[..., C:], v_new
+    )
+
+
+def dense(x: jax.Array, w, spec: str) -> jax.Array:
+    """`einsum(spec, x, w)` for a plain weight; quantized weights plug in here."""
+    if hasattr(w, "einsum"):
+        return w.einsum(spec, x)
+    return jnp.einsum(spec, x, w.astype(x.dtype))
+
+
+class Blocks(nnx.Module):
+    """All L transformer blocks, weights stacked on a leading L axis."""
+
+    def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
+        L, D, K, G, H, F = cfg.n_layers, cfg.dim, cfg.n_kv_heads, cfg.group, cfg.head_dim, cfg.ffn_dim
+        init = nnx.initializers.normal(0.02)
+        self.attn_norm = nnx.Param(jnp.ones((L, D), dtype))
+        self.wqkv = nnx.Param(init(rngs.params(), (L, D, K, G + 2, H), dtype))
+        self.bqkv = nnx.Param(jnp.zeros((L, K, G + 2, H), dtype)) if cfg.qkv_bias else None
+        self.wo = nnx.Param(init(rngs.params(), (L, K, G, H, D), dtype))
+        self.mlp_norm = nnx.Param(jnp.ones((L, D), dtype))
+        self.w_gate_up = nnx.Param(init(rngs.params(), (L, D, 2, F), dtype))
+        self.w_down = nnx.Param(init(rngs.params(), (L, F, D), dtype))
+
+    def __call__(self, cfg: LlamaConfig, x, positions, inv_freq, k_cache, v_cache, ctx_len):
+        """x [B,T,D] -> (x [B,T,D], new_k [L,B,T,K,H], new_v [L,B,T,K,H])."""
+        G = cfg.group
+        weights = {
+            "attn_norm": self.attn_norm.value,
+            "wqkv": self.wqkv.value,
+            "wo": self.wo.value,
+            "mlp_norm": self.mlp_norm.value,
+            "w_gate_up": self.w_gate_up.value,
+            "w_down": self.w_down.value,
+        }
+        if self.bqkv is not None:
+            weights["bqkv"] = self.bqkv.value
+        xs = (weights, k_cache, v_cache)
+
+        def layer(x, xs):
+            w, k_ctx, v_ctx = xs
+            h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
+            qkv = dense(h, w["wqkv"], "BTD,DKXH->BTKXH")
+            if "bqkv" in w:
+                qkv = qkv + w["bqkv"].astype(qkv.dtype)
+            q = rope(qkv[..., :G, :], positions, inv_freq)
+            k = rope(qkv[..., G, :], positions, inv_freq)
+            v = qkv[..., G + 1, :]
+            o = attend(q, k, v, k_ctx, v_ctx, ctx_len)
+            x = x + dense(o, w["wo"], "BTKGH,KGHD->BTD")
+            h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
+            gu = dense(h, w["w_gate_up"], "BTD,DCF->BTCF")
+            x = x + dense(jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], w["w_down"], "BTF,FD->BTD")
+            return x, (k, v)
+
+        x, (new_k, new_v) = jax.lax.scan(layer, x, xs)
+        return x, new_k, new_v
+
+
+class Llama(nnx.Module):
+    """Embedding, stacked blocks, final norm and (tied or separate) output head."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
+        self.blocks = Blocks(cfg, dtype, rngs)
+        self.norm = nnx.Param(jnp.ones((cfg.dim,), dtype))
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
+        )
+        self.inv_freq = Buffer(jnp.asarray(rope_frequencies(cfg), jnp.float32))
+
+    def hidden(self, tokens, positions, k_cache=None, v_cache=None, ctx_len=None):
+        """Final-norm hidden states [B,T,D] and the chunk's K/V rows [L,B,T,K,H] each.
+
+        tokens, positions: [B,T]; k_cache, v_cache: [L,B,C,K,H] views (or None when the chunk
+        starts at position 0); ctx_len [B]: valid cached positions.
+        """
+        x = embed_lookup(self.embed.value, tokens).astype(self.dtype)
+        if ctx_len is None:
+            ctx_len = jnp.zeros(tokens.shape[:1], jnp.int32)
+        x, new_k, new_v = self.blocks(self.cfg, x, positions, self.inv_freq.value, k_cache, v_cache, ctx_len)
+        return rms_norm(x, self.norm.value, self.cfg.norm_eps), new_k, new_v
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """h [..., D] -> float32 logits [..., V]."""
+        if self.lm_head is None:
+            return dense(h, self.embed.value, "...D,VD->...V").astype(jnp.float32)
+        return dense(h, self.lm_head.value, "...D,VD->...V").astype(jnp.float32)
+
+
+def embed_lookup(table, tokens: jax.Array) -> jax.Array:
+    if hasattr(table, "take_rows"):
+        return table.take_rows(tokens)
+    return jnp.take(table, tokens, axis=0)

@@ -1,0 +1,173 @@
+"""The device side: jitted prefill, decode and embed over a flattened model state.
+
+`ModelRunner` is the engine's only door to the device (JetStream's Engine seam). Its jitted
+functions are pure; what is static (and so compiled once per value) is only:
+
+- `T`, the padded chunk length of a prefill (power-of-two buckets, `prefill_buckets`);
+- `C`, how many cache positions a step attends over (`context_buckets`; 0 for a chunk that
+  starts a sequence), so a short conversation does not read the whole cache.
+
+Everything per request (slot, start, true length, sampling values, seeds) is a traced array,
+so new requests never compile. Prefill writes straight into its slot (a fused prefill+insert:
+with prefix reuse and chunked prefill, a chunk must attend over what the slot already holds),
+and the decode state is donated, so the cache is updated in place.
+
+Outputs are packed into one int32 array per call (`[B, 2]`: token, float32 logprob bits),
+so the host pays one transfer per step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax import cache as kv
+from llama_jax.cache import DecodeState
+from llama_jax.model import Llama
+from llama_jax.sampling import SlotSampling, sample
+
+
+def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return tuple(out)
+
+
+def pick(buckets: tuple[int, ...], n: int) -> int:
+    """Smallest bucket >= n."""
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+def pack(tokens: jax.Array, logprobs: jax.Array) -> jax.Array:
+    return jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs.astype(jnp.float32), jnp.int32)], -1)
+
+
+def unpack(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    out = np.asarray(out)
+    return out[..., 0], out[..., 1].view(np.float32)
+
+
+class ModelRunner:
+    """Jitted steps for one model with `max_slots` decode slots of `max_seq_len` positions."""
+
+    def __init__(self, model: Llama, max_slots: int, max_seq_len: int, max_prefill_chunk: int = 512,
+                 min_prefill_bucket: int = 16, min_context_bucket: int = 128):
+        self.cfg = model.cfg
+        self.dtype = model.dtype
+        self.max_slots = max_slots
+        self.max_seq_len = max_seq_len
+        self.prefill_buckets = pow2_buckets(min(min_prefill_bucket, max_prefill_chunk), min(max_prefill_chunk, max_seq_len))
+        self.context_buckets = pow2_buckets(min(min_context_bucket, max_seq_len), max_seq_len)
+        # Flatten the NNX state once: per-call traversal of Variables costs milliseconds.
+        self._graphdef, state = nnx.split(model)
+        self._leaves, self._treedef = jax.tree.flatten(state)
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("context",), donate_argnames=("state",))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("context",), donate_argnames=("state",))
+        self._embed = jax.jit(self._embed_impl)
+
+    def _model(self, leaves) -> Llama:
+        return nnx.merge(self._graphdef, jax.tree.unflatten(self._treedef, leaves))
+
+    def init_state(self) -> DecodeState:
+        return kv.init_state(self.cfg, self.max_slots, self.max_seq_len, self.dtype)
+
+    # -- jitted bodies -------------------------------------------------------------------------
+
+    def _prefill_impl(self, leaves, state: DecodeState, tokens, slot, start, true_len, row: SlotSampling, *, context):
+        """tokens [1,T] at positions start..start+T of `slot`; samples the token after true_len."""
+        model = self._model(leaves)
+        T = tokens.shape[1]
+        positions = start + jnp.arange(T, dtype=jnp.int32)[None]
+        if context:
+            k_ctx = kv.slot_context(state.k, slot, context)
+            v_ctx = kv.slot_context(state.v, slot, context)
+            h, nk, nv = model.hidden(tokens, positions, k_ctx, v_ctx, start[None])
+        else:
+            h, nk, nv = model.hidden(tokens, positions)
+        last = jax.lax.dynamic_index_in_dim(h[0], true_len - 1, keepdims=True)  # [1, D]
+        end = start + true_len
+        token, logprob = sample(model.logits(last), row, end[None])
+        sampling = jax.tree.map(lambda all_, r: all_.at[slot].set(r[0]), state.sampling, row)
+        new_state = DecodeState(
+            k=kv.write_chunk(state.k, nk, slot, start),
+            v=kv.write_chunk(state.v, nv, slot, start),
+            lengths=state.lengths.at[slot].set(end),
+            tokens=state.tokens.at[slot].set(token[0]),
+            sampling=sampling,
+        )
+        return new_state, pack(token, logprob)
+
+    def _decode_impl(self, leaves, state: DecodeState, active, *, context):
+        """One token for every slot; inactive slots compute but write and advance nothing."""
+        model = self._model(leaves)
+        lengths = state.lengths
+        k_ctx, v_ctx = state.k[:, :, :context], state.v[:, :, :context]
+        h, nk, nv = model.hidden(state.tokens[:, None], lengths[:, None], k_ctx, v_ctx, lengths)
+        token, logprob = sample(model.logits(h[:, 0]), state.sampling, lengths + 1)
+        write_at = jnp.where(active, lengths, state.max_seq_len)
+        new_state = DecodeState(
+            k=kv.write_step(state.k, nk, write_at),
+            v=kv.write_step(state.v, nv, write_at),
+            lengths=lengths + active.astype(jnp.int32),
+            tokens=jnp.where(active, token, state.tokens),
+            sampling=state.sampling,
+        )
+        return new_state, pack(token, logprob)
+
+    def _embed_impl(self, leaves, tokens, lengths):
+        """Mean of final hidden states over each row's first lengths[b] tokens, L2-normalized."""
+        model = self._model(leaves)
+        B, T = tokens.shape
+        h, _, _ = model.hidden(tokens, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+        mask = (jnp.arange(T)[None, :] < lengths[:, None]).astype(jnp.float32)
+        mean = jnp.einsum("BTD,BT->BD", h.astype(jnp.float32), mask) / jnp.maximum(lengths, 1)[:, None]
+        return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+    # -- host-facing calls -------------------------------------------------------------------
+
+    def prefill(self, state: DecodeState, chunk: np.ndarray, slot: int, start: int, row: SlotSampling,
+                ) -> tuple[DecodeState, jax.Array]:
+        """Prefill one chunk (<= the largest prefill bucket) of a slot's prompt at `start`."""
+        n = len(chunk)
+        T = pick(self.prefill_buckets, n)
+        tokens = np.zeros((1, T), np.int32)
+        tokens[0, :n] = chunk
+        context = 0 if start == 0 else pick(self.context_buckets, start)
+        return self._prefill(self._leaves, state, tokens, np.int32(slot), np.int32(start), np.int32(n), row,
+                             context=context)
+
+    def decode(self, state: DecodeState, active: np.ndarray, max_length: int) -> tuple[DecodeState, jax.Array]:
+        """One decode step; `max_length` bounds the valid positions of every active slot."""
+        context = pick(self.context_buckets, max(max_length, 1))
+        return self._decode(self._leaves, state, np.asarray(active, bool), context=context)
+
+    def embed(self, rows: list[list[int]], max_batch: int = 16) -> np.ndarray:
+        """Embeddings [len(rows), D] (float32, L2-normalized), batched by padded length."""
+        out = np.zeros((len(rows), self.cfg.dim), np.float32)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        for lo in range(0, len(order), max_batch):
+            idx = order[lo : lo + max_batch]
+            T = pick(self.prefill_buckets + self.context_buckets[1:], max(len(rows[i]) for i in idx))
+            B = pick(pow2_buckets(1, max_batch), len(idx))
+            tokens = np.zeros((B, T), np.int32)
+            lengths = np.zeros((B,), np.int32)
+            for j, i in enumerate(idx):
+                tokens[j, : len(rows[i])] = rows[i]
+                lengths[j] = len(rows[i])
+            out[idx] = np.asarray(self._embed(self._leaves, tokens, lengths))[: len(idx)]
+        return out
+
+    @functools.cached_property
+    def max_prefill_chunk(self) -> int:
+        return self.prefill_buckets[-1]

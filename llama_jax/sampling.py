@@ -1,0 +1,193 @@
+"""Token sampling inside the jitted step: greedy, temperature, top-k, top-p, min-p, seeds.
+
+`SamplingParams` is the user-facing, validated description of one request's sampling.
+`SlotSampling` holds the same values as per-slot device arrays `[B]`, so changing them never
+recompiles. `sample()` is exact (no candidate truncation) yet avoids a full sort of the
+vocabulary, which costs ~25 ms per row on XLA:CPU:
+
+1. the top-k and nucleus thresholds come from `lax.top_k` over `CANDIDATES` logits, falling
+   back (under `lax.cond`, only when some row needs it) to a bisection over the whole row;
+2. the kept distribution is sampled by a two-level inverse CDF (blocks of 256 tokens, then
+   one block) from two uniforms per row, instead of V Gumbel draws.
+
+Randomness: each slot's key is folded with the position being generated, so a request with
+a seed gets the same tokens whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.errors import InvalidRequestError
+
+CANDIDATES = 64  # logits examined for top-k / top-p before falling back to bisection
+BLOCK = 256  # tokens per block in the two-level inverse-CDF draw
+_BISECT_STEPS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. `temperature=0` is greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def bad(param, msg):
+            raise InvalidRequestError(f"{param} {msg}", param=param)
+
+        if not 0.0 <= self.temperature <= 100.0:
+            bad("temperature", f"must be between 0 and 100, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            bad("top_k", f"must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", f"must be in [0, 1], got {self.min_p}")
+        if self.max_tokens < 1:
+            bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            bad("seed", "must fit in 64 bits")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "must be non-empty strings")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotSampling:
+    """Per-slot sampling values as device arrays, all `[B]` (keys `[B, 2]` uint32)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    key: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int) -> SlotSampling:
+        return cls(
+            temperature=jnp.zeros((batch,), jnp.float32),
+            top_k=jnp.zeros((batch,), jnp.int32),
+            top_p=jnp.ones((batch,), jnp.float32),
+            min_p=jnp.zeros((batch,), jnp.float32),
+            key=jnp.zeros((batch, 2), jnp.uint32),
+        )
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int]) -> SlotSampling:
+        """Host-side numpy rows (one per request) ready to be inserted into a slot."""
+        return cls(
+            temperature=np.asarray([p.temperature for p in params], np.float32),
+            top_k=np.asarray([p.top_k for p in params], np.int32),
+            top_p=np.asarray([p.top_p for p in params], np.float32),
+            min_p=np.asarray([p.min_p for p in params], np.float32),
+            key=np.stack([seed_key(s) for s in seeds]),
+        )
+
+
+def seed_key(seed: int) -> np.ndarray:
+    """Threefry key data `[2]` uint32 for a 64-bit seed (host side, no device work)."""
+    seed &= (1 << 64) - 1
+    return np.asarray([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
+def _thresholds_exact(x, k, top_p, lse):
+    """Bisection over each whole row for the top-k and nucleus thresholds (slow path)."""
+    lo = jnp.min(x, axis=-1)
+    hi = jnp.max(x, axis=-1)
+
+    def search(pred):
+        def body(_, c):
+            lo, hi = c
+            mid = (lo + hi) / 2
+            ok = pred(mid)  # keeping x >= mid still satisfies the constraint: go higher
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+        return jax.lax.fori_loop(0, _BISECT_STEPS, body, (lo, hi))[0]
+
+    thr_k = search(lambda t: jnp.sum(x >= t[:, None], axis=-1) >= k)
+    thr_p = search(lambda t: jnp.sum(jnp.where(x >= t[:, None], jnp.exp(x - lse[:, None]), 0), -1) >= top_p)
+    return thr_k, thr_p
+
+
+def _draw(p: jax.Array, u: jax.Array) -> jax.Array:
+    """Two-level inverse CDF: token index for unnormalized probabilities p [B,V], u [B,2]."""
+    B, V = p.shape
+    nb = -(-V // BLOCK)
+    pb = jnp.pad(p, ((0, 0), (0, nb * BLOCK - V))).reshape(B, nb, BLOCK)
+    bsum = pb.sum(-1)  # [B, nb]
+    cb = jnp.cumsum(bsum, -1)
+    target = u[:, 0] * cb[:, -1]
+    last_nz = jnp.argmax(jnp.where(bsum > 0, jnp.arange(nb), -1), -1)
+    blk = jnp.where(jnp.any(cb > target[:, None], -1), jnp.argmax(cb > target[:, None], -1), last_nz)
+    blk = jnp.where(bsum[jnp.arange(B), blk] > 0, blk, last_nz)
+    row = pb[jnp.arange(B), blk]  # [B, BLOCK]
+    cr = jnp.cumsum(row, -1)
+    t2 = u[:, 1] * cr[:, -1]
+    idx = jnp.where(jnp.any(cr > t2[:, None], -1), jnp.argmax(cr > t2[:, None], -1), jnp.argmax(row, -1))
+    idx = jnp.where(row[jnp.arange(B), idx] > 0, idx, jnp.argmax(row, -1))
+    return (blk * BLOCK + idx).astype(jnp.int32)
+
+
+def sample(logits: jax.Array, s: SlotSampling, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """logits f32 [B,V] -> (tokens int32 [B], logprob of each token under the raw logits [B]).
+
+    `positions [B]` is the index of the token being generated, folded into each slot's key.
+    When every row is greedy the sampling work is skipped (`lax.cond`).
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = jax.lax.cond(
+        jnp.any(s.temperature > 0),
+        lambda: jnp.where(s.temperature > 0, _sample_rows(logits, s, positions), greedy),
+        lambda: greedy,
+    )
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    logprob = jnp.take_along_axis(logits, tokens[:, None], -1)[:, 0] - lse
+    return tokens, logprob
+
+
+def _sample_rows(logits: jax.Array, s: SlotSampling, positions: jax.Array) -> jax.Array:
+    B, V = logits.shape
+    x = logits / jnp.maximum(s.temperature, 1e-5)[:, None]
+    lse = jax.nn.logsumexp(x, axis=-1)
+    nc = min(CANDIDATES, V)
+    # The barrier keeps XLA from fusing top_k (a sort) into the elementwise consumers below,
+    # which recomputed it per element: 175 ms instead of 6 ms for [16, 49152] on XLA:CPU.
+    top = jax.lax.optimization_barrier(jax.lax.top_k(x, nc)[0])  # [B, nc], descending
+    k = jnp.where(s.top_k <= 0, V, jnp.minimum(s.top_k, V))
+    cum = jnp.cumsum(jnp.exp(top - lse[:, None]), -1)
+    j = jnp.sum(cum < s.top_p[:, None], -1)  # nucleus = candidates 0..j
+    fast_k = jnp.take_along_axis(top, jnp.clip(k - 1, 0, nc - 1)[:, None], -1)[:, 0]
+    fast_p = jnp.take_along_axis(top, jnp.clip(j, 0, nc - 1)[:, None], -1)[:, 0]
+    k_on, p_on = k < V, s.top_p < 1.0
+    slow = (k_on & (k > nc)) | (p_on & (j >= nc))
+    thr_k, thr_p = jax.lax.cond(
+        jnp.any(slow),
+        lambda: tuple(
+            jnp.where(slow, e, f)
+            for e, f in zip(_thresholds_exact(x, k, s.top_p, lse), (fast_k, fast_p), strict=True)
+        ),
+        lambda: (fast_k, fast_p),
+    )
+    neg = jnp.float32(-jnp.inf)
+    thr_min_p = jnp.where(s.min_p > 0, top[:, 0] + jnp.log(jnp.maximum(s.min_p, 1e-30)), neg)
+    thr = jnp.maximum(jnp.maximum(jnp.where(k_on, thr_k, neg), jnp.where(p_on, thr_p, neg)), thr_min_p)
+    thr, m = jax.lax.optimization_barrier((thr, top[:, 0]))
+    p = jnp.where(x >= thr[:, None], jnp.exp(x - m[:, None]), 0.0)
+    keys = jax.vmap(lambda kd, pos: jax.random.fold_in(jax.random.wrap_key_data(kd), pos))(s.key, positions)
+    u = jax.vmap(lambda key: jax.random.uniform(key, (2,)))(keys)
+    return _draw(p, u)
