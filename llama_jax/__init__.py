@@ -1,0 +1,28 @@
+"""llama_jax: Llama-family language models on JAX/XLA.
+
+    from llama_jax import Generator, SamplingParams
+"""
+
+from llama_jax.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    LlamaJaxError,
+    ModelLoadError,
+    OverloadedError,
+    TemplateError,
+)
+from llama_jax.generator import Completion, Generator, Usage
+from llama_jax.sampling import SamplingParams
+
+__all__ = [
+    "Completion",
+    "ContextLengthError",
+    "Generator",
+    "InvalidRequestError",
+    "LlamaJaxError",
+    "ModelLoadError",
+    "OverloadedError",
+    "SamplingParams",
+    "TemplateError",
+    "Usage",
+]

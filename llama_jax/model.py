@@ -94,15 +94,15 @@ class Blocks(nnx.Module):
         """x [B,T,D] -> (x [B,T,D], new_k [L,B,T,K,H], new_v [L,B,T,K,H])."""
         G = cfg.group
         weights = {
-            "attn_norm": self.attn_norm.value,
-            "wqkv": self.wqkv.value,
-            "wo": self.wo.value,
-            "mlp_norm": self.mlp_norm.value,
-            "w_gate_up": self.w_gate_up.value,
-            "w_down": self.w_down.value,
+            "attn_norm": self.attn_norm[...],
+            "wqkv": self.wqkv[...],
+            "wo": self.wo[...],
+            "mlp_norm": self.mlp_norm[...],
+            "w_gate_up": self.w_gate_up[...],
+            "w_down": self.w_down[...],
         }
         if self.bqkv is not None:
-            weights["bqkv"] = self.bqkv.value
+            weights["bqkv"] = self.bqkv[...]
         xs = (weights, k_cache, v_cache)
 
         def layer(x, xs):
@@ -148,17 +148,17 @@ class Llama(nnx.Module):
         tokens, positions: [B,T]; k_cache, v_cache: [L,B,C,K,H] views (or None when the chunk
         starts at position 0); ctx_len [B]: valid cached positions.
         """
-        x = embed_lookup(self.embed.value, tokens).astype(self.dtype)
+        x = embed_lookup(self.embed[...], tokens).astype(self.dtype)
         if ctx_len is None:
             ctx_len = jnp.zeros(tokens.shape[:1], jnp.int32)
-        x, new_k, new_v = self.blocks(self.cfg, x, positions, self.inv_freq.value, k_cache, v_cache, ctx_len)
-        return rms_norm(x, self.norm.value, self.cfg.norm_eps), new_k, new_v
+        x, new_k, new_v = self.blocks(self.cfg, x, positions, self.inv_freq[...], k_cache, v_cache, ctx_len)
+        return rms_norm(x, self.norm[...], self.cfg.norm_eps), new_k, new_v
 
     def logits(self, h: jax.Array) -> jax.Array:
         """h [..., D] -> float32 logits [..., V]."""
         if self.lm_head is None:
-            return dense(h, self.embed.value, "...D,VD->...V").astype(jnp.float32)
-        return dense(h, self.lm_head.value, "...D,VD->...V").astype(jnp.float32)
+            return dense(h, self.embed[...], "...D,VD->...V").astype(jnp.float32)
+        return dense(h, self.lm_head[...], "...D,VD->...V").astype(jnp.float32)
 
 
 def embed_lookup(table, tokens: jax.Array) -> jax.Array:

@@ -29,7 +29,7 @@ from flax import nnx
 from llama_jax import cache as kv
 from llama_jax.cache import DecodeState
 from llama_jax.model import Llama
-from llama_jax.sampling import SlotSampling, sample
+from llama_jax.sampling import SamplingParams, SlotSampling, sample
 
 
 def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -171,3 +171,30 @@ class ModelRunner:
     @functools.cached_property
     def max_prefill_chunk(self) -> int:
         return self.prefill_buckets[-1]
+
+    def warmup_shapes(self) -> list[tuple[str, int, int]]:
+        """Every (function, T, C) the engine can call: chunks start at 0 or at a multiple of
+        the largest prefill bucket, and decode attends over any context bucket."""
+        chunk = self.max_prefill_chunk
+        contexts = [0] + sorted({pick(self.context_buckets, s) for s in range(chunk, self.max_seq_len, chunk)})
+        shapes = [("prefill", t, c) for c in contexts for t in self.prefill_buckets]
+        return shapes + [("decode", 1, c) for c in self.context_buckets]
+
+    def warmup(self, state: DecodeState, progress: bool = False) -> DecodeState:
+        """Compile (or load from the persistent cache) every step the engine can call."""
+        shapes = self.warmup_shapes()
+        if progress:
+            from tqdm import tqdm
+
+            shapes = tqdm(shapes, desc="compiling", unit="fn", leave=False)
+        row = SlotSampling.from_params([SamplingParams(temperature=0.0)], [0])
+        active = np.zeros(self.max_slots, bool)
+        for kind, t, c in shapes:
+            if kind == "prefill":
+                tokens = np.zeros((1, t), np.int32)
+                state, out = self._prefill(self._leaves, state, tokens, np.int32(0), np.int32(c), np.int32(1), row,
+                                           context=c)
+            else:
+                state, out = self._decode(self._leaves, state, active, context=c)
+            out.block_until_ready()
+        return state

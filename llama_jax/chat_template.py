@@ -1,0 +1,329 @@
+"""Chat templates: a conversation -> the prompt text the model was trained on.
+
+Owns rendering Jinja chat templates (from the model file, or an operator's override) the way
+Hugging Face does (`trim_blocks`, `lstrip_blocks`, `raise_exception`, `strftime_now`, a `tojson`
+that does not HTML-escape, `{% generation %}`), and the built-in `chatml`, `llama2` and `llama3`
+templates. A template is untrusted input: it runs in Jinja's immutable sandbox, and its output
+size, the strings it builds and its running time are capped (checked at every call, attribute
+access and output chunk; a loop that does none of these is not interrupted). Every failure is a
+`TemplateError`. Tokenizing the result is tokenizer.py's job.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.filters
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from llama_jax.errors import InvalidRequestError, TemplateError
+
+MAX_OUTPUT_CHARS = 1_000_000
+MAX_SECONDS = 5.0
+
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    # Meta's Llama 3 Instruct template: contents trimmed, bos before the first message.
+    "llama3": (
+        "{% for message in messages %}"
+        "{% if loop.first %}{{ bos_token }}{% endif %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+        "{{ (message['content'] or '') | trim }}{{ '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    # Meta's Llama 2 Chat template: the system prompt folds into the first user turn.
+    "llama2": (
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] or '' %}{% set turns = messages[1:] %}"
+        "{% else %}{% set system = none %}{% set turns = messages %}{% endif %}"
+        "{% for message in turns %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}"
+        "{% set content = message['content'] or '' %}"
+        "{% if loop.first and system is not none %}"
+        "{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content %}"
+        "{% endif %}"
+        "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
+        "{% else %}{{ ' ' + content | trim + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+
+_deadline: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "chat_template_deadline", default=float("inf")
+)
+
+
+def _check_deadline() -> None:
+    if time.monotonic() > _deadline.get():
+        raise TemplateError("chat template took too long to render")
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, str | bytes | list | tuple | dict) and len(value) > MAX_OUTPUT_CHARS:
+        raise TemplateError(f"chat template built a value of {len(value)} items (limit {MAX_OUTPUT_CHARS})")
+    return value
+
+
+def _check_ints(args: Sequence[Any]) -> None:
+    """Refuse width/count arguments (`center(10**9)`, `'x' * n`) before they allocate."""
+    for a in args:
+        if isinstance(a, int) and abs(a) > MAX_OUTPUT_CHARS:
+            raise TemplateError(
+                f"chat template used the number {a} where a size is expected (limit {MAX_OUTPUT_CHARS})"
+            )
+
+
+_PERCENT_SPEC = re.compile(r"%[#0+ -]*(\d*)(?:\.(\d*))?", re.ASCII)
+_BRACE_SPEC = re.compile(r"\{[^{}]*\}")
+_NUMBER = re.compile(r"\d+", re.ASCII)
+
+
+def _check_format(fmt: str, braces: bool) -> None:
+    """Refuse field widths and precisions (`'%999999999s'`, `'{:>999999999}'`) before they allocate."""
+    if braces:
+        numbers = [n for spec in _BRACE_SPEC.findall(fmt) for n in _NUMBER.findall(spec)]
+    else:
+        numbers = [n for m in _PERCENT_SPEC.finditer(fmt) for n in m.groups() if n]
+    _check_ints([int(n) for n in numbers])
+
+
+def _capped_filter(fn):
+    # The filter's value (after jinja's context/environment argument, if it takes one) may be
+    # any size; the arguments after it are widths and counts.
+    skip = 2 if hasattr(fn, "jinja_pass_arg") else 1
+
+    @functools.wraps(fn)  # keeps jinja's pass_context / pass_environment mark
+    def wrapper(*args, **kwargs):
+        _check_ints([*args[skip:], *kwargs.values()])
+        return _check_size(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def _format_filter(value: Any, *args: Any, **kwargs: Any) -> str:
+    if isinstance(value, str):
+        _check_format(value, braces=False)
+    return jinja2.filters.do_format(value, *args, **kwargs)
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus caps on what one render may build and how long it may run."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def call_binop(self, context, operator, left, right):
+        _check_deadline()
+        if operator == "**" and isinstance(right, int) and right > 64:
+            raise TemplateError(f"chat template raised a number to the power {right}")
+        if operator == "*":
+            _check_ints([left, right])
+        if operator == "%" and isinstance(left, str):
+            _check_format(left, braces=False)
+        return _check_size(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
+        _check_deadline()
+        for a in [*args, *kwargs.values()]:
+            _check_size(a)
+        if isinstance(getattr(__obj, "__self__", None), str):  # 'x'.center(n), 'x'.zfill(n)
+            _check_ints([*args, *kwargs.values()])
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_format(value.__self__, braces=True)
+        return wrapped
+
+    def getattr(self, obj, attribute):
+        _check_deadline()
+        return _check_size(super().getattr(obj, attribute))
+
+    def getitem(self, obj, argument):
+        _check_deadline()
+        return _check_size(super().getitem(obj, argument))
+
+
+class _GenerationTag(Extension):
+    """`{% generation %}...{% endgeneration %}` (HF marks assistant text with it): renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _raise_exception(message: str):
+    raise TemplateError(str(message))
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators=None,
+    sort_keys: bool = False,
+):
+    """HF's `tojson`: plain `json.dumps`, non-ASCII kept, no HTML escaping."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _make_environment() -> _Sandbox:
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
+    env.filters.update(tojson=_tojson, format=_format_filter)
+    env.filters = {name: _capped_filter(f) for name, f in env.filters.items()}
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+_ENV = _make_environment()
+
+
+def _iterates_content(ast: nodes.Template) -> bool:
+    """Whether the template loops over `message['content']` itself (it expects a list of parts)."""
+    for loop in ast.find_all(nodes.For):
+        it = loop.iter
+        if isinstance(it, nodes.Getitem) and isinstance(it.arg, nodes.Const) and it.arg.value == "content":
+            return True
+        if isinstance(it, nodes.Getattr) and it.attr == "content":
+            return True
+    return False
+
+
+def _text_of(content: list[Any]) -> str:
+    texts = []
+    for part in content:
+        if (
+            not isinstance(part, Mapping)
+            or part.get("type") != "text"
+            or not isinstance(part.get("text"), str)
+        ):
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise InvalidRequestError(
+                f"unsupported message content part {kind!r}: this model reads text only", "messages"
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+class ChatTemplate:
+    """A Jinja chat template, compiled once, rendered per request.
+
+    `bos_token`/`eos_token` are the model's, passed to every render (a render's `extra` may
+    override them).
+    """
+
+    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "", name: str | None = None):
+        self.source = source
+        self.name = name
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        try:
+            ast = _ENV.parse(source)
+            self._template = _ENV.from_string(ast)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"chat template syntax error at line {e.lineno}: {e.message}") from e
+        self._keeps_parts = _iterates_content(ast)
+
+    @classmethod
+    def builtin(cls, name: str, *, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
+        if name not in BUILTIN_TEMPLATES:
+            raise TemplateError(f"unknown chat template {name!r} (built-in: {', '.join(BUILTIN_TEMPLATES)})")
+        return cls(BUILTIN_TEMPLATES[name], bos_token=bos_token, eos_token=eos_token, name=name)
+
+    @classmethod
+    def resolve(
+        cls,
+        model_template: str | None,
+        override: str | None = None,
+        *,
+        bos_token: str = "",
+        eos_token: str = "",
+    ) -> ChatTemplate:
+        """The template to use: `override` (a built-in name or Jinja source), else the model's,
+        else chatml."""
+        tokens = {"bos_token": bos_token, "eos_token": eos_token}
+        if override:
+            if override in BUILTIN_TEMPLATES or ("{{" not in override and "{%" not in override):
+                return cls.builtin(override, **tokens)
+            return cls(override, name="override", **tokens)
+        if model_template:
+            return cls(model_template, name="model", **tokens)
+        return cls.builtin("chatml", **tokens)
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[Any] | None = None,
+        **extra: Any,
+    ) -> str:
+        """The prompt text for `messages` (OpenAI chat messages; content a string or text parts)."""
+        context = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            **extra,
+            "messages": self._normalize(messages),
+            "add_generation_prompt": add_generation_prompt,
+            "tools": tools,
+        }
+        token = _deadline.set(time.monotonic() + MAX_SECONDS)
+        chunks: list[str] = []
+        size = 0
+        try:
+            for chunk in self._template.generate(context):
+                size += len(chunk)
+                if size > MAX_OUTPUT_CHARS:
+                    raise TemplateError(f"chat template output exceeds {MAX_OUTPUT_CHARS} characters")
+                _check_deadline()
+                chunks.append(chunk)
+        except TemplateError:
+            raise
+        except SecurityError as e:
+            raise TemplateError(f"chat template attempted an unsafe operation: {e}") from e
+        except Exception as e:  # a broken template is a bad request, whatever it tripped over
+            raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+        finally:
+            _deadline.reset(token)
+        return "".join(chunks)
+
+    def _normalize(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        if not isinstance(messages, Sequence) or isinstance(messages, str):
+            raise InvalidRequestError("messages must be a list of message objects", "messages")
+        out = []
+        for message in messages:
+            if not isinstance(message, Mapping):
+                raise InvalidRequestError(
+                    "each message must be an object with a role and content", "messages"
+                )
+            message = dict(message)
+            if isinstance(message.get("content"), list) and not self._keeps_parts:
+                message["content"] = _text_of(message["content"])
+            out.append(message)
+        return out

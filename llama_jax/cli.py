@@ -1,0 +1,118 @@
+"""The `llama-jax` command: `chat` (one prompt, or an interactive session) and `generate`.
+
+    llama-jax chat "What is the capital of France?"
+    llama-jax chat                      # interactive; /reset clears the history, /exit quits
+    llama-jax generate "Once upon a time" --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from llama_jax.errors import LlamaJaxError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="alias, GGUF file or Hugging Face folder (default: smollm2-135m-instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--system", default=None, help="system message (chat)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _sampling(args):
+    from llama_jax.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          seed=args.seed, max_tokens=args.max_tokens)
+
+
+def _load(args):
+    from llama_jax.generator import Generator
+
+    return Generator.from_pretrained(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, max_slots=1)
+
+
+def _print_stream(chunks) -> None:
+    for piece in chunks:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args) -> None:
+    gen = _load(args)
+    sampling = _sampling(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt:
+        _print_stream(gen.chat_stream(history + [{"role": "user", "content": args.prompt}], sampling))
+        return
+    print(f"Chatting with {gen.loaded.name}. /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    start = list(history)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = list(start)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        pieces = []
+        try:
+            for piece in gen.chat_stream(history, sampling):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+        except LlamaJaxError as e:
+            history.pop()
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def cmd_generate(args) -> None:
+    gen = _load(args)
+    _print_stream(gen.stream(args.prompt, _sampling(args)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llama-jax", description="Llama-family models on JAX/XLA")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("chat", help="chat with a model (interactive when no prompt is given)")
+    p.add_argument("prompt", nargs="?", default=None)
+    _common(p)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("generate", help="complete a raw text prompt")
+    p.add_argument("prompt")
+    _common(p)
+    p.set_defaults(func=cmd_generate)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except LlamaJaxError as e:
+        print(f"llama-jax: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The engine: continuous batching of requests over the slots of one `ModelRunner`.
+
+A request's life, one `step()` at a time:
+
+1. `submit()` validates it (context length, sampling values) before any device work and
+   queues it.
+2. Admission: while a slot is free, the oldest waiting request takes it. Its prompt is
+   prefilled one chunk (<= the largest prefill bucket) per step, so running streams keep
+   producing tokens while a long prompt is admitted. The last chunk samples the first token.
+3. Decode: one batched step for every active slot, dispatched before the host looks at the
+   previous step's tokens, so detokenizing overlaps the device work (tokens lag one step;
+   a slot that finished keeps computing for that one step, and its output is ignored).
+4. Processing: each token is appended, detokenized incrementally, checked against EOS, stop
+   tokens, stop strings and limits, and pushed as a `Delta` to the request; finished
+   requests free their slot.
+
+The engine is single-threaded and synchronous: `Generator` drives it with `step()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+
+from llama_jax.errors import ContextLengthError, InvalidRequestError, OverloadedError
+from llama_jax.runner import ModelRunner, unpack
+from llama_jax.sampling import SamplingParams, SlotSampling
+from llama_jax.stopping import StopMatcher
+from llama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """What one processed token added to a request's output."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    id: str
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    deltas: collections.deque = dataclasses.field(default_factory=collections.deque)
+    slot: int | None = None
+    prefilled: int = 0
+    detok: IncrementalDetokenizer | None = None
+    stops: StopMatcher | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, eos_ids: Sequence[int] = (), max_queue: int = 256):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids) | frozenset(tokenizer.eos_ids)
+        self.max_queue = max_queue
+        self.max_seq_len = runner.max_seq_len
+        self.state = runner.init_state()
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.slots: list[Request | None] = [None] * runner.max_slots
+        self._pending: tuple[object, list[tuple[int, Request]]] | None = None
+        self._ids = itertools.count()
+
+    def warmup(self, progress: bool = False) -> None:
+        """Compile every step shape now, so no request pays for a compile later."""
+        self.state = self.runner.warmup(self.state, progress=progress)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = self.runner.cfg.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        need = len(prompt_ids) + params.max_tokens
+        if need > self.max_seq_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
+                f"{need} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} for the completion). "
+                "Please reduce the prompt or max_tokens.",
+                param="messages",
+            )
+        if len(self.waiting) >= self.max_queue:
+            raise OverloadedError(f"the waiting queue is full ({self.max_queue} requests)")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        req = Request(prompt_ids, params, seed, request_id or f"req-{next(self._ids)}")
+        req.detok = IncrementalDetokenizer(self.tokenizer)
+        req.stops = StopMatcher(params.stop)
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request; its slot is free for the next step."""
+        if req.finished:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._finish(req, "cancelled", emit=False)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.slots) or self._pending is not None
+
+    @property
+    def live_slots(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Admit, prefill one chunk per admitting request, decode once, process last step's tokens."""
+        self._admit()
+        for slot, req in enumerate(self.slots):
+            if req is not None and req.prefilled < len(req.prompt_ids):
+                self._prefill_chunk(slot, req)
+        decoding = [(s, r) for s, r in enumerate(self.slots) if r is not None and r.prefilled == len(r.prompt_ids)
+                    and r.output_ids]
+        previous, self._pending = self._pending, None
+        if decoding:
+            active = np.zeros(self.runner.max_slots, bool)
+            active[[s for s, _ in decoding]] = True
+            longest = max(len(r.prompt_ids) + len(r.output_ids) for _, r in decoding)
+            # The previous step is still unprocessed: its token is in the cache too.
+            longest += previous is not None
+            self.state, out = self.runner.decode(self.state, active, min(longest, self.max_seq_len))
+            out.copy_to_host_async()
+            self._pending = (out, decoding)
+        if previous is not None:
+            self._process(*previous)
+
+    def _admit(self) -> None:
+        while self.waiting and None in self.slots:
+            req = self.waiting.popleft()
+            slot = self.slots.index(None)
+            req.slot = slot
+            self.slots[slot] = req
+
+    def _prefill_chunk(self, slot: int, req: Request) -> None:
+        start = req.prefilled
+        chunk = req.prompt_ids[start : start + self.runner.max_prefill_chunk]
+        row = SlotSampling.from_params([req.params], [req.seed])
+        self.state, out = self.runner.prefill(self.state, np.asarray(chunk, np.int32), slot, start, row)
+        req.prefilled += len(chunk)
+        if req.prefilled == len(req.prompt_ids):
+            tokens, logprobs = unpack(out)
+            self._accept(req, int(tokens[0]), float(logprobs[0]))
+
+    def _process(self, out, decoding: list[tuple[int, Request]]) -> None:
+        tokens, logprobs = unpack(out)
+        for slot, req in decoding:
+            if not req.finished:
+                self._accept(req, int(tokens[slot]), float(logprobs[slot]))
+
+    def _accept(self, req: Request, token: int, logprob: float) -> None:
+        req.output_ids.append(token)
+        req.output_logprobs.append(logprob)
+        p = req.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self._finish(req, "stop", token=(token, logprob))
+            return
+        text = req.stops.feed(req.detok.add(token))
+        if req.stops.stopped:
+            self._emit(req, text, (token, logprob))
+            self._finish(req, "stop")
+            return
+        if len(req.output_ids) >= p.max_tokens or len(req.prompt_ids) + len(req.output_ids) >= self.max_seq_len:
+            self._emit(req, text, (token, logprob))
+            self._finish(req, "length")
+            return
+        self._emit(req, text, (token, logprob))
+
+    def _emit(self, req: Request, text: str, token: tuple[int, float] | None, finish: str | None = None) -> None:
+        req.text += text
+        ids, lps = ((token[0],), (token[1],)) if token else ((), ())
+        req.deltas.append(Delta(text, ids, lps, finish))
+
+    def _finish(self, req: Request, reason: str, token: tuple[int, float] | None = None, emit: bool = True) -> None:
+        tail = ""
+        if emit and not req.stops.stopped:
+            tail = req.stops.feed(req.detok.flush()) + req.stops.flush()
+        req.finish_reason = reason
+        if emit:
+            self._emit(req, tail, token, reason)
+        if req.slot is not None and self.slots[req.slot] is req:
+            self.slots[req.slot] = None
+        req.slot = None

@@ -1,0 +1,168 @@
+"""`Generator`: the importable API for notebooks and scripts.
+
+    from llama_jax import Generator, SamplingParams
+    gen = Generator.from_pretrained()                 # the default model
+    gen.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0)).text
+
+It owns one loaded model, its tokenizer and chat template, and one `Engine`; every call runs
+through the engine, so batch generation is continuous batching over the engine's slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from llama_jax.chat_template import ChatTemplate
+from llama_jax.engine import Engine, Request
+from llama_jax.errors import ContextLengthError, InvalidRequestError
+from llama_jax.runner import ModelRunner
+from llama_jax.sampling import SamplingParams
+from llama_jax.tokenizer import Tokenizer
+from llama_jax.weights import LoadedModel, load_model
+from llama_jax.xla_cache import enable_compilation_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    logprobs: list[float]
+
+
+class Generator:
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, template: ChatTemplate, max_slots: int = 8,
+                 max_seq_len: int = 2048, max_queue: int = 256):
+        self.loaded = loaded
+        self.config = loaded.config
+        self.model = loaded.model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_seq_len = max_seq_len
+        self.runner = ModelRunner(loaded.model, max_slots=max_slots, max_seq_len=max_seq_len)
+        self.engine = Engine(self.runner, tokenizer, eos_ids=loaded.config.eos_ids, max_queue=max_queue)
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike | None = None, *, dtype: str = "float32",
+                        max_seq_len: int = 2048, max_slots: int = 8, max_queue: int = 256,
+                        chat_template: str | None = None, compilation_cache: str | None = "default") -> Generator:
+        """Load an alias (default: smollm2-135m-instruct), a GGUF file or a Hugging Face folder.
+
+        `max_seq_len` (tokens per sequence) and `max_slots` (sequences decoded together) fix the
+        KV cache's size; `chat_template` overrides the model's (a builtin name or Jinja source).
+        """
+        if compilation_cache:
+            enable_compilation_cache(None if compilation_cache == "default" else compilation_cache)
+        loaded = load_model(model, dtype=dtype)
+        kind, source = loaded.tokenizer_source
+        if kind == "gguf":
+            tokenizer = Tokenizer.from_gguf_metadata(source, loaded.path)
+        else:
+            tokenizer = Tokenizer.from_hf_folder(source)
+        template = ChatTemplate.resolve(tokenizer.chat_template, chat_template)
+        max_seq_len = min(max_seq_len, loaded.config.context_length)
+        return cls(loaded, tokenizer, template, max_slots=max_slots, max_seq_len=max_seq_len, max_queue=max_queue)
+
+    def warmup(self, progress: bool | None = None) -> None:
+        """Compile (or load from the compilation cache) every prefill and decode shape."""
+        self.engine.warmup(progress=sys.stderr.isatty() if progress is None else progress)
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        return self.template.render(list(messages), add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        # The template writes BOS itself where the model wants one.
+        return self.tokenizer.encode(self.render_chat(messages), add_bos=False)
+
+    def _submit(self, prompt: str | Sequence[int], sampling: SamplingParams | None) -> Request:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return self.engine.submit(ids, sampling or SamplingParams())
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _run(self, requests: list[Request]) -> list[Completion]:
+        try:
+            while not all(r.finished for r in requests):
+                self.engine.step()
+        except BaseException:
+            for r in requests:
+                self.engine.cancel(r)
+            raise
+        while self.engine.has_work and not self.engine.live_slots and not self.engine.waiting:
+            self.engine.step()  # drain the lagged step so the engine is idle
+        return [self._completion(r) for r in requests]
+
+    @staticmethod
+    def _completion(r: Request) -> Completion:
+        return Completion(r.text, list(r.output_ids), r.finish_reason or "stop",
+                          Usage(len(r.prompt_ids), len(r.output_ids)), list(r.output_logprobs))
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 sampling: SamplingParams | None = None) -> list[Completion]:
+        """Complete each prompt (text, or token ids); all are batched over the engine's slots."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        requests = []
+        try:
+            for p in prompts:
+                requests.append(self._submit(p, sampling))
+        except BaseException:
+            for r in requests:
+                self.engine.cancel(r)
+            raise
+        return self._run(requests)
+
+    def stream(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the completion's text as it is generated (never half a UTF-8 character)."""
+        req = self._submit(prompt, sampling)
+        try:
+            while True:
+                while req.deltas:
+                    delta = req.deltas.popleft()
+                    if delta.text:
+                        yield delta.text
+                    if delta.finish_reason:
+                        return
+                self.engine.step()
+        finally:
+            self.engine.cancel(req)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None) -> Completion:
+        return self.generate([self.encode_chat(messages)], sampling)[0]
+
+    def chat_stream(self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None) -> Iterator[str]:
+        return self.stream(self.encode_chat(messages), sampling)
+
+    def embed(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Mean-pooled final hidden states, L2-normalized: float32 [len(texts), D]."""
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [self.tokenizer.encode(t, add_bos=False) for t in texts]
+        for i, r in enumerate(rows):
+            if not r:
+                raise InvalidRequestError(f"input {i} is empty", param="input")
+            if len(r) > self.max_seq_len:
+                raise ContextLengthError(
+                    f"input {i} has {len(r)} tokens, more than the maximum of {self.max_seq_len}", param="input"
+                )
+        return self.runner.embed(rows)
