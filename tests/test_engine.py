@@ -1,0 +1,139 @@
+"""The engine on a tiny random model: continuous batching, limits, stops, cancellation, and no
+compilation in steady state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llama_jax.engine import Engine
+from llama_jax.errors import ContextLengthError, InvalidRequestError, OverloadedError
+from llama_jax.runner import ModelRunner
+from llama_jax.sampling import SamplingParams
+from llama_jax.tokenizer import Tokenizer
+from llama_jax.weights import build_model, pack_tensors
+from llama_jax.xla_cache import CompileCounter
+from tests.tiny import gguf_metadata, random_tensors, tiny_config
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    cfg = tiny_config()
+    model = build_model(cfg, pack_tensors(cfg, random_tensors(cfg).items(), "tiny"))
+    tokenizer = Tokenizer.from_gguf_metadata(gguf_metadata(cfg), "tiny")
+    runner = ModelRunner(model, max_slots=3, max_seq_len=128, max_prefill_chunk=32)
+    return runner, tokenizer
+
+
+@pytest.fixture
+def engine(parts):
+    runner, tokenizer = parts
+    return Engine(runner, tokenizer, eos_ids=(2,), max_queue=8)
+
+
+def run(engine, reqs, max_steps=2000):
+    for _ in range(max_steps):
+        if all(r.finished for r in reqs):
+            return reqs
+        engine.step()
+    raise AssertionError("requests did not finish")
+
+
+def prompt(rng, n):
+    return rng.integers(3, 250, n).tolist()
+
+
+def test_more_requests_than_slots_all_finish_with_the_same_tokens_as_alone(engine, rng):
+    prompts = [prompt(rng, n) for n in (5, 40, 9, 70, 3, 17, 33)]  # 40 and 70 need chunked prefill
+    reqs = run(engine, [engine.submit(p, GREEDY) for p in prompts])
+    for p, r in zip(prompts, reqs, strict=True):
+        assert r.finish_reason == "length" and len(r.output_ids) == 12
+        (alone,) = run(engine, [engine.submit(p, GREEDY)])
+        assert alone.output_ids == r.output_ids
+    assert engine.live_slots == 0
+
+
+def test_deltas_add_up_to_the_text_and_carry_every_token(engine, rng):
+    (r,) = run(engine, [engine.submit(prompt(rng, 8), SamplingParams(temperature=0.9, seed=3, max_tokens=20))])
+    deltas = list(r.deltas)
+    assert "".join(d.text for d in deltas) == r.text
+    assert [t for d in deltas for t in d.token_ids] == r.output_ids
+    assert [d.finish_reason for d in deltas].count(None) == len(deltas) - 1
+    assert deltas[-1].finish_reason == r.finish_reason
+
+
+def test_stop_string_ends_generation_and_is_excluded(engine, rng):
+    p = prompt(rng, 6)
+    (free,) = run(engine, [engine.submit(p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))])
+    assert len(free.text) > 6
+    stop = free.text[3:5]
+    (r,) = run(engine, [engine.submit(p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))])
+    assert r.finish_reason == "stop"
+    assert r.text == free.text[: free.text.index(stop)]
+
+
+def test_stop_token_and_eos(engine, rng):
+    p = prompt(rng, 6)
+    (free,) = run(engine, [engine.submit(p, GREEDY)])
+    target = free.output_ids[4]
+    (r,) = run(engine, [engine.submit(p, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[target]))])
+    assert r.finish_reason == "stop" and r.output_ids == free.output_ids[: free.output_ids.index(target) + 1]
+    engine.eos_ids = frozenset({target})
+    (r,) = run(engine, [engine.submit(p, SamplingParams(temperature=0, max_tokens=12))])
+    assert r.finish_reason == "stop" and r.output_ids[-1] == target
+    (r,) = run(engine, [engine.submit(p, GREEDY)])  # ignore_eos
+    assert r.output_ids == free.output_ids
+
+
+def test_context_length_and_bad_prompts_fail_before_any_device_work(engine):
+    with pytest.raises(ContextLengthError, match="maximum context length is 128"):
+        engine.submit(list(range(3, 103)), SamplingParams(max_tokens=29))
+    engine.submit(list(range(3, 103)), SamplingParams(max_tokens=28))  # exactly fits
+    with pytest.raises(InvalidRequestError):
+        engine.submit([], SamplingParams())
+    with pytest.raises(InvalidRequestError):
+        engine.submit([5, 10**6], SamplingParams())
+
+
+def test_full_queue_raises_overloaded(engine):
+    for _ in range(8):
+        engine.submit([5, 6, 7], SamplingParams(max_tokens=4))
+    with pytest.raises(OverloadedError):
+        engine.submit([5, 6, 7], SamplingParams(max_tokens=4))
+
+
+def test_cancel_frees_the_slot_and_service_continues(engine, rng):
+    long = [engine.submit(prompt(rng, 10), SamplingParams(max_tokens=100, ignore_eos=True)) for _ in range(3)]
+    for _ in range(5):
+        engine.step()
+    assert engine.live_slots == 3
+    for r in long:
+        engine.cancel(r)
+    assert engine.live_slots == 0 and all(r.finish_reason == "cancelled" for r in long)
+    (r,) = run(engine, [engine.submit(prompt(rng, 4), GREEDY)])
+    assert len(r.output_ids) == 12
+
+
+def test_steady_state_has_no_compiles(engine, rng):
+    engine.warmup()
+    params = []
+    for i in range(30):
+        params.append(SamplingParams(
+            temperature=float(rng.choice([0.0, 0.5, 1.0, 1.7])), top_p=float(rng.uniform(0.1, 1.0)),
+            top_k=int(rng.choice([0, 1, 5, 200])), min_p=float(rng.choice([0.0, 0.1])),
+            seed=int(rng.integers(0, 2**40)), max_tokens=int(rng.integers(1, 20)),
+            stop=["ab"] if i % 3 == 0 else (), ignore_eos=bool(i % 2)))
+    with CompileCounter() as c:
+        for lo in range(0, len(params), 8):  # the queue holds 8
+            run(engine, [engine.submit(prompt(rng, int(rng.integers(1, 100))), p) for p in params[lo : lo + 8]])
+    assert c.traces == 0 and c.compiles == 0
+
+
+def test_compile_counter_sees_a_new_compile():
+    import jax
+
+    with CompileCounter() as c:
+        jax.jit(lambda x: x * 3 + 1)(np.zeros(7, np.float32))
+    assert c.traces >= 1

@@ -1,0 +1,111 @@
+"""On-device sampling: each filter keeps exactly the right tokens with the right probabilities,
+including the slow (bisection) path, and seeds are per request."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax.errors import InvalidRequestError
+from llama_jax.sampling import CANDIDATES, SamplingParams, SlotSampling, sample
+
+N = 20000
+
+
+@jax.jit
+def draws(logits, s, positions):
+    """Tokens for row 0 of `logits` at each of `positions` (one draw per position)."""
+    return jax.vmap(lambda p: sample(logits, s, p[None])[0][0])(positions)
+
+
+def empirical(probs, params, n=N):
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))[None]
+    s = jax.tree.map(jnp.asarray, SlotSampling.from_params([params], [123]))
+    toks = np.asarray(draws(logits, s, jnp.arange(n)))
+    return np.bincount(toks, minlength=len(probs)) / n
+
+
+def expected(probs, keep):
+    p = np.where(keep, probs, 0.0)
+    return p / p.sum()
+
+
+PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+
+
+@pytest.mark.parametrize(
+    "params,keep",
+    [
+        (SamplingParams(), [1, 1, 1, 1, 1, 1]),
+        (SamplingParams(top_k=2), [1, 1, 0, 0, 0, 0]),
+        (SamplingParams(top_p=0.7), [1, 1, 1, 0, 0, 0]),  # 0.4+0.25 < 0.7 <= 0.8
+        (SamplingParams(top_p=0.65), [1, 1, 0, 0, 0, 0]),  # boundary: exactly reached
+        (SamplingParams(min_p=0.3), [1, 1, 1, 0, 0, 0]),  # p >= 0.3 * 0.4
+        (SamplingParams(min_p=0.2), [1, 1, 1, 1, 0, 0]),  # p >= 0.08
+        # top-p over the renormalized top-3 (0.4, 0.25, 0.15)/0.8: 0.5, 0.8125 >= 0.8
+        (SamplingParams(top_k=3, top_p=0.8), [1, 1, 0, 0, 0, 0]),
+    ],
+)
+def test_filters_keep_the_right_tokens_with_renormalized_probabilities(params, keep):
+    got = empirical(PROBS, params)
+    np.testing.assert_allclose(got, expected(PROBS, np.array(keep, bool)), atol=0.015)
+
+
+def test_temperature_sharpens_and_flattens():
+    for t in (0.5, 2.0):
+        want = PROBS ** (1 / t)
+        np.testing.assert_allclose(empirical(PROBS, SamplingParams(temperature=t)), want / want.sum(), atol=0.015)
+
+
+def test_slow_path_beyond_the_candidate_window_is_exact():
+    """A flat tail so that top_k and the nucleus reach past the first CANDIDATES tokens."""
+    V = 4 * CANDIDATES
+    probs = np.linspace(1.0, 0.5, V)  # distinct values: no ties at the thresholds
+    probs[:8] = 20.0
+    probs /= probs.sum()
+    k = 2 * CANDIDATES
+    got = empirical(probs, SamplingParams(top_k=k))
+    assert got[k:].sum() == 0
+    assert got[8:k].sum() == pytest.approx(probs[8:k].sum() / probs[:k].sum(), abs=0.02)
+    order_mass = np.cumsum(probs)
+    j = int(np.searchsorted(order_mass, 0.9))  # nucleus = tokens 0..j
+    assert j > CANDIDATES
+    got = empirical(probs, SamplingParams(top_p=0.9))
+    assert got[j + 1 :].sum() == 0 and got[j - 8 : j + 1].sum() > 0
+
+
+def test_greedy_is_argmax_and_logprob_is_raw_log_softmax(rng):
+    logits = jnp.asarray(rng.standard_normal((3, 50)), jnp.float32)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=1)]
+    s = jax.tree.map(jnp.asarray, SlotSampling.from_params(params, [0, 0, 1]))
+    toks, lps = jax.jit(sample)(logits, s, jnp.arange(3))
+    toks, lps = np.asarray(toks), np.asarray(lps)
+    np.testing.assert_array_equal(toks[:2], np.argmax(np.asarray(logits[:2]), -1))
+    ref = np.asarray(jax.nn.log_softmax(logits, -1))
+    np.testing.assert_allclose(lps, ref[np.arange(3), toks], atol=1e-6)
+
+
+def test_seeded_row_does_not_depend_on_its_neighbours(rng):
+    logits = jnp.asarray(rng.standard_normal((4, 300)), jnp.float32)
+    mine = SamplingParams(temperature=1.0, seed=42)
+    other = [SamplingParams(temperature=t) for t in (0.3, 1.5, 0.0)]
+    a = SlotSampling.from_params([mine, *other], [42, 1, 2, 3])
+    b = SlotSampling.from_params([other[0], mine, other[1], other[2]], [9, 42, 8, 7])
+    pos = jnp.full((4,), 17)
+    ta, _ = jax.jit(sample)(logits, jax.tree.map(jnp.asarray, a), pos)
+    tb, _ = jax.jit(sample)(logits[jnp.array([1, 0, 2, 3])], jax.tree.map(jnp.asarray, b), pos)
+    assert int(ta[0]) == int(tb[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+     ({"top_k": -1}, "top_k"), ({"min_p": 1.2}, "min_p"), ({"max_tokens": 0}, "max_tokens"),
+     ({"stop": [""]}, "stop")],
+)
+def test_invalid_values_are_rejected_with_the_parameter_named(kwargs, param):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param
