@@ -85,14 +85,18 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     keys = [k for k in rows[0] if k not in ("dtype", "backend")]
-    print(f"model={args.model or 'smollm2-135m-instruct'} backend={rows[0]['backend']} max_seq_len={args.seq} decode context bucket=256")
+    print(
+        f"model={args.model or 'smollm2-135m-instruct'} backend={rows[0]['backend']} max_seq_len={args.seq} decode context bucket=256"
+    )
     print("| metric | " + " | ".join(r["dtype"] for r in rows) + " |")
     print("|---|" + "---|" * len(rows))
     for k in keys:
         print(f"| {k} | " + " | ".join(f"{r[k]:.1f}" if r[k] >= 10 else f"{r[k]:.2f}" for r in rows) + " |")
     if "decode_b1_tok_s" in rows[0]:
         for r in rows:
-            print(f"{r['dtype']}: batch 16 aggregate / batch 1 = {r['decode_b16_tok_s'] / r['decode_b1_tok_s']:.1f}x")
+            print(
+                f"{r['dtype']}: batch 16 aggregate / batch 1 = {r['decode_b16_tok_s'] / r['decode_b1_tok_s']:.1f}x"
+            )
 
 
 if __name__ == "__main__":

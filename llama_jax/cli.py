@@ -1,8 +1,8 @@
 """The `llama-jax` command: `chat` (one prompt, or an interactive session) and `generate`.
 
-    llama-jax chat "What is the capital of France?"
-    llama-jax chat                      # interactive; /reset clears the history, /exit quits
-    llama-jax generate "Once upon a time" --max-tokens 64
+llama-jax chat "What is the capital of France?"
+llama-jax chat                      # interactive; /reset clears the history, /exit quits
+llama-jax generate "Once upon a time" --max-tokens 64
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from llama_jax.errors import LlamaJaxError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="alias, GGUF file or Hugging Face folder (default: smollm2-135m-instruct)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="alias, GGUF file or Hugging Face folder (default: smollm2-135m-instruct)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -31,8 +35,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _sampling(args):
     from llama_jax.sampling import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                          seed=args.seed, max_tokens=args.max_tokens)
+    return SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+    )
 
 
 def _load(args):
@@ -55,7 +65,9 @@ def cmd_chat(args) -> None:
     if args.prompt:
         _print_stream(gen.chat_stream(history + [{"role": "user", "content": args.prompt}], sampling))
         return
-    print(f"Chatting with {gen.loaded.name}. /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    print(
+        f"Chatting with {gen.loaded.name}. /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr
+    )
     start = list(history)
     while True:
         try:
@@ -104,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         args.func(args)
     except LlamaJaxError as e:

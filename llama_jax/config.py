@@ -174,7 +174,7 @@ class LlamaConfig:
             raise ModelLoadError(path, f"invalid value in config.json: {e}") from None
 
 
-def rope_frequencies(cfg: LlamaConfig) -> "list[float]":
+def rope_frequencies(cfg: LlamaConfig) -> list[float]:
     """Inverse frequencies [H/2] for RoPE, with llama3/linear scaling applied (host side)."""
     h = cfg.head_dim
     inv = [1.0 / (cfg.rope_theta ** (2 * i / h)) for i in range(h // 2)]

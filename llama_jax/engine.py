@@ -69,7 +69,9 @@ class Request:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, eos_ids: Sequence[int] = (), max_queue: int = 256):
+    def __init__(
+        self, runner: ModelRunner, tokenizer: Tokenizer, eos_ids: Sequence[int] = (), max_queue: int = 256
+    ):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids) | frozenset(tokenizer.eos_ids)
@@ -87,7 +89,9 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> Request:
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -135,8 +139,11 @@ class Engine:
         for slot, req in enumerate(self.slots):
             if req is not None and req.prefilled < len(req.prompt_ids):
                 self._prefill_chunk(slot, req)
-        decoding = [(s, r) for s, r in enumerate(self.slots) if r is not None and r.prefilled == len(r.prompt_ids)
-                    and r.output_ids]
+        decoding = [
+            (s, r)
+            for s, r in enumerate(self.slots)
+            if r is not None and r.prefilled == len(r.prompt_ids) and r.output_ids
+        ]
         previous, self._pending = self._pending, None
         if decoding:
             active = np.zeros(self.runner.max_slots, bool)
@@ -185,18 +192,25 @@ class Engine:
             self._emit(req, text, (token, logprob))
             self._finish(req, "stop")
             return
-        if len(req.output_ids) >= p.max_tokens or len(req.prompt_ids) + len(req.output_ids) >= self.max_seq_len:
+        if (
+            len(req.output_ids) >= p.max_tokens
+            or len(req.prompt_ids) + len(req.output_ids) >= self.max_seq_len
+        ):
             self._emit(req, text, (token, logprob))
             self._finish(req, "length")
             return
         self._emit(req, text, (token, logprob))
 
-    def _emit(self, req: Request, text: str, token: tuple[int, float] | None, finish: str | None = None) -> None:
+    def _emit(
+        self, req: Request, text: str, token: tuple[int, float] | None, finish: str | None = None
+    ) -> None:
         req.text += text
         ids, lps = ((token[0],), (token[1],)) if token else ((), ())
         req.deltas.append(Delta(text, ids, lps, finish))
 
-    def _finish(self, req: Request, reason: str, token: tuple[int, float] | None = None, emit: bool = True) -> None:
+    def _finish(
+        self, req: Request, reason: str, token: tuple[int, float] | None = None, emit: bool = True
+    ) -> None:
         tail = ""
         if emit and not req.stops.stopped:
             tail = req.stops.feed(req.detok.flush()) + req.stops.flush()

@@ -48,8 +48,15 @@ class Completion:
 
 
 class Generator:
-    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, template: ChatTemplate, max_slots: int = 8,
-                 max_seq_len: int = 2048, max_queue: int = 256):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        max_slots: int = 8,
+        max_seq_len: int = 2048,
+        max_queue: int = 256,
+    ):
         self.loaded = loaded
         self.config = loaded.config
         self.model = loaded.model
@@ -60,9 +67,17 @@ class Generator:
         self.engine = Engine(self.runner, tokenizer, eos_ids=loaded.config.eos_ids, max_queue=max_queue)
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike | None = None, *, dtype: str = "float32",
-                        max_seq_len: int = 2048, max_slots: int = 8, max_queue: int = 256,
-                        chat_template: str | None = None, compilation_cache: str | None = "default") -> Generator:
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike | None = None,
+        *,
+        dtype: str = "float32",
+        max_seq_len: int = 2048,
+        max_slots: int = 8,
+        max_queue: int = 256,
+        chat_template: str | None = None,
+        compilation_cache: str | None = "default",
+    ) -> Generator:
         """Load an alias (default: smollm2-135m-instruct), a GGUF file or a Hugging Face folder.
 
         `max_seq_len` (tokens per sequence) and `max_slots` (sequences decoded together) fix the
@@ -78,7 +93,9 @@ class Generator:
             tokenizer = Tokenizer.from_hf_folder(source)
         template = ChatTemplate.resolve(tokenizer.chat_template, chat_template)
         max_seq_len = min(max_seq_len, loaded.config.context_length)
-        return cls(loaded, tokenizer, template, max_slots=max_slots, max_seq_len=max_seq_len, max_queue=max_queue)
+        return cls(
+            loaded, tokenizer, template, max_slots=max_slots, max_seq_len=max_seq_len, max_queue=max_queue
+        )
 
     def warmup(self, progress: bool | None = None) -> None:
         """Compile (or load from the compilation cache) every prefill and decode shape."""
@@ -87,8 +104,12 @@ class Generator:
     # -- prompts ------------------------------------------------------------------------------
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        return self.template.render(list(messages), add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+        return self.template.render(
+            list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.tokenizer.bos_token,
+            eos_token=self.tokenizer.eos_token,
+        )
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         # The template writes BOS itself where the model wants one.
@@ -114,11 +135,19 @@ class Generator:
 
     @staticmethod
     def _completion(r: Request) -> Completion:
-        return Completion(r.text, list(r.output_ids), r.finish_reason or "stop",
-                          Usage(len(r.prompt_ids), len(r.output_ids)), list(r.output_logprobs))
+        return Completion(
+            r.text,
+            list(r.output_ids),
+            r.finish_reason or "stop",
+            Usage(len(r.prompt_ids), len(r.output_ids)),
+            list(r.output_logprobs),
+        )
 
-    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
-                 sampling: SamplingParams | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        sampling: SamplingParams | None = None,
+    ) -> list[Completion]:
         """Complete each prompt (text, or token ids); all are batched over the engine's slots."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -147,10 +176,14 @@ class Generator:
         finally:
             self.engine.cancel(req)
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None) -> Completion:
+    def chat(
+        self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None
+    ) -> Completion:
         return self.generate([self.encode_chat(messages)], sampling)[0]
 
-    def chat_stream(self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None) -> Iterator[str]:
+    def chat_stream(
+        self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None
+    ) -> Iterator[str]:
         return self.stream(self.encode_chat(messages), sampling)
 
     def embed(self, texts: str | Sequence[str]) -> np.ndarray:
@@ -163,6 +196,7 @@ class Generator:
                 raise InvalidRequestError(f"input {i} is empty", param="input")
             if len(r) > self.max_seq_len:
                 raise ContextLengthError(
-                    f"input {i} has {len(r)} tokens, more than the maximum of {self.max_seq_len}", param="input"
+                    f"input {i} has {len(r)} tokens, more than the maximum of {self.max_seq_len}",
+                    param="input",
                 )
         return self.runner.embed(rows)

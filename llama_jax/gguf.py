@@ -28,9 +28,31 @@ log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 _SCALARS = {  # GGUF value type -> struct format
-    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
 }
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_NUMPY = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 8
 
@@ -96,7 +118,9 @@ class _Cursor:
 
     def take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > len(self.buf):
-            raise ModelLoadError(self.path, f"truncated GGUF: needs {n} bytes at offset {self.pos}, file has {len(self.buf)}")
+            raise ModelLoadError(
+                self.path, f"truncated GGUF: needs {n} bytes at offset {self.pos}, file has {len(self.buf)}"
+            )
         out = memoryview(self.buf)[self.pos : self.pos + n]
         self.pos += n
         return out
@@ -126,7 +150,9 @@ class _Cursor:
                 return [self.string() for _ in range(count)]
             if etype == _ARRAY:
                 if count > len(self.buf) - self.pos:
-                    raise ModelLoadError(self.path, f"nested array of {count} items runs past the end of the file")
+                    raise ModelLoadError(
+                        self.path, f"nested array of {count} items runs past the end of the file"
+                    )
                 return [self.value(_ARRAY) for _ in range(count)]
             raise ModelLoadError(self.path, f"unknown array element type {etype}")
         raise ModelLoadError(self.path, f"unknown metadata value type {vtype}")
@@ -159,7 +185,10 @@ class GGUFFile:
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
         # Each entry takes at least 8 (key length) + 4 (type) bytes: reject absurd counts up front.
         if n_kv * 12 + n_tensors * 24 > len(self._buf):
-            raise ModelLoadError(self.path, f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold")
+            raise ModelLoadError(
+                self.path,
+                f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold",
+            )
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()
@@ -185,12 +214,15 @@ class GGUFFile:
                 raise ModelLoadError(self.path, f"tensor {name!r} has unknown type {qtype}") from None
             n = int(np.prod(dims, dtype=object)) if dims else 1
             if not dims or dims[0] % block:
-                raise ModelLoadError(self.path, f"tensor {name!r} shape {dims} does not fit {qt.name} blocks of {block}")
+                raise ModelLoadError(
+                    self.path, f"tensor {name!r} shape {dims} does not fit {qt.name} blocks of {block}"
+                )
             nbytes = n // block * type_size
             start = data_start + offset
             if start + nbytes > len(self._buf):
                 raise ModelLoadError(
-                    self.path, f"tensor {name!r} ({nbytes} bytes at offset {start}) lies outside the file ({len(self._buf)} bytes): truncated?"
+                    self.path,
+                    f"tensor {name!r} ({nbytes} bytes at offset {start}) lies outside the file ({len(self._buf)} bytes): truncated?",
                 )
             infos.append(TensorInfo(name, tuple(int(d) for d in reversed(dims)), qtype, start, nbytes))
         return meta, infos
@@ -220,7 +252,9 @@ class GGUFFile:
             try:
                 arr = gguf.quants.dequantize(self.raw(info), qt)
             except NotImplementedError:
-                raise ModelLoadError(self.path, f"tensor {info.name!r} has unsupported type {qt.name}") from None
+                raise ModelLoadError(
+                    self.path, f"tensor {info.name!r} has unsupported type {qt.name}"
+                ) from None
             arr = np.asarray(arr, dtype=np.float32).reshape(info.shape)
             if unpermute and name.endswith("q_proj.weight"):
                 arr = unpermute_rope_rows(arr, cfg.n_heads)

@@ -61,13 +61,22 @@ def unpack(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class ModelRunner:
     """Jitted steps for one model with `max_slots` decode slots of `max_seq_len` positions."""
 
-    def __init__(self, model: Llama, max_slots: int, max_seq_len: int, max_prefill_chunk: int = 512,
-                 min_prefill_bucket: int = 16, min_context_bucket: int = 128):
+    def __init__(
+        self,
+        model: Llama,
+        max_slots: int,
+        max_seq_len: int,
+        max_prefill_chunk: int = 512,
+        min_prefill_bucket: int = 16,
+        min_context_bucket: int = 128,
+    ):
         self.cfg = model.cfg
         self.dtype = model.dtype
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
-        self.prefill_buckets = pow2_buckets(min(min_prefill_bucket, max_prefill_chunk), min(max_prefill_chunk, max_seq_len))
+        self.prefill_buckets = pow2_buckets(
+            min(min_prefill_bucket, max_prefill_chunk), min(max_prefill_chunk, max_seq_len)
+        )
         self.context_buckets = pow2_buckets(min(min_context_bucket, max_seq_len), max_seq_len)
         # Flatten the NNX state once: per-call traversal of Variables costs milliseconds.
         self._graphdef, state = nnx.split(model)
@@ -84,7 +93,9 @@ class ModelRunner:
 
     # -- jitted bodies -------------------------------------------------------------------------
 
-    def _prefill_impl(self, leaves, state: DecodeState, tokens, slot, start, true_len, row: SlotSampling, *, context):
+    def _prefill_impl(
+        self, leaves, state: DecodeState, tokens, slot, start, true_len, row: SlotSampling, *, context
+    ):
         """tokens [1,T] at positions start..start+T of `slot`; samples the token after true_len."""
         model = self._model(leaves)
         T = tokens.shape[1]
@@ -136,18 +147,27 @@ class ModelRunner:
 
     # -- host-facing calls -------------------------------------------------------------------
 
-    def prefill(self, state: DecodeState, chunk: np.ndarray, slot: int, start: int, row: SlotSampling,
-                ) -> tuple[DecodeState, jax.Array]:
+    def prefill(
+        self,
+        state: DecodeState,
+        chunk: np.ndarray,
+        slot: int,
+        start: int,
+        row: SlotSampling,
+    ) -> tuple[DecodeState, jax.Array]:
         """Prefill one chunk (<= the largest prefill bucket) of a slot's prompt at `start`."""
         n = len(chunk)
         T = pick(self.prefill_buckets, n)
         tokens = np.zeros((1, T), np.int32)
         tokens[0, :n] = chunk
         context = 0 if start == 0 else pick(self.context_buckets, start)
-        return self._prefill(self._leaves, state, tokens, np.int32(slot), np.int32(start), np.int32(n), row,
-                             context=context)
+        return self._prefill(
+            self._leaves, state, tokens, np.int32(slot), np.int32(start), np.int32(n), row, context=context
+        )
 
-    def decode(self, state: DecodeState, active: np.ndarray, max_length: int) -> tuple[DecodeState, jax.Array]:
+    def decode(
+        self, state: DecodeState, active: np.ndarray, max_length: int
+    ) -> tuple[DecodeState, jax.Array]:
         """One decode step; `max_length` bounds the valid positions of every active slot."""
         context = pick(self.context_buckets, max(max_length, 1))
         return self._decode(self._leaves, state, np.asarray(active, bool), context=context)
@@ -176,7 +196,9 @@ class ModelRunner:
         """Every (function, T, C) the engine can call: chunks start at 0 or at a multiple of
         the largest prefill bucket, and decode attends over any context bucket."""
         chunk = self.max_prefill_chunk
-        contexts = [0] + sorted({pick(self.context_buckets, s) for s in range(chunk, self.max_seq_len, chunk)})
+        contexts = [0] + sorted(
+            {pick(self.context_buckets, s) for s in range(chunk, self.max_seq_len, chunk)}
+        )
         shapes = [("prefill", t, c) for c in contexts for t in self.prefill_buckets]
         return shapes + [("decode", 1, c) for c in self.context_buckets]
 
@@ -192,8 +214,9 @@ class ModelRunner:
         for kind, t, c in shapes:
             if kind == "prefill":
                 tokens = np.zeros((1, t), np.int32)
-                state, out = self._prefill(self._leaves, state, tokens, np.int32(0), np.int32(c), np.int32(1), row,
-                                           context=c)
+                state, out = self._prefill(
+                    self._leaves, state, tokens, np.int32(0), np.int32(c), np.int32(1), row, context=c
+                )
             else:
                 state, out = self._decode(self._leaves, state, active, context=c)
             out.block_until_ready()

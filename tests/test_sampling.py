@@ -56,7 +56,9 @@ def test_filters_keep_the_right_tokens_with_renormalized_probabilities(params, k
 def test_temperature_sharpens_and_flattens():
     for t in (0.5, 2.0):
         want = PROBS ** (1 / t)
-        np.testing.assert_allclose(empirical(PROBS, SamplingParams(temperature=t)), want / want.sum(), atol=0.015)
+        np.testing.assert_allclose(
+            empirical(PROBS, SamplingParams(temperature=t)), want / want.sum(), atol=0.015
+        )
 
 
 def test_slow_path_beyond_the_candidate_window_is_exact():
@@ -78,7 +80,11 @@ def test_slow_path_beyond_the_candidate_window_is_exact():
 
 def test_greedy_is_argmax_and_logprob_is_raw_log_softmax(rng):
     logits = jnp.asarray(rng.standard_normal((3, 50)), jnp.float32)
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=1)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8, seed=1),
+    ]
     s = jax.tree.map(jnp.asarray, SlotSampling.from_params(params, [0, 0, 1]))
     toks, lps = jax.jit(sample)(logits, s, jnp.arange(3))
     toks, lps = np.asarray(toks), np.asarray(lps)
@@ -101,9 +107,15 @@ def test_seeded_row_does_not_depend_on_its_neighbours(rng):
 
 @pytest.mark.parametrize(
     "kwargs,param",
-    [({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-     ({"top_k": -1}, "top_k"), ({"min_p": 1.2}, "min_p"), ({"max_tokens": 0}, "max_tokens"),
-     ({"stop": [""]}, "stop")],
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"min_p": 1.2}, "min_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": [""]}, "stop"),
+    ],
 )
 def test_invalid_values_are_rejected_with_the_parameter_named(kwargs, param):
     with pytest.raises(InvalidRequestError) as e:
