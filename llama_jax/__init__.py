@@ -1,6 +1,6 @@
 """llama_jax: Llama-family language models on JAX/XLA.
 
-    from llama_jax import Generator, SamplingParams
+from llama_jax import Generator, SamplingParams
 """
 
 from llama_jax.errors import (

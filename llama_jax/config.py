@@ -52,6 +52,11 @@ class LlamaConfig:
     architecture: str = "llama"
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
@@ -74,43 +79,53 @@ class LlamaConfig:
                 path, f"unsupported architecture {arch!r} (supported: {', '.join(GGUF_ARCHITECTURES)})"
             )
 
-        def get(key: str, default: Any = None, required: bool = True) -> Any:
+        def num(key: str, cast: type, default: Any = None, positive: bool = True) -> Any:
+            """`{arch}.{key}` cast to int or float; the error names the key."""
             full = f"{arch}.{key}"
-            if full in meta:
-                return meta[full]
-            if required and default is None:
-                raise ModelLoadError(path, f"missing metadata key {full!r}")
-            return default
+            if full not in meta:
+                if default is None:
+                    raise ModelLoadError(path, f"missing metadata key {full!r}")
+                return default
+            value = meta[full]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ModelLoadError(path, f"metadata {full!r} must be a number, got {value!r}")
+            if positive and not value > 0:
+                raise ModelLoadError(path, f"metadata {full!r} must be positive, got {value!r}")
+            return cast(value)
 
-        dim = int(get("embedding_length"))
-        n_heads = int(get("attention.head_count"))
-        n_kv = int(get("attention.head_count_kv", n_heads))
-        head_dim = int(get("attention.key_length", dim // n_heads))
+        dim = num("embedding_length", int)
+        n_heads = num("attention.head_count", int)
+        n_kv = num("attention.head_count_kv", int, n_heads)
+        if n_heads % n_kv:
+            raise ModelLoadError(path, f"head_count={n_heads} is not a multiple of head_count_kv={n_kv}")
         tokens = meta.get("tokenizer.ggml.tokens")
-        vocab = int(get("vocab_size", len(tokens) if tokens is not None else None))
         scaling = None
-        kind = get("rope.scaling.type", "none", required=False)
-        if kind == "linear":
-            scaling = RopeScaling("linear", float(get("rope.scaling.factor")))
+        if meta.get(f"{arch}.rope.scaling.type") == "linear":
+            scaling = RopeScaling("linear", num("rope.scaling.factor", float))
         eos = [meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")]
-        return cls(
-            vocab_size=vocab,
-            dim=dim,
-            n_layers=int(get("block_count")),
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            head_dim=head_dim,
-            ffn_dim=int(get("feed_forward_length")),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
-            tie_embeddings=False,  # decided by the loader: no output.weight tensor means tied
-            qkv_bias=arch == "qwen2",
-            context_length=int(get("context_length", 2048)),
-            bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
-            architecture=arch,
-        )
+        try:
+            return cls(
+                vocab_size=num(
+                    "vocab_size", int, len(tokens) if isinstance(tokens, list) and tokens else None
+                ),
+                dim=dim,
+                n_layers=num("block_count", int),
+                n_heads=n_heads,
+                n_kv_heads=n_kv,
+                head_dim=num("attention.key_length", int, dim // n_heads),
+                ffn_dim=num("feed_forward_length", int),
+                norm_eps=num("attention.layer_norm_rms_epsilon", float, 1e-5),
+                rope_theta=num("rope.freq_base", float, 10000.0),
+                rope_scaling=scaling,
+                tie_embeddings=False,  # decided by the loader: no output.weight tensor means tied
+                qkv_bias=arch == "qwen2",  # the loader also turns it on when bias tensors exist
+                context_length=num("context_length", int, 2048),
+                bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+                eos_ids=tuple(dict.fromkeys(int(e) for e in eos if isinstance(e, int))),
+                architecture=arch,
+            )
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(path, f"invalid model metadata: {e}") from None
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any] | Path | str) -> LlamaConfig:

@@ -201,8 +201,13 @@ class GGUFFile:
                 raise ModelLoadError(self.path, f"tensor {name!r} claims {n_dims} dimensions")
             dims = [cur.scalar("<Q") for _ in range(n_dims)]
             raw_infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
-        alignment = int(meta.get("general.alignment", 32))
-        if alignment <= 0 or alignment & (alignment - 1):
+        alignment = meta.get("general.alignment", 32)
+        if (
+            not isinstance(alignment, int)
+            or isinstance(alignment, bool)
+            or alignment <= 0
+            or alignment & (alignment - 1)
+        ):
             raise ModelLoadError(self.path, f"invalid general.alignment {alignment}")
         data_start = -(-cur.pos // alignment) * alignment
         infos = []
@@ -229,9 +234,17 @@ class GGUFFile:
 
     def config(self) -> LlamaConfig:
         cfg = LlamaConfig.from_gguf_metadata(self.metadata, self.path)
-        if not any(t.name == "output.weight" for t in self.infos):
+        names = {t.name for t in self.infos}
+        if "output.weight" not in names:
             cfg = dataclasses.replace(cfg, tie_embeddings=True)
+        if any(n.endswith(".attn_q.bias") for n in names):
+            cfg = dataclasses.replace(cfg, qkv_bias=True)
         return cfg
+
+    @property
+    def num_elements(self) -> int:
+        """Weights the file holds (what a config read from its metadata may claim at most)."""
+        return sum(int(np.prod(t.shape, dtype=object)) for t in self.infos)
 
     def raw(self, info: TensorInfo) -> np.ndarray:
         """The tensor's bytes as uint8 rows `[..., row_bytes]`, as `gguf.quants.dequantize` wants."""
@@ -256,9 +269,9 @@ class GGUFFile:
                     self.path, f"tensor {info.name!r} has unsupported type {qt.name}"
                 ) from None
             arr = np.asarray(arr, dtype=np.float32).reshape(info.shape)
-            if unpermute and name.endswith("q_proj.weight"):
+            if unpermute and name.endswith(("q_proj.weight", "q_proj.bias")):
                 arr = unpermute_rope_rows(arr, cfg.n_heads)
-            elif unpermute and name.endswith("k_proj.weight"):
+            elif unpermute and name.endswith(("k_proj.weight", "k_proj.bias")):
                 arr = unpermute_rope_rows(arr, cfg.n_kv_heads)
             yield name, arr
 

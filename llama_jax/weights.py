@@ -25,7 +25,7 @@ from flax import nnx
 
 from llama_jax.config import LlamaConfig, rope_frequencies
 from llama_jax.errors import ModelLoadError
-from llama_jax.gguf import GGUFFile
+from llama_jax.gguf import GGUFFile, hf_name
 from llama_jax.model import Llama
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,42 @@ def resolve_model_path(model: str | os.PathLike | None) -> tuple[str, Path]:
         aliases = ", ".join(MODEL_ALIASES)
         raise ModelLoadError(path, f"no such file or folder, and not a known model alias ({aliases})")
     return path.stem if path.is_file() else path.name, path
+
+
+def required_tensors(cfg: LlamaConfig) -> list[str]:
+    """Canonical names of every tensor the model needs."""
+    required = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_embeddings:
+        required.append("lm_head.weight")
+    per_layer = [
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    ]
+    if cfg.qkv_bias:
+        per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+    required += [f"model.layers.{i}.{s}" for i in range(cfg.n_layers) for s in per_layer]
+    return required
+
+
+def check_tensors(cfg: LlamaConfig, names: set[str], available: int, path: object) -> None:
+    """Before allocating anything: the config must not claim far more weights than the file
+    holds (absurd metadata), and every needed tensor must be there."""
+    claimed = cfg.num_params()
+    if claimed > 2 * available + 2**20:
+        raise ModelLoadError(
+            path, f"the model config describes {claimed:,} weights but the file holds only {available:,}"
+        )
+    missing = [r for r in required_tensors(cfg) if r not in names]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(path, f"missing tensor {missing[0]!r}{more}")
 
 
 def pack_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], path: object) -> dict:
@@ -115,6 +151,8 @@ def pack_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], pa
         want = expected_shapes.get(sub)
         if want is None:
             continue
+        if sub.endswith("_proj.bias") and not cfg.qkv_bias:
+            raise ModelLoadError(path, f"tensor {name!r} is a bias, but the model config has no q/k/v biases")
         if tuple(arr.shape) != want:
             raise ModelLoadError(path, f"tensor {name!r} has shape {tuple(arr.shape)}, expected {want}")
         seen.add(name)
@@ -151,23 +189,7 @@ def pack_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], pa
             b["w_gate_up"][layer, :, 1] = arr.T
         elif sub == "mlp.down_proj.weight":
             b["w_down"][layer] = arr.T
-    required = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not cfg.tie_embeddings:
-        required.append("lm_head.weight")
-    per_layer = [
-        "input_layernorm.weight",
-        "post_attention_layernorm.weight",
-        "self_attn.q_proj.weight",
-        "self_attn.k_proj.weight",
-        "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight",
-        "mlp.gate_proj.weight",
-        "mlp.up_proj.weight",
-        "mlp.down_proj.weight",
-    ]
-    if cfg.qkv_bias:
-        per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
-    required += [f"model.layers.{i}.{s}" for i in range(L) for s in per_layer]
+    required = required_tensors(cfg)
     missing = [r for r in required if r not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -230,14 +252,18 @@ def read_hf_folder(folder: Path) -> tuple[LlamaConfig, Iterator[tuple[str, np.nd
             except (SafetensorError, OSError, ValueError) as e:
                 raise ModelLoadError(f, f"cannot read safetensors file ({e})") from None
 
-    count = 0
+    names: set[str] = set()
+    elements = 0
     for f in files:
         try:
             with safe_open(str(f), framework="numpy") as st:
-                count += len(list(st.keys()))
+                for name in st.keys():
+                    names.add(name)
+                    elements += int(np.prod(st.get_slice(name).get_shape(), dtype=object))
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelLoadError(f, f"cannot read safetensors file ({e})") from None
-    return cfg, gen(), count
+    check_tensors(cfg, names, elements, folder)
+    return cfg, gen(), len(names)
 
 
 def load_model(model: str | os.PathLike | None = None, dtype: str = "float32") -> LoadedModel:
@@ -252,6 +278,7 @@ def load_model(model: str | os.PathLike | None = None, dtype: str = "float32") -
     else:
         gg = GGUFFile(path)
         cfg = gg.config()
+        check_tensors(cfg, {n for n in map(hf_name, (t.name for t in gg.infos)) if n}, gg.num_elements, path)
         tensors, count = gg.tensors(cfg), len(gg.infos)
         source = ("gguf", gg.metadata)
     state = pack_tensors(cfg, _progress(tensors, count, f"loading {name}"), path)

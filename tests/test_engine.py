@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny import gguf_metadata, random_tensors, tiny_config
 
 from llama_jax.engine import Engine
 from llama_jax.errors import ContextLengthError, InvalidRequestError, OverloadedError
@@ -13,7 +14,6 @@ from llama_jax.sampling import SamplingParams
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.weights import build_model, pack_tensors
 from llama_jax.xla_cache import CompileCounter
-from tests.tiny import gguf_metadata, random_tensors, tiny_config
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
