@@ -61,9 +61,37 @@ def measure(model: str | None, dtype: str, seq: int, steps: int) -> dict:
             unpack(out)
         r[f"decode_b{batch}_tok_s"] = batch * steps / (time.perf_counter() - t)
         del state
+    r.update(matmul_baseline(loaded.config, dtype, steps))
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     r["backend"] = jax.default_backend()
     return r
+
+
+def matmul_baseline(cfg, dtype: str, steps: int) -> dict:
+    """The same weight bytes as a bare chain of matmuls (scan over layers, then the head): the
+    ceiling this machine allows a decode step, measured in the same run for a fair ratio."""
+    import jax
+    import jax.numpy as jnp
+
+    dt = jnp.dtype(dtype)
+    per_layer = cfg.dim * cfg.head_dim * (cfg.n_heads * 2 + cfg.n_kv_heads * 2) + 3 * cfg.dim * cfg.ffn_dim
+    w = jnp.full((cfg.n_layers, cfg.dim, per_layer // cfg.dim), 0.01, dt)
+    e = jnp.full((cfg.vocab_size, cfg.dim), 0.01, dt)
+
+    @jax.jit
+    def step(x, w, e):
+        x, _ = jax.lax.scan(lambda x, wl: ((x @ wl)[:, : cfg.dim] + x, None), x, w)
+        return x @ e.T
+
+    out = {}
+    for batch in (1, 16):
+        x = jnp.ones((batch, cfg.dim), dt)
+        step(x, w, e).block_until_ready()
+        t = time.perf_counter()
+        for _ in range(steps):
+            np.asarray(step(x, w, e))
+        out[f"matmul_only_b{batch}_tok_s"] = batch * steps / (time.perf_counter() - t)
+    return out
 
 
 def main() -> None:

@@ -90,8 +90,12 @@ class Blocks(nnx.Module):
         self.w_gate_up = nnx.Param(init(rngs.params(), (L, D, 2, F), dtype))
         self.w_down = nnx.Param(init(rngs.params(), (L, F, D), dtype))
 
-    def __call__(self, cfg: LlamaConfig, x, positions, inv_freq, k_cache, v_cache, ctx_len):
-        """x [B,T,D] -> (x [B,T,D], new_k [L,B,T,K,H], new_v [L,B,T,K,H])."""
+    def __call__(self, cfg: LlamaConfig, x, positions, inv_freq, k_cache, v_cache, ctx_len, context=None):
+        """x [B,T,D] -> (x [B,T,D], new_k [L,B,T,K,H], new_v [L,B,T,K,H]).
+
+        With `context` (static), only the first `context` cache positions are attended to; the
+        slice is taken per layer inside the scan, so the whole-cache view is never copied.
+        """
         G = cfg.group
         weights = {
             "attn_norm": self.attn_norm[...],
@@ -107,6 +111,8 @@ class Blocks(nnx.Module):
 
         def layer(x, xs):
             w, k_ctx, v_ctx = xs
+            if context is not None and k_ctx is not None:
+                k_ctx, v_ctx = k_ctx[:, :context], v_ctx[:, :context]
             h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
             qkv = dense(h, w["wqkv"], "BTD,DKXH->BTKXH")
             if "bqkv" in w:
@@ -142,16 +148,19 @@ class Llama(nnx.Module):
         )
         self.inv_freq = Buffer(jnp.asarray(rope_frequencies(cfg), jnp.float32))
 
-    def hidden(self, tokens, positions, k_cache=None, v_cache=None, ctx_len=None):
+    def hidden(self, tokens, positions, k_cache=None, v_cache=None, ctx_len=None, context=None):
         """Final-norm hidden states [B,T,D] and the chunk's K/V rows [L,B,T,K,H] each.
 
         tokens, positions: [B,T]; k_cache, v_cache: [L,B,C,K,H] views (or None when the chunk
-        starts at position 0); ctx_len [B]: valid cached positions.
+        starts at position 0); ctx_len [B]: valid cached positions; context (static): attend
+        over only the first `context` positions of the cache views.
         """
         x = embed_lookup(self.embed[...], tokens).astype(self.dtype)
         if ctx_len is None:
             ctx_len = jnp.zeros(tokens.shape[:1], jnp.int32)
-        x, new_k, new_v = self.blocks(self.cfg, x, positions, self.inv_freq[...], k_cache, v_cache, ctx_len)
+        x, new_k, new_v = self.blocks(
+            self.cfg, x, positions, self.inv_freq[...], k_cache, v_cache, ctx_len, context
+        )
         return rms_norm(x, self.norm[...], self.cfg.norm_eps), new_k, new_v
 
     def logits(self, h: jax.Array) -> jax.Array:

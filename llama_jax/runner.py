@@ -123,8 +123,7 @@ class ModelRunner:
         """One token for every slot; inactive slots compute but write and advance nothing."""
         model = self._model(leaves)
         lengths = state.lengths
-        k_ctx, v_ctx = state.k[:, :, :context], state.v[:, :, :context]
-        h, nk, nv = model.hidden(state.tokens[:, None], lengths[:, None], k_ctx, v_ctx, lengths)
+        h, nk, nv = model.hidden(state.tokens[:, None], lengths[:, None], state.k, state.v, lengths, context)
         token, logprob = sample(model.logits(h[:, 0]), state.sampling, lengths + 1)
         write_at = jnp.where(active, lengths, state.max_seq_len)
         new_state = DecodeState(
