@@ -3,20 +3,24 @@
 from llama_jax import Generator, SamplingParams
 """
 
+from llama_jax.engine import Delta, Usage
 from llama_jax.errors import (
     ContextLengthError,
+    EngineDeadError,
     InvalidRequestError,
     LlamaJaxError,
     ModelLoadError,
     OverloadedError,
     TemplateError,
 )
-from llama_jax.generator import Completion, Generator, Usage
+from llama_jax.generator import Completion, Generator
 from llama_jax.sampling import SamplingParams
 
 __all__ = [
     "Completion",
     "ContextLengthError",
+    "Delta",
+    "EngineDeadError",
     "Generator",
     "InvalidRequestError",
     "LlamaJaxError",

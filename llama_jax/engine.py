@@ -14,7 +14,8 @@ A request's life, one `step()` at a time:
    tokens, stop strings and limits, and pushed as a `Delta` to the request; finished
    requests free their slot.
 
-The engine is single-threaded and synchronous: `Generator` drives it with `step()`.
+The engine itself is single-threaded and synchronous; `engine_loop.EngineLoop` runs it on
+the one thread that owns the device and bridges requests to threads and asyncio.
 """
 
 from __future__ import annotations
@@ -38,13 +39,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclasses.dataclass(frozen=True)
 class Delta:
-    """What one processed token added to a request's output."""
+    """What one processed token added to a request's output; the last one has the finish
+    reason and the request's usage."""
 
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     finish_reason: str | None = None
+    usage: Usage | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -92,6 +105,17 @@ class Engine:
     def submit(
         self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> Request:
+        """Validate and queue a request (single-threaded use; `EngineLoop` has its own submit)."""
+        req = self.make_request(prompt_ids, params, request_id)
+        if len(self.waiting) >= self.max_queue:
+            raise OverloadedError(f"the waiting queue is full ({self.max_queue} requests)")
+        self.waiting.append(req)
+        return req
+
+    def make_request(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        """A validated request, not yet queued. Touches no engine state: safe from any thread."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -106,13 +130,10 @@ class Engine:
                 "Please reduce the prompt or max_tokens.",
                 param="messages",
             )
-        if len(self.waiting) >= self.max_queue:
-            raise OverloadedError(f"the waiting queue is full ({self.max_queue} requests)")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         req = Request(prompt_ids, params, seed, request_id or f"req-{next(self._ids)}")
         req.detok = IncrementalDetokenizer(self.tokenizer)
         req.stops = StopMatcher(params.stop)
-        self.waiting.append(req)
         return req
 
     def cancel(self, req: Request) -> None:
@@ -206,7 +227,8 @@ class Engine:
     ) -> None:
         req.text += text
         ids, lps = ((token[0],), (token[1],)) if token else ((), ())
-        req.deltas.append(Delta(text, ids, lps, finish))
+        usage = Usage(len(req.prompt_ids), len(req.output_ids)) if finish else None
+        req.deltas.append(Delta(text, ids, lps, finish, usage))
 
     def _finish(
         self, req: Request, reason: str, token: tuple[int, float] | None = None, emit: bool = True

@@ -39,3 +39,7 @@ class OverloadedError(LlamaJaxError):
 
 class TemplateError(LlamaJaxError):
     """A chat template failed to render (syntax error, sandbox violation, limits)."""
+
+
+class EngineDeadError(LlamaJaxError):
+    """The engine thread stopped on an unexpected error; the model cannot serve until restarted."""

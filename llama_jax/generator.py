@@ -4,38 +4,32 @@
     gen = Generator.from_pretrained()                 # the default model
     gen.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0)).text
 
-It owns one loaded model, its tokenizer and chat template, and one `Engine`; every call runs
-through the engine, so batch generation is continuous batching over the engine's slots.
+It owns one loaded model, its tokenizer and chat template, and one `Engine` run by an
+`EngineLoop` thread; every call (sync or async, from any thread) goes through it, so
+concurrent calls and batch generation share the slots by continuous batching.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from llama_jax.chat_template import ChatTemplate
-from llama_jax.engine import Engine, Request
+from llama_jax.engine import Delta, Engine, Request, Usage
+from llama_jax.engine_loop import EngineLoop
 from llama_jax.errors import ContextLengthError, InvalidRequestError
 from llama_jax.runner import ModelRunner
 from llama_jax.sampling import SamplingParams
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.weights import LoadedModel, load_model
 from llama_jax.xla_cache import enable_compilation_cache
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +59,19 @@ class Generator:
         self.max_seq_len = max_seq_len
         self.runner = ModelRunner(loaded.model, max_slots=max_slots, max_seq_len=max_seq_len)
         self.engine = Engine(self.runner, tokenizer, eos_ids=loaded.config.eos_ids, max_queue=max_queue)
+        self._loop: EngineLoop | None = None
+
+    @property
+    def loop(self) -> EngineLoop:
+        """The engine thread, started on first use."""
+        if self._loop is None:
+            self._loop = EngineLoop(self.engine).start()
+        return self._loop
+
+    def close(self) -> None:
+        """Stop the engine thread (requests still running are cancelled)."""
+        if self._loop is not None:
+            self._loop.close()
 
     @classmethod
     def from_pretrained(
@@ -99,7 +106,8 @@ class Generator:
 
     def warmup(self, progress: bool | None = None) -> None:
         """Compile (or load from the compilation cache) every prefill and decode shape."""
-        self.engine.warmup(progress=sys.stderr.isatty() if progress is None else progress)
+        show = sys.stderr.isatty() if progress is None else progress
+        self.loop.call(lambda: self.engine.warmup(progress=show))
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -115,23 +123,10 @@ class Generator:
         # The template writes BOS itself where the model wants one.
         return self.tokenizer.encode(self.render_chat(messages), add_bos=False)
 
-    def _submit(self, prompt: str | Sequence[int], sampling: SamplingParams | None) -> Request:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self.engine.submit(ids, sampling or SamplingParams())
+    def _ids(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     # -- generation ---------------------------------------------------------------------------
-
-    def _run(self, requests: list[Request]) -> list[Completion]:
-        try:
-            while not all(r.finished for r in requests):
-                self.engine.step()
-        except BaseException:
-            for r in requests:
-                self.engine.cancel(r)
-            raise
-        while self.engine.has_work and not self.engine.live_slots and not self.engine.waiting:
-            self.engine.step()  # drain the lagged step so the engine is idle
-        return [self._completion(r) for r in requests]
 
     @staticmethod
     def _completion(r: Request) -> Completion:
@@ -151,30 +146,62 @@ class Generator:
         """Complete each prompt (text, or token ids); all are batched over the engine's slots."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        requests = []
+        sampling = sampling or SamplingParams()
+        done = [threading.Event() for _ in prompts]
+        errors: list[BaseException] = []
+        requests: list[Request] = []
+
+        def sink(i: int):
+            def on(item: Delta | BaseException) -> None:
+                if isinstance(item, BaseException):
+                    errors.append(item)
+                    done[i].set()
+                elif item.finish_reason is not None:
+                    done[i].set()
+
+            return on
+
         try:
-            for p in prompts:
-                requests.append(self._submit(p, sampling))
-        except BaseException:
+            for i, p in enumerate(prompts):
+                requests.append(self.loop.submit(self._ids(p), sampling, sink(i)))
+            for event in done[: len(requests)]:
+                event.wait()
+        finally:
             for r in requests:
-                self.engine.cancel(r)
-            raise
-        return self._run(requests)
+                self.loop.cancel(r)
+        if errors:
+            raise errors[0]
+        return [self._completion(r) for r in requests]
 
     def stream(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion's text as it is generated (never half a UTF-8 character)."""
-        req = self._submit(prompt, sampling)
-        try:
-            while True:
-                while req.deltas:
-                    delta = req.deltas.popleft()
-                    if delta.text:
-                        yield delta.text
-                    if delta.finish_reason:
-                        return
-                self.engine.step()
-        finally:
-            self.engine.cancel(req)
+        for delta in self.loop.stream(self._ids(prompt), sampling or SamplingParams()):
+            if delta.text:
+                yield delta.text
+
+    async def astream(
+        self, prompt: str | Sequence[int], sampling: SamplingParams | None = None
+    ) -> AsyncIterator[Delta]:
+        """Deltas (text, token ids, logprobs; the last has finish_reason and usage) as generated.
+        Closing the iterator, or cancelling the task consuming it, cancels the request."""
+        async for delta in self.loop.astream(self._ids(prompt), sampling or SamplingParams()):
+            yield delta
+
+    async def agenerate(
+        self, prompts: Sequence[str | Sequence[int]], sampling: SamplingParams | None = None
+    ) -> list[Completion]:
+        """Complete several prompts concurrently from asyncio code."""
+
+        async def one(p) -> Completion:
+            parts, ids, lps, last = [], [], [], None
+            async for d in self.astream(p, sampling):
+                parts.append(d.text)
+                ids += d.token_ids
+                lps += d.logprobs
+                last = d
+            return Completion("".join(parts), ids, last.finish_reason, last.usage, lps)
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
 
     def chat(
         self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None
@@ -199,4 +226,4 @@ class Generator:
                     f"input {i} has {len(r)} tokens, more than the maximum of {self.max_seq_len}",
                     param="input",
                 )
-        return self.runner.embed(rows)
+        return self.loop.call(lambda: self.runner.embed(rows))
