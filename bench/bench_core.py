@@ -20,6 +20,7 @@ import numpy as np
 
 
 def measure(model: str | None, dtype: str, seq: int, steps: int) -> dict:
+    """`dtype` is a float dtype, or "int8" (float32 activations, int8 weights)."""
     import jax
 
     from llama_jax.runner import ModelRunner, unpack
@@ -27,7 +28,8 @@ def measure(model: str | None, dtype: str, seq: int, steps: int) -> dict:
     from llama_jax.weights import load_model
 
     t0 = time.perf_counter()
-    loaded = load_model(model, dtype=dtype)
+    quantize = "int8" if dtype == "int8" else None
+    loaded = load_model(model, dtype="float32" if quantize else dtype, quantize=quantize)
     r: dict = {"dtype": dtype, "load_s": time.perf_counter() - t0}
     row = SlotSampling.from_params([SamplingParams(temperature=0)], [0])
     rng = np.random.default_rng(0)
@@ -61,7 +63,7 @@ def measure(model: str | None, dtype: str, seq: int, steps: int) -> dict:
             unpack(out)
         r[f"decode_b{batch}_tok_s"] = batch * steps / (time.perf_counter() - t)
         del state
-    r.update(matmul_baseline(loaded.config, dtype, steps))
+    r.update(matmul_baseline(loaded.config, "float32" if quantize else dtype, steps))
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     r["backend"] = jax.default_backend()
     return r
@@ -97,7 +99,7 @@ def matmul_baseline(cfg, dtype: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)

@@ -21,6 +21,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="alias, GGUF file or Hugging Face folder (default: smollm2-135m-instruct)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only quantization")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -48,7 +49,9 @@ def _sampling(args):
 def _load(args):
     from llama_jax.generator import Generator
 
-    return Generator.from_pretrained(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, max_slots=1)
+    return Generator.from_pretrained(
+        args.model, dtype=args.dtype, quantize=args.quantize, max_seq_len=args.max_seq_len, max_slots=1
+    )
 
 
 def _print_stream(chunks) -> None:

@@ -79,6 +79,7 @@ class Generator:
         model: str | os.PathLike | None = None,
         *,
         dtype: str = "float32",
+        quantize: str | None = None,
         max_seq_len: int = 2048,
         max_slots: int = 8,
         max_queue: int = 256,
@@ -87,12 +88,13 @@ class Generator:
     ) -> Generator:
         """Load an alias (default: smollm2-135m-instruct), a GGUF file or a Hugging Face folder.
 
-        `max_seq_len` (tokens per sequence) and `max_slots` (sequences decoded together) fix the
+        `quantize="int8"` stores weights as int8 with per-channel scales (4x fewer bytes than
+        float32). `max_seq_len` (tokens per sequence) and `max_slots` (sequences decoded together) fix the
         KV cache's size; `chat_template` overrides the model's (a builtin name or Jinja source).
         """
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache == "default" else compilation_cache)
-        loaded = load_model(model, dtype=dtype)
+        loaded = load_model(model, dtype=dtype, quantize=quantize)
         kind, source = loaded.tokenizer_source
         if kind == "gguf":
             tokenizer = Tokenizer.from_gguf_metadata(source, loaded.path)

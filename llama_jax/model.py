@@ -98,15 +98,15 @@ class Blocks(nnx.Module):
         """
         G = cfg.group
         weights = {
-            "attn_norm": self.attn_norm[...],
-            "wqkv": self.wqkv[...],
-            "wo": self.wo[...],
-            "mlp_norm": self.mlp_norm[...],
-            "w_gate_up": self.w_gate_up[...],
-            "w_down": self.w_down[...],
+            "attn_norm": self.attn_norm.get_value(),
+            "wqkv": self.wqkv.get_value(),
+            "wo": self.wo.get_value(),
+            "mlp_norm": self.mlp_norm.get_value(),
+            "w_gate_up": self.w_gate_up.get_value(),
+            "w_down": self.w_down.get_value(),
         }
         if self.bqkv is not None:
-            weights["bqkv"] = self.bqkv[...]
+            weights["bqkv"] = self.bqkv.get_value()
         xs = (weights, k_cache, v_cache)
 
         def layer(x, xs):
@@ -155,19 +155,19 @@ class Llama(nnx.Module):
         starts at position 0); ctx_len [B]: valid cached positions; context (static): attend
         over only the first `context` positions of the cache views.
         """
-        x = embed_lookup(self.embed[...], tokens).astype(self.dtype)
+        x = embed_lookup(self.embed.get_value(), tokens).astype(self.dtype)
         if ctx_len is None:
             ctx_len = jnp.zeros(tokens.shape[:1], jnp.int32)
         x, new_k, new_v = self.blocks(
-            self.cfg, x, positions, self.inv_freq[...], k_cache, v_cache, ctx_len, context
+            self.cfg, x, positions, self.inv_freq.get_value(), k_cache, v_cache, ctx_len, context
         )
-        return rms_norm(x, self.norm[...], self.cfg.norm_eps), new_k, new_v
+        return rms_norm(x, self.norm.get_value(), self.cfg.norm_eps), new_k, new_v
 
     def logits(self, h: jax.Array) -> jax.Array:
         """h [..., D] -> float32 logits [..., V]."""
         if self.lm_head is None:
-            return dense(h, self.embed[...], "...D,VD->...V").astype(jnp.float32)
-        return dense(h, self.lm_head[...], "...D,VD->...V").astype(jnp.float32)
+            return dense(h, self.embed.get_value(), "...D,VD->...V").astype(jnp.float32)
+        return dense(h, self.lm_head.get_value(), "...D,VD->...V").astype(jnp.float32)
 
 
 def embed_lookup(table, tokens: jax.Array) -> jax.Array:

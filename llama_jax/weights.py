@@ -27,6 +27,7 @@ from llama_jax.config import LlamaConfig, rope_frequencies
 from llama_jax.errors import ModelLoadError
 from llama_jax.gguf import GGUFFile, hf_name
 from llama_jax.model import Llama
+from llama_jax.quantize import QUANTIZATIONS, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +267,16 @@ def read_hf_folder(folder: Path) -> tuple[LlamaConfig, Iterator[tuple[str, np.nd
     return cfg, gen(), len(names)
 
 
-def load_model(model: str | os.PathLike | None = None, dtype: str = "float32") -> LoadedModel:
-    """Load an alias, GGUF file or Hugging Face folder into an NNX `Llama`."""
+def load_model(
+    model: str | os.PathLike | None = None, dtype: str = "float32", quantize: str | None = None
+) -> LoadedModel:
+    """Load an alias, GGUF file or Hugging Face folder into an NNX `Llama`; `quantize="int8"`
+    stores the matmul weights and the embedding as int8 with per-channel scales."""
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)} or None, got {quantize!r}")
     name, path = resolve_model_path(model)
     if path.is_dir():
         cfg, tensors, count = read_hf_folder(path)
@@ -283,6 +289,8 @@ def load_model(model: str | os.PathLike | None = None, dtype: str = "float32") -
         source = ("gguf", gg.metadata)
     state = pack_tensors(cfg, _progress(tensors, count, f"loading {name}"), path)
     model_ = build_model(cfg, state, DTYPES[dtype])
+    if quantize:
+        quantize_model(model_, quantize)
     seconds = time.perf_counter() - t0
     log.info(
         "loaded %s (%s, %d layers, %.0fM params, %s) in %.1f s",
