@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens reused from a slot's cache (not prefilled again)
 
     @property
     def total_tokens(self) -> int:
@@ -73,6 +74,7 @@ class Request:
     deltas: collections.deque = dataclasses.field(default_factory=collections.deque)
     slot: int | None = None
     prefilled: int = 0
+    cached_tokens: int = 0
     detok: IncrementalDetokenizer | None = None
     stops: StopMatcher | None = None
 
@@ -83,7 +85,12 @@ class Request:
 
 class Engine:
     def __init__(
-        self, runner: ModelRunner, tokenizer: Tokenizer, eos_ids: Sequence[int] = (), max_queue: int = 256
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        eos_ids: Sequence[int] = (),
+        max_queue: int = 256,
+        prefix_cache: bool = True,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -93,6 +100,11 @@ class Engine:
         self.state = runner.init_state()
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * runner.max_slots
+        # What each idle slot's cache holds (token ids of its valid positions), for reuse.
+        self.prefix_cache = prefix_cache
+        self.slot_tokens: list[list[int]] = [[] for _ in range(runner.max_slots)]
+        self.prefix_hits = 0
+        self.cached_prompt_tokens = 0
         self._pending: tuple[object, list[tuple[int, Request]]] | None = None
         self._ids = itertools.count()
 
@@ -179,11 +191,22 @@ class Engine:
             self._process(*previous)
 
     def _admit(self) -> None:
+        """Give waiting requests free slots, preferring the slot whose cache shares the longest
+        prefix with the prompt; that prefix is reused and only the rest is prefilled."""
         while self.waiting and None in self.slots:
             req = self.waiting.popleft()
-            slot = self.slots.index(None)
-            req.slot = slot
+            free = [s for s, r in enumerate(self.slots) if r is None]
+            slot, reuse = free[0], 0
+            if self.prefix_cache:
+                slot = max(free, key=lambda s: _common_prefix(self.slot_tokens[s], req.prompt_ids))
+                # At least the last prompt token is prefilled: its logits give the first sample.
+                reuse = min(_common_prefix(self.slot_tokens[slot], req.prompt_ids), len(req.prompt_ids) - 1)
+            req.slot, req.prefilled, req.cached_tokens = slot, reuse, reuse
+            self.slot_tokens[slot] = []
             self.slots[slot] = req
+            if reuse:
+                self.prefix_hits += 1
+                self.cached_prompt_tokens += reuse
 
     def _prefill_chunk(self, slot: int, req: Request) -> None:
         start = req.prefilled
@@ -227,7 +250,7 @@ class Engine:
     ) -> None:
         req.text += text
         ids, lps = ((token[0],), (token[1],)) if token else ((), ())
-        usage = Usage(len(req.prompt_ids), len(req.output_ids)) if finish else None
+        usage = Usage(len(req.prompt_ids), len(req.output_ids), req.cached_tokens) if finish else None
         req.deltas.append(Delta(text, ids, lps, finish, usage))
 
     def _finish(
@@ -241,4 +264,18 @@ class Engine:
             self._emit(req, tail, token, reason)
         if req.slot is not None and self.slots[req.slot] is req:
             self.slots[req.slot] = None
+            # Valid cache: the prefilled prompt and every generated token but the last, whose
+            # K/V is only written by a decode step that may not have run.
+            written = req.prompt_ids[: req.prefilled]
+            if req.prefilled == len(req.prompt_ids):
+                written = written + req.output_ids[:-1]
+            self.slot_tokens[req.slot] = written
         req.slot = None
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

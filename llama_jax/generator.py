@@ -136,7 +136,7 @@ class Generator:
             r.text,
             list(r.output_ids),
             r.finish_reason or "stop",
-            Usage(len(r.prompt_ids), len(r.output_ids)),
+            Usage(len(r.prompt_ids), len(r.output_ids), r.cached_tokens),
             list(r.output_logprobs),
         )
 

@@ -192,13 +192,9 @@ class ModelRunner:
         return self.prefill_buckets[-1]
 
     def warmup_shapes(self) -> list[tuple[str, int, int]]:
-        """Every (function, T, C) the engine can call: chunks start at 0 or at a multiple of
-        the largest prefill bucket, and decode attends over any context bucket."""
-        chunk = self.max_prefill_chunk
-        contexts = [0] + sorted(
-            {pick(self.context_buckets, s) for s in range(chunk, self.max_seq_len, chunk)}
-        )
-        shapes = [("prefill", t, c) for c in contexts for t in self.prefill_buckets]
+        """Every (function, T, C) the engine can call. A chunk may start anywhere (after a
+        reused prefix), so prefill meets every context bucket."""
+        shapes = [("prefill", t, c) for c in (0, *self.context_buckets) for t in self.prefill_buckets]
         return shapes + [("decode", 1, c) for c in self.context_buckets]
 
     def warmup(self, state: DecodeState, progress: bool = False) -> DecodeState:

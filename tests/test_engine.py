@@ -139,11 +139,18 @@ def test_steady_state_has_no_compiles(engine, rng):
             )
         )
     with CompileCounter() as c:
+        done = []
         for lo in range(0, len(params), 8):  # the queue holds 8
-            run(
-                engine,
-                [engine.submit(prompt(rng, int(rng.integers(1, 100))), p) for p in params[lo : lo + 8]],
-            )
+            batch = []
+            for p in params[lo : lo + 8]:
+                if done and rng.random() < 0.5:  # a follow-up turn: reuses a prefix, starts anywhere
+                    prev = done[int(rng.integers(len(done)))]
+                    ids = (prev.prompt_ids + prev.output_ids)[:90] + prompt(rng, int(rng.integers(1, 9)))
+                else:
+                    ids = prompt(rng, int(rng.integers(1, 100)))
+                batch.append(engine.submit(ids, p))
+            done += run(engine, batch)
+    assert any(r.cached_tokens for r in done)
     assert c.traces == 0 and c.compiles == 0
 
 
@@ -153,3 +160,34 @@ def test_compile_counter_sees_a_new_compile():
     with CompileCounter() as c:
         jax.jit(lambda x: x * 3 + 1)(np.zeros(7, np.float32))
     assert c.traces >= 1
+
+
+def test_second_turn_reuses_the_first_turns_cache(engine, parts, rng):
+    turn1 = prompt(rng, 40)
+    (a,) = run(engine, [engine.submit(turn1, GREEDY)])
+    assert a.cached_tokens == 0
+    turn2 = turn1 + a.output_ids + prompt(rng, 10)
+    (b,) = run(engine, [engine.submit(turn2, GREEDY)])
+    # Everything written by turn 1 (its prompt and all but its last, never-decoded token).
+    assert b.cached_tokens == len(turn1) + len(a.output_ids) - 1
+    assert b.deltas[-1].usage.cached_tokens == b.cached_tokens
+    runner, tokenizer = parts
+    fresh = Engine(runner, tokenizer, prefix_cache=False)
+    (c,) = run(fresh, [fresh.submit(turn2, GREEDY)])
+    assert c.cached_tokens == 0 and c.output_ids == b.output_ids
+
+
+def test_repeated_prompt_prefills_only_its_last_token(engine, rng):
+    p = prompt(rng, 25)
+    (a,) = run(engine, [engine.submit(p, GREEDY)])
+    (b,) = run(engine, [engine.submit(p, GREEDY)])
+    assert b.cached_tokens == len(p) - 1 and b.output_ids == a.output_ids
+    assert engine.prefix_hits >= 1
+
+
+def test_a_different_prompt_does_not_reuse_a_stale_cache(engine, rng):
+    p = prompt(rng, 20)
+    run(engine, [engine.submit(p, GREEDY)])
+    other = [p[0] + 1 if p[0] < 250 else 3] + p[1:]
+    (b,) = run(engine, [engine.submit(other, GREEDY)])
+    assert b.cached_tokens == 0

@@ -25,9 +25,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 def parts():
     cfg = tiny_config()
     model = build_model(cfg, pack_tensors(cfg, random_tensors(cfg).items(), "tiny"))
-    return ModelRunner(model, max_slots=4, max_seq_len=128, max_prefill_chunk=32), Tokenizer.from_gguf_metadata(
-        gguf_metadata(cfg), "tiny"
-    )
+    return ModelRunner(
+        model, max_slots=4, max_seq_len=128, max_prefill_chunk=32
+    ), Tokenizer.from_gguf_metadata(gguf_metadata(cfg), "tiny")
 
 
 @pytest.fixture

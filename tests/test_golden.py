@@ -99,3 +99,15 @@ def test_embeddings_rank_similar_sentences_closer(smollm2):
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     sims = e @ e.T
     assert sims[0, 1] > sims[0, 2] and sims[0, 1] > sims[1, 2]
+
+
+def test_second_chat_turn_prefills_only_the_new_message(smollm2):
+    greedy = SamplingParams(temperature=0, max_tokens=40)
+    history = [{"role": "user", "content": "What is the capital of France?"}]
+    first = smollm2.chat(history, greedy)
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Italy?"}]
+    second = smollm2.chat(history, greedy)
+    prompt2 = smollm2.encode_chat(history)
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens + len(first.token_ids) - 2
+    assert second.usage.cached_tokens < len(prompt2)
+    assert "Rome" in second.text
