@@ -25,11 +25,13 @@ import dataclasses
 import itertools
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from llama_jax.errors import ContextLengthError, InvalidRequestError, OverloadedError
+from llama_jax.metrics import EngineMetrics
 from llama_jax.runner import ModelRunner, unpack
 from llama_jax.sampling import SamplingParams, SlotSampling
 from llama_jax.stopping import StopMatcher
@@ -75,6 +77,7 @@ class Request:
     slot: int | None = None
     prefilled: int = 0
     cached_tokens: int = 0
+    last_event: float = dataclasses.field(default_factory=time.monotonic)  # submit, then each token
     detok: IncrementalDetokenizer | None = None
     stops: StopMatcher | None = None
 
@@ -103,8 +106,7 @@ class Engine:
         # What each idle slot's cache holds (token ids of its valid positions), for reuse.
         self.prefix_cache = prefix_cache
         self.slot_tokens: list[list[int]] = [[] for _ in range(runner.max_slots)]
-        self.prefix_hits = 0
-        self.cached_prompt_tokens = 0
+        self.metrics = EngineMetrics()
         self._pending: tuple[object, list[tuple[int, Request]]] | None = None
         self._ids = itertools.count()
 
@@ -121,8 +123,13 @@ class Engine:
         req = self.make_request(prompt_ids, params, request_id)
         if len(self.waiting) >= self.max_queue:
             raise OverloadedError(f"the waiting queue is full ({self.max_queue} requests)")
-        self.waiting.append(req)
+        self.enqueue(req)
         return req
+
+    def enqueue(self, req: Request) -> None:
+        """Queue a request made by `make_request` (engine thread only)."""
+        self.metrics.requests_submitted += 1
+        self.waiting.append(req)
 
     def make_request(
         self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
@@ -164,6 +171,17 @@ class Engine:
     def live_slots(self) -> int:
         return sum(r is not None for r in self.slots)
 
+    def gauges(self) -> dict:
+        """Queue length, live slots and the share of the KV cache holding live sequences."""
+        live = [r for r in self.slots if r is not None]
+        used = sum(r.prefilled + len(r.output_ids) for r in live)
+        return {
+            "queue_length": len(self.waiting),
+            "live_slots": len(live),
+            "max_slots": len(self.slots),
+            "kv_cache_usage": used / (len(self.slots) * self.max_seq_len),
+        }
+
     # -- the loop ------------------------------------------------------------------------------
 
     def step(self) -> None:
@@ -204,9 +222,10 @@ class Engine:
             req.slot, req.prefilled, req.cached_tokens = slot, reuse, reuse
             self.slot_tokens[slot] = []
             self.slots[slot] = req
+            self.metrics.prompt_tokens += len(req.prompt_ids)
             if reuse:
-                self.prefix_hits += 1
-                self.cached_prompt_tokens += reuse
+                self.metrics.prefix_cache_hits += 1
+                self.metrics.cached_prompt_tokens += reuse
 
     def _prefill_chunk(self, slot: int, req: Request) -> None:
         start = req.prefilled
@@ -225,6 +244,10 @@ class Engine:
                 self._accept(req, int(tokens[slot]), float(logprobs[slot]))
 
     def _accept(self, req: Request, token: int, logprob: float) -> None:
+        now = time.monotonic()
+        (self.metrics.itl if req.output_ids else self.metrics.ttft).observe(now - req.last_event)
+        req.last_event = now
+        self.metrics.generated_tokens += 1
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
         p = req.params
@@ -260,6 +283,7 @@ class Engine:
         if emit and not req.stops.stopped:
             tail = req.stops.feed(req.detok.flush()) + req.stops.flush()
         req.finish_reason = reason
+        self.metrics.requests_finished[reason] = self.metrics.requests_finished.get(reason, 0) + 1
         if emit:
             self._emit(req, tail, token, reason)
         if req.slot is not None and self.slots[req.slot] is req:

@@ -177,7 +177,7 @@ class EngineLoop:
                 with self._lock:
                     self._posted -= 1
                 self._sinks[req] = sink
-                self.engine.waiting.append(req)
+                self.engine.enqueue(req)
             elif kind == "cancel":
                 req = item[1]
                 self.engine.cancel(req)

@@ -182,7 +182,7 @@ def test_repeated_prompt_prefills_only_its_last_token(engine, rng):
     (a,) = run(engine, [engine.submit(p, GREEDY)])
     (b,) = run(engine, [engine.submit(p, GREEDY)])
     assert b.cached_tokens == len(p) - 1 and b.output_ids == a.output_ids
-    assert engine.prefix_hits >= 1
+    assert engine.metrics.prefix_cache_hits >= 1
 
 
 def test_a_different_prompt_does_not_reuse_a_stale_cache(engine, rng):
@@ -191,3 +191,23 @@ def test_a_different_prompt_does_not_reuse_a_stale_cache(engine, rng):
     other = [p[0] + 1 if p[0] < 250 else 3] + p[1:]
     (b,) = run(engine, [engine.submit(other, GREEDY)])
     assert b.cached_tokens == 0
+
+
+def test_metrics_count_what_happened(engine, rng):
+    p = prompt(rng, 10)
+    reqs = run(
+        engine,
+        [
+            engine.submit(p, GREEDY),
+            engine.submit(prompt(rng, 7), SamplingParams(max_tokens=3, ignore_eos=True)),
+        ],
+    )
+    (again,) = run(engine, [engine.submit(p, GREEDY)])
+    m = engine.metrics
+    assert m.requests_submitted == 3 and m.requests_finished == {"length": 3}
+    assert m.prompt_tokens == 10 + 7 + 10 and m.cached_prompt_tokens == again.cached_tokens == 9
+    assert m.generated_tokens == 12 + 3 + 12 == sum(len(r.output_ids) for r in [*reqs, again])
+    assert m.ttft.n == 3 and m.itl.n == 11 + 2 + 11
+    assert engine.gauges() == {"queue_length": 0, "live_slots": 0, "max_slots": 3, "kv_cache_usage": 0.0}
+    snap = m.snapshot()
+    assert sum(snap["ttft"]["counts"]) == 3 and snap["prefix_cache_hits"] == 1
