@@ -32,7 +32,7 @@ import numpy as np
 
 from llama_jax.errors import ContextLengthError, InvalidRequestError, OverloadedError
 from llama_jax.metrics import EngineMetrics
-from llama_jax.runner import ModelRunner, unpack
+from llama_jax.runner import ModelRunner, unpack, unpack_top
 from llama_jax.sampling import SamplingParams, SlotSampling
 from llama_jax.stopping import StopMatcher
 from llama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -61,6 +61,17 @@ class Delta:
     logprobs: tuple[float, ...]
     finish_reason: str | None = None
     usage: Usage | None = None
+    # Per token, the `top_logprobs` most likely (id, logprob) pairs, when the request asked.
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """One sampled token as the host sees it."""
+
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass(eq=False)
@@ -234,16 +245,16 @@ class Engine:
         self.state, out = self.runner.prefill(self.state, np.asarray(chunk, np.int32), slot, start, row)
         req.prefilled += len(chunk)
         if req.prefilled == len(req.prompt_ids):
-            tokens, logprobs = unpack(out)
-            self._accept(req, int(tokens[0]), float(logprobs[0]))
+            self._accept(req, _token(np.asarray(out), 0, req.params.top_logprobs))
 
     def _process(self, out, decoding: list[tuple[int, Request]]) -> None:
-        tokens, logprobs = unpack(out)
+        out = np.asarray(out)
         for slot, req in decoding:
             if not req.finished:
-                self._accept(req, int(tokens[slot]), float(logprobs[slot]))
+                self._accept(req, _token(out, slot, req.params.top_logprobs))
 
-    def _accept(self, req: Request, token: int, logprob: float) -> None:
+    def _accept(self, req: Request, tok: Token) -> None:
+        token, logprob = tok.id, tok.logprob
         now = time.monotonic()
         (self.metrics.itl if req.output_ids else self.metrics.ttft).observe(now - req.last_event)
         req.last_event = now
@@ -252,33 +263,29 @@ class Engine:
         req.output_logprobs.append(logprob)
         p = req.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            self._finish(req, "stop", token=(token, logprob))
+            self._finish(req, "stop", token=tok)
             return
         text = req.stops.feed(req.detok.add(token))
         if req.stops.stopped:
-            self._emit(req, text, (token, logprob))
+            self._emit(req, text, tok)
             self._finish(req, "stop")
             return
         if (
             len(req.output_ids) >= p.max_tokens
             or len(req.prompt_ids) + len(req.output_ids) >= self.max_seq_len
         ):
-            self._emit(req, text, (token, logprob))
+            self._emit(req, text, tok)
             self._finish(req, "length")
             return
-        self._emit(req, text, (token, logprob))
+        self._emit(req, text, tok)
 
-    def _emit(
-        self, req: Request, text: str, token: tuple[int, float] | None, finish: str | None = None
-    ) -> None:
+    def _emit(self, req: Request, text: str, tok: Token | None, finish: str | None = None) -> None:
         req.text += text
-        ids, lps = ((token[0],), (token[1],)) if token else ((), ())
+        ids, lps, tops = ((tok.id,), (tok.logprob,), (tok.top,) if tok.top else ()) if tok else ((), (), ())
         usage = Usage(len(req.prompt_ids), len(req.output_ids), req.cached_tokens) if finish else None
-        req.deltas.append(Delta(text, ids, lps, finish, usage))
+        req.deltas.append(Delta(text, ids, lps, finish, usage, tops))
 
-    def _finish(
-        self, req: Request, reason: str, token: tuple[int, float] | None = None, emit: bool = True
-    ) -> None:
+    def _finish(self, req: Request, reason: str, token: Token | None = None, emit: bool = True) -> None:
         tail = ""
         if emit and not req.stops.stopped:
             tail = req.stops.feed(req.detok.flush()) + req.stops.flush()
@@ -303,3 +310,13 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def _token(out: np.ndarray, row: int, n_top: int) -> Token:
+    """Row `row` of a packed step output, with its `n_top` best alternatives."""
+    tokens, logprobs = unpack(out[row : row + 1])
+    top: tuple[tuple[int, float], ...] = ()
+    if n_top:
+        ids, lps = unpack_top(out[row : row + 1])
+        top = tuple(zip(ids[0, :n_top].tolist(), lps[0, :n_top].tolist(), strict=True))
+    return Token(int(tokens[0]), float(logprobs[0]), top)

@@ -12,7 +12,7 @@ so new requests never compile. Prefill writes straight into its slot (a fused pr
 with prefix reuse and chunked prefill, a chunk must attend over what the slot already holds),
 and the decode state is donated, so the cache is updated in place.
 
-Outputs are packed into one int32 array per call (`[B, 2]`: token, float32 logprob bits),
+Outputs are packed into one int32 array per call (token, logprob and the top-20 alternatives),
 so the host pays one transfer per step.
 """
 
@@ -29,7 +29,7 @@ from flax import nnx
 from llama_jax import cache as kv
 from llama_jax.cache import DecodeState
 from llama_jax.model import Llama
-from llama_jax.sampling import SamplingParams, SlotSampling, sample
+from llama_jax.sampling import SamplingParams, SlotSampling, sample, top_logprobs
 
 
 def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -49,13 +49,26 @@ def pick(buckets: tuple[int, ...], n: int) -> int:
     return buckets[i]
 
 
-def pack(tokens: jax.Array, logprobs: jax.Array) -> jax.Array:
-    return jnp.stack([tokens, jax.lax.bitcast_convert_type(logprobs.astype(jnp.float32), jnp.int32)], -1)
+def pack(tokens: jax.Array, logprobs: jax.Array, top: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """[B, 2 + 2K] int32: token, its logprob's bits, K top ids, K top logprobs' bits."""
+
+    def bits(x):
+        return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+
+    return jnp.concatenate([tokens[:, None], bits(logprobs)[:, None], top[0], bits(top[1])], -1)
 
 
 def unpack(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [B], logprobs [B]) from a packed step output."""
     out = np.asarray(out)
     return out[..., 0], out[..., 1].view(np.float32)
+
+
+def unpack_top(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(top ids [B, K], top logprobs [B, K]) from a packed step output."""
+    out = np.asarray(out)
+    k = (out.shape[-1] - 2) // 2
+    return out[..., 2 : 2 + k], np.ascontiguousarray(out[..., 2 + k :]).view(np.float32)
 
 
 class ModelRunner:
@@ -108,7 +121,8 @@ class ModelRunner:
             h, nk, nv = model.hidden(tokens, positions)
         last = jax.lax.dynamic_index_in_dim(h[0], true_len - 1, keepdims=True)  # [1, D]
         end = start + true_len
-        token, logprob = sample(model.logits(last), row, end[None])
+        logits = model.logits(last)
+        token, logprob = sample(logits, row, end[None])
         sampling = jax.tree.map(lambda all_, r: all_.at[slot].set(r[0]), state.sampling, row)
         new_state = DecodeState(
             k=kv.write_chunk(state.k, nk, slot, start),
@@ -117,14 +131,15 @@ class ModelRunner:
             tokens=state.tokens.at[slot].set(token[0]),
             sampling=sampling,
         )
-        return new_state, pack(token, logprob)
+        return new_state, pack(token, logprob, top_logprobs(logits, row))
 
     def _decode_impl(self, leaves, state: DecodeState, active, *, context):
         """One token for every slot; inactive slots compute but write and advance nothing."""
         model = self._model(leaves)
         lengths = state.lengths
         h, nk, nv = model.hidden(state.tokens[:, None], lengths[:, None], state.k, state.v, lengths, context)
-        token, logprob = sample(model.logits(h[:, 0]), state.sampling, lengths + 1)
+        logits = model.logits(h[:, 0])
+        token, logprob = sample(logits, state.sampling, lengths + 1)
         write_at = jnp.where(active, lengths, state.max_seq_len)
         new_state = DecodeState(
             k=kv.write_step(state.k, nk, write_at),
@@ -133,7 +148,7 @@ class ModelRunner:
             tokens=jnp.where(active, token, state.tokens),
             sampling=state.sampling,
         )
-        return new_state, pack(token, logprob)
+        return new_state, pack(token, logprob, top_logprobs(logits, state.sampling))
 
     def _embed_impl(self, leaves, tokens, lengths):
         """Mean of final hidden states over each row's first lengths[b] tokens, L2-normalized."""

@@ -28,6 +28,8 @@ from llama_jax.errors import InvalidRequestError
 CANDIDATES = 64  # logits examined for top-k / top-p before falling back to bisection
 BLOCK = 256  # tokens per block in the two-level inverse-CDF draw
 _BISECT_STEPS = 32
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+_LOGPROB_FLOOR = -9999.0  # JSON has no -inf: OpenAI-style servers report this instead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,7 @@ class SamplingParams:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    top_logprobs: int = 0  # alternatives reported per token, 0..20
 
     def __post_init__(self):
         def bad(param, msg):
@@ -58,6 +61,8 @@ class SamplingParams:
             bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if self.max_tokens < 1:
             bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            bad("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             bad("seed", "must fit in 64 bits")
         if isinstance(self.stop, str):
@@ -76,6 +81,7 @@ class SlotSampling:
     top_p: jax.Array
     min_p: jax.Array
     key: jax.Array
+    top_logprobs: jax.Array
 
     @classmethod
     def zeros(cls, batch: int) -> SlotSampling:
@@ -85,6 +91,7 @@ class SlotSampling:
             top_p=jnp.ones((batch,), jnp.float32),
             min_p=jnp.zeros((batch,), jnp.float32),
             key=jnp.zeros((batch, 2), jnp.uint32),
+            top_logprobs=jnp.zeros((batch,), jnp.int32),
         )
 
     @classmethod
@@ -96,6 +103,7 @@ class SlotSampling:
             top_p=np.asarray([p.top_p for p in params], np.float32),
             min_p=np.asarray([p.min_p for p in params], np.float32),
             key=np.stack([seed_key(s) for s in seeds]),
+            top_logprobs=np.asarray([p.top_logprobs for p in params], np.int32),
         )
 
 
@@ -151,7 +159,24 @@ def sample(logits: jax.Array, s: SlotSampling, positions: jax.Array) -> tuple[ja
     )
     lse = jax.nn.logsumexp(logits, axis=-1)
     logprob = jnp.take_along_axis(logits, tokens[:, None], -1)[:, 0] - lse
-    return tokens, logprob
+    return tokens, jnp.maximum(logprob, _LOGPROB_FLOOR)
+
+
+def top_logprobs(logits: jax.Array, s: SlotSampling) -> tuple[jax.Array, jax.Array]:
+    """The `MAX_TOP_LOGPROBS` most likely tokens and their log-probabilities under the raw
+    logits, [B, 20] each; computed only when some row asks (`lax.cond`), zeros otherwise."""
+    B, V = logits.shape
+    k = min(MAX_TOP_LOGPROBS, V)
+
+    def compute():
+        vals, ids = jax.lax.top_k(logits, k)
+        lps = vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        return ids.astype(jnp.int32), jnp.maximum(lps, _LOGPROB_FLOOR)
+
+    def skip():
+        return jnp.zeros((B, k), jnp.int32), jnp.zeros((B, k), jnp.float32)
+
+    return jax.lax.cond(jnp.any(s.top_logprobs > 0), compute, skip)
 
 
 def _sample_rows(logits: jax.Array, s: SlotSampling, positions: jax.Array) -> jax.Array:

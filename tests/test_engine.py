@@ -135,6 +135,7 @@ def test_steady_state_has_no_compiles(engine, rng):
                 seed=int(rng.integers(0, 2**40)),
                 max_tokens=int(rng.integers(1, 20)),
                 stop=["ab"] if i % 3 == 0 else (),
+                top_logprobs=int(rng.choice([0, 0, 3, 20])),
                 ignore_eos=bool(i % 2),
             )
         )
@@ -211,3 +212,28 @@ def test_metrics_count_what_happened(engine, rng):
     assert engine.gauges() == {"queue_length": 0, "live_slots": 0, "max_slots": 3, "kv_cache_usage": 0.0}
     snap = m.snapshot()
     assert sum(snap["ttft"]["counts"]) == 3 and snap["prefix_cache_hits"] == 1
+
+
+def test_top_logprobs_are_the_most_likely_tokens_in_order(engine, parts, rng):
+    p = prompt(rng, 9)
+    (r,) = run(
+        engine,
+        [engine.submit(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, top_logprobs=5))],
+    )
+    (plain,) = run(engine, [engine.submit(p, GREEDY)])
+    tokens = [d for d in r.deltas if d.token_ids]
+    assert all(len(d.top_logprobs) == 1 and len(d.top_logprobs[0]) == 5 for d in tokens)
+    assert all(d.top_logprobs == () for d in plain.deltas)
+    runner, _ = parts
+    import jax
+    import jax.numpy as jnp
+
+    model = runner._model(runner._leaves)
+    ids = jnp.asarray([p + r.output_ids[:-1]], jnp.int32)
+    h, _, _ = model.hidden(ids, jnp.arange(ids.shape[1])[None])
+    ref = np.asarray(jax.nn.log_softmax(model.logits(h[0]), -1))[len(p) - 1 :]
+    for i, d in enumerate(tokens):
+        top = d.top_logprobs[0]
+        assert [t for t, _ in top] == np.argsort(-ref[i])[:5].tolist()
+        np.testing.assert_allclose([lp for _, lp in top], np.sort(ref[i])[::-1][:5], atol=1e-4)
+        assert top[0][0] == d.token_ids[0] and top[0][1] == pytest.approx(d.logprobs[0], abs=1e-6)

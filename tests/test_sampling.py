@@ -115,6 +115,7 @@ def test_seeded_row_does_not_depend_on_its_neighbours(rng):
         ({"min_p": 1.2}, "min_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": [""]}, "stop"),
+        ({"top_logprobs": 21}, "top_logprobs"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_parameter_named(kwargs, param):
