@@ -25,6 +25,8 @@ class DecodeState:
     v: jax.Array  # [L, B, S, K, H]
     lengths: jax.Array  # int32 [B]
     tokens: jax.Array  # int32 [B]: last sampled token, the next decode step's input
+    history: jax.Array  # int32 [B, S]: the token id at each position (for penalties)
+    prompt_len: jax.Array  # int32 [B]: where each slot's generated tokens start
     sampling: SlotSampling
 
     @property
@@ -39,6 +41,8 @@ def init_state(cfg: LlamaConfig, max_slots: int, max_seq_len: int, dtype=jnp.flo
         v=jnp.zeros(shape, dtype),
         lengths=jnp.zeros((max_slots,), jnp.int32),
         tokens=jnp.zeros((max_slots,), jnp.int32),
+        history=jnp.zeros((max_slots, max_seq_len), jnp.int32),
+        prompt_len=jnp.zeros((max_slots,), jnp.int32),
         sampling=SlotSampling.zeros(max_slots),
     )
 

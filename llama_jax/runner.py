@@ -29,7 +29,7 @@ from flax import nnx
 from llama_jax import cache as kv
 from llama_jax.cache import DecodeState
 from llama_jax.model import Llama
-from llama_jax.sampling import SamplingParams, SlotSampling, sample, top_logprobs
+from llama_jax.sampling import SamplingParams, SlotSampling, adjust_logits, sample, top_logprobs
 
 
 def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -121,7 +121,10 @@ class ModelRunner:
             h, nk, nv = model.hidden(tokens, positions)
         last = jax.lax.dynamic_index_in_dim(h[0], true_len - 1, keepdims=True)  # [1, D]
         end = start + true_len
+        history = state.history.at[slot, start + jnp.arange(T)].set(tokens[0], mode="drop")
         logits = model.logits(last)
+        row_history = jax.lax.dynamic_index_in_dim(history, slot, keepdims=True)
+        logits = adjust_logits(logits, row, row_history, end[None], end[None])
         token, logprob = sample(logits, row, end[None])
         sampling = jax.tree.map(lambda all_, r: all_.at[slot].set(r[0]), state.sampling, row)
         new_state = DecodeState(
@@ -129,6 +132,8 @@ class ModelRunner:
             v=kv.write_chunk(state.v, nv, slot, start),
             lengths=state.lengths.at[slot].set(end),
             tokens=state.tokens.at[slot].set(token[0]),
+            history=history,
+            prompt_len=state.prompt_len.at[slot].set(end),
             sampling=sampling,
         )
         return new_state, pack(token, logprob, top_logprobs(logits, row))
@@ -139,13 +144,17 @@ class ModelRunner:
         lengths = state.lengths
         h, nk, nv = model.hidden(state.tokens[:, None], lengths[:, None], state.k, state.v, lengths, context)
         logits = model.logits(h[:, 0])
-        token, logprob = sample(logits, state.sampling, lengths + 1)
         write_at = jnp.where(active, lengths, state.max_seq_len)
+        history = state.history.at[jnp.arange(lengths.shape[0]), write_at].set(state.tokens, mode="drop")
+        logits = adjust_logits(logits, state.sampling, history, state.prompt_len, lengths + 1)
+        token, logprob = sample(logits, state.sampling, lengths + 1)
         new_state = DecodeState(
             k=kv.write_step(state.k, nk, write_at),
             v=kv.write_step(state.v, nv, write_at),
             lengths=lengths + active.astype(jnp.int32),
             tokens=jnp.where(active, token, state.tokens),
+            history=history,
+            prompt_len=state.prompt_len,
             sampling=state.sampling,
         )
         return new_state, pack(token, logprob, top_logprobs(logits, state.sampling))

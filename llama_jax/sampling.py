@@ -17,7 +17,7 @@ a seed gets the same tokens whatever else shares the batch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ CANDIDATES = 64  # logits examined for top-k / top-p before falling back to bise
 BLOCK = 256  # tokens per block in the two-level inverse-CDF draw
 _BISECT_STEPS = 32
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+MAX_LOGIT_BIAS = 300  # entries of logit_bias per request
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf: OpenAI-style servers report this instead
 
 
@@ -46,6 +47,10 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     top_logprobs: int = 0  # alternatives reported per token, 0..20
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from tokens already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated text
+    repetition_penalty: float = 1.0  # HF/llama.cpp: divides (or multiplies) logits of prompt+output tokens
+    logit_bias: Mapping[int, float] = dataclasses.field(default_factory=dict)  # token id -> added bias
 
     def __post_init__(self):
         def bad(param, msg):
@@ -61,6 +66,18 @@ class SamplingParams:
             bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if self.max_tokens < 1:
             bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                bad(name, f"must be between -2 and 2, got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            bad("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
+        for tok, bias in self.logit_bias.items():
+            if not isinstance(tok, int) or tok < 0:
+                bad("logit_bias", f"keys must be token ids (non-negative integers), got {tok!r}")
+            if not -100.0 <= bias <= 100.0:
+                bad("logit_bias", f"values must be between -100 and 100, got {bias}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             bad("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
@@ -82,6 +99,11 @@ class SlotSampling:
     min_p: jax.Array
     key: jax.Array
     top_logprobs: jax.Array
+    presence: jax.Array
+    frequency: jax.Array
+    repetition: jax.Array
+    bias_ids: jax.Array  # [B, MAX_LOGIT_BIAS], unused entries hold a huge id (dropped)
+    bias_values: jax.Array  # [B, MAX_LOGIT_BIAS]
 
     @classmethod
     def zeros(cls, batch: int) -> SlotSampling:
@@ -92,6 +114,11 @@ class SlotSampling:
             min_p=jnp.zeros((batch,), jnp.float32),
             key=jnp.zeros((batch, 2), jnp.uint32),
             top_logprobs=jnp.zeros((batch,), jnp.int32),
+            presence=jnp.zeros((batch,), jnp.float32),
+            frequency=jnp.zeros((batch,), jnp.float32),
+            repetition=jnp.ones((batch,), jnp.float32),
+            bias_ids=jnp.full((batch, MAX_LOGIT_BIAS), _NO_TOKEN, jnp.int32),
+            bias_values=jnp.zeros((batch, MAX_LOGIT_BIAS), jnp.float32),
         )
 
     @classmethod
@@ -104,7 +131,50 @@ class SlotSampling:
             min_p=np.asarray([p.min_p for p in params], np.float32),
             key=np.stack([seed_key(s) for s in seeds]),
             top_logprobs=np.asarray([p.top_logprobs for p in params], np.int32),
+            presence=np.asarray([p.presence_penalty for p in params], np.float32),
+            frequency=np.asarray([p.frequency_penalty for p in params], np.float32),
+            repetition=np.asarray([p.repetition_penalty for p in params], np.float32),
+            bias_ids=np.asarray([_padded(list(p.logit_bias), _NO_TOKEN) for p in params], np.int32),
+            bias_values=np.asarray([_padded(list(p.logit_bias.values()), 0.0) for p in params], np.float32),
         )
+
+
+_NO_TOKEN = 2**30  # an id past any vocabulary: scatters drop it
+
+
+def _padded(values: list, fill) -> list:
+    return values + [fill] * (MAX_LOGIT_BIAS - len(values))
+
+
+def adjust_logits(
+    logits: jax.Array, s: SlotSampling, history: jax.Array, start: jax.Array, end: jax.Array
+) -> jax.Array:
+    """Logit bias and penalties, before sampling (skipped by `lax.cond` when no row uses them).
+
+    history [B, S]: token ids by position; positions [0, end) are the sequence so far, of which
+    [start, end) were generated. presence/frequency count generated tokens (OpenAI);
+    repetition covers prompt and output (HF, llama.cpp): positive logits are divided by it,
+    negative ones multiplied. Bias ids outside the vocabulary are ignored.
+    """
+    B, V = logits.shape
+    rows = jnp.arange(B)[:, None]
+    biased = logits.at[rows, s.bias_ids].add(s.bias_values, mode="drop")
+    logits = jax.lax.cond(jnp.any(s.bias_values != 0), lambda: biased, lambda: logits)
+
+    def penalize():
+        pos = jnp.arange(history.shape[1])[None, :]
+        in_seq = pos < end[:, None]
+        generated = in_seq & (pos >= start[:, None])
+        counts = (
+            jnp.zeros((B, V), jnp.float32).at[rows, history].add(generated.astype(jnp.float32), mode="drop")
+        )
+        seen = jnp.zeros((B, V), bool).at[rows, history].max(in_seq, mode="drop")
+        x = logits - s.presence[:, None] * (counts > 0) - s.frequency[:, None] * counts
+        rep = s.repetition[:, None]
+        return jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
+
+    on = (s.presence != 0) | (s.frequency != 0) | (s.repetition != 1)
+    return jax.lax.cond(jnp.any(on), penalize, lambda: logits)
 
 
 def seed_key(seed: int) -> np.ndarray:

@@ -136,6 +136,9 @@ def test_steady_state_has_no_compiles(engine, rng):
                 max_tokens=int(rng.integers(1, 20)),
                 stop=["ab"] if i % 3 == 0 else (),
                 top_logprobs=int(rng.choice([0, 0, 3, 20])),
+                presence_penalty=float(rng.choice([0.0, 0.5])),
+                repetition_penalty=float(rng.choice([1.0, 1.2])),
+                logit_bias={int(rng.integers(3, 250)): 5.0} if i % 4 == 0 else {},
                 ignore_eos=bool(i % 2),
             )
         )
@@ -237,3 +240,46 @@ def test_top_logprobs_are_the_most_likely_tokens_in_order(engine, parts, rng):
         assert [t for t, _ in top] == np.argsort(-ref[i])[:5].tolist()
         np.testing.assert_allclose([lp for _, lp in top], np.sort(ref[i])[::-1][:5], atol=1e-4)
         assert top[0][0] == d.token_ids[0] and top[0][1] == pytest.approx(d.logprobs[0], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.8),
+        SamplingParams(
+            temperature=0, max_tokens=6, ignore_eos=True, presence_penalty=1.5, frequency_penalty=1.0
+        ),
+    ],
+)
+def test_penalties_see_the_prompt_and_every_generated_token(engine, parts, rng, params):
+    """Each greedy token equals argmax of a numpy-penalized full forward pass over the
+    sequence so far: the device-side token history is right in prefill and decode."""
+    import jax.numpy as jnp
+    from test_sampling import reference_adjust
+
+    p = rng.integers(3, 30, 12).tolist()  # a small alphabet: the prompt repeats itself
+    (r,) = run(engine, [engine.submit(p, params)])
+    runner, _ = parts
+    model = runner._model(runner._leaves)
+    seq = p + r.output_ids
+    h, _, _ = model.hidden(jnp.asarray([seq[:-1]], jnp.int32), jnp.arange(len(seq) - 1)[None])
+    logits = np.asarray(model.logits(h[0]))
+    for i, tok in enumerate(r.output_ids):
+        end = len(p) + i
+        want = reference_adjust(logits[end - 1], params, np.asarray(seq), len(p), end)
+        assert tok == int(np.argmax(want)), f"token {i}"
+
+
+def test_logit_bias_bans_a_token_through_the_engine(engine, rng):
+    p = prompt(rng, 8)
+    (free,) = run(engine, [engine.submit(p, GREEDY)])
+    banned = free.output_ids[0]
+    (r,) = run(
+        engine,
+        [
+            engine.submit(
+                p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={banned: -100.0})
+            )
+        ],
+    )
+    assert banned not in r.output_ids

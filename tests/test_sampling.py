@@ -122,3 +122,79 @@ def test_invalid_values_are_rejected_with_the_parameter_named(kwargs, param):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kwargs)
     assert e.value.param == param
+
+
+def reference_adjust(logits, params, history, start, end):
+    """Plain numpy: bias, then OpenAI presence/frequency on generated tokens, then
+    HF/llama.cpp repetition over the whole sequence."""
+    x = logits.astype(np.float64).copy()
+    for tok, b in params.logit_bias.items():
+        if tok < len(x):
+            x[tok] += b
+    gen = history[start:end]
+    for tok in set(gen.tolist()):
+        x[tok] -= params.presence_penalty + params.frequency_penalty * int((gen == tok).sum())
+    for tok in set(history[:end].tolist()):
+        x[tok] = x[tok] / params.repetition_penalty if x[tok] > 0 else x[tok] * params.repetition_penalty
+    return x
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(presence_penalty=1.5),
+        SamplingParams(frequency_penalty=0.7),
+        SamplingParams(presence_penalty=-0.5, frequency_penalty=2.0, repetition_penalty=1.3),
+        SamplingParams(repetition_penalty=0.8, logit_bias={3: 5.0, 7: -100.0, 10**6: 1.0}),
+        SamplingParams(),
+    ],
+)
+def test_penalties_and_bias_match_a_numpy_reference(rng, params):
+    from llama_jax.sampling import adjust_logits
+
+    V, S = 40, 16
+    logits = rng.standard_normal((2, V)).astype(np.float32) * 3
+    history = rng.integers(0, 12, (2, S)).astype(np.int32)  # repeats, so counts exceed 1
+    start, end = np.array([5, 2], np.int32), np.array([12, 16], np.int32)
+    s = jax.tree.map(jnp.asarray, SlotSampling.from_params([params, params], [0, 1]))
+    got = np.asarray(jax.jit(adjust_logits)(jnp.asarray(logits), s, jnp.asarray(history), start, end))
+    for b in range(2):
+        np.testing.assert_allclose(
+            got[b], reference_adjust(logits[b], params, history[b], start[b], end[b]), atol=1e-4
+        )
+
+
+def test_a_large_negative_bias_bans_a_token_and_a_positive_one_forces_it():
+    probs = np.array([0.5, 0.3, 0.2])
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))[None]
+    from llama_jax.sampling import adjust_logits
+
+    s = jax.tree.map(
+        jnp.asarray, SlotSampling.from_params([SamplingParams(temperature=0, logit_bias={2: 100.0})], [0])
+    )
+    adjusted = adjust_logits(
+        logits, s, jnp.zeros((1, 4), jnp.int32), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32)
+    )
+    assert int(sample(adjusted, s, jnp.zeros(1, jnp.int32))[0][0]) == 2
+    ban = jax.tree.map(jnp.asarray, SlotSampling.from_params([SamplingParams(logit_bias={0: -100.0})], [0]))
+    banned = adjust_logits(
+        logits, ban, jnp.zeros((1, 4), jnp.int32), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32)
+    )
+    assert float(jax.nn.softmax(banned)[0, 0]) < 1e-40
+
+
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"logit_bias": {5: 101.0}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {i: 1.0 for i in range(301)}}, "logit_bias"),
+    ],
+)
+def test_invalid_penalties_and_bias_are_rejected(kwargs, param):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.param == param
