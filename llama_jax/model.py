@@ -90,11 +90,14 @@ class Blocks(nnx.Module):
         self.w_gate_up = nnx.Param(init(rngs.params(), (L, D, 2, F), dtype))
         self.w_down = nnx.Param(init(rngs.params(), (L, F, D), dtype))
 
-    def __call__(self, cfg: LlamaConfig, x, positions, inv_freq, k_cache, v_cache, ctx_len, context=None):
+    def __call__(
+        self, cfg: LlamaConfig, x, positions, inv_freq, k_cache, v_cache, ctx_len, context=None, rows=None
+    ):
         """x [B,T,D] -> (x [B,T,D], new_k [L,B,T,K,H], new_v [L,B,T,K,H]).
 
-        With `context` (static), only the first `context` cache positions are attended to; the
-        slice is taken per layer inside the scan, so the whole-cache view is never copied.
+        With `context` (static), only the first `context` cache positions are attended to, and
+        with `rows` (static) only the first `rows` slots; the slices are taken per layer inside
+        the scan, so the whole-cache view is never copied.
         """
         G = cfg.group
         weights = {
@@ -112,7 +115,7 @@ class Blocks(nnx.Module):
         def layer(x, xs):
             w, k_ctx, v_ctx = xs
             if context is not None and k_ctx is not None:
-                k_ctx, v_ctx = k_ctx[:, :context], v_ctx[:, :context]
+                k_ctx, v_ctx = k_ctx[:rows, :context], v_ctx[:rows, :context]
             h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
             qkv = dense(h, w["wqkv"], "BTD,DKXH->BTKXH")
             if "bqkv" in w:
@@ -148,18 +151,19 @@ class Llama(nnx.Module):
         )
         self.inv_freq = Buffer(jnp.asarray(rope_frequencies(cfg), jnp.float32))
 
-    def hidden(self, tokens, positions, k_cache=None, v_cache=None, ctx_len=None, context=None):
+    def hidden(self, tokens, positions, k_cache=None, v_cache=None, ctx_len=None, context=None, rows=None):
         """Final-norm hidden states [B,T,D] and the chunk's K/V rows [L,B,T,K,H] each.
 
         tokens, positions: [B,T]; k_cache, v_cache: [L,B,C,K,H] views (or None when the chunk
         starts at position 0); ctx_len [B]: valid cached positions; context (static): attend
-        over only the first `context` positions of the cache views.
+        over only the first `context` positions of the cache views; rows (static): the batch is
+        the cache views' first `rows` slots.
         """
         x = embed_lookup(self.embed.get_value(), tokens).astype(self.dtype)
         if ctx_len is None:
             ctx_len = jnp.zeros(tokens.shape[:1], jnp.int32)
         x, new_k, new_v = self.blocks(
-            self.cfg, x, positions, self.inv_freq.get_value(), k_cache, v_cache, ctx_len, context
+            self.cfg, x, positions, self.inv_freq.get_value(), k_cache, v_cache, ctx_len, context, rows
         )
         return rms_norm(x, self.norm.get_value(), self.cfg.norm_eps), new_k, new_v
 

@@ -91,11 +91,14 @@ class ModelRunner:
             min(min_prefill_bucket, max_prefill_chunk), min(max_prefill_chunk, max_seq_len)
         )
         self.context_buckets = pow2_buckets(min(min_context_bucket, max_seq_len), max_seq_len)
+        self.batch_buckets = pow2_buckets(1, max_slots)
         # Flatten the NNX state once: per-call traversal of Variables costs milliseconds.
         self._graphdef, state = nnx.split(model)
         self._leaves, self._treedef = jax.tree.flatten(state)
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("context",), donate_argnames=("state",))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("context",), donate_argnames=("state",))
+        self._decode = jax.jit(
+            self._decode_impl, static_argnames=("context", "batch"), donate_argnames=("state",)
+        )
         self._embed = jax.jit(self._embed_impl)
 
     def _model(self, leaves) -> Llama:
@@ -138,26 +141,29 @@ class ModelRunner:
         )
         return new_state, pack(token, logprob, top_logprobs(logits, row))
 
-    def _decode_impl(self, leaves, state: DecodeState, active, *, context):
-        """One token for every slot; inactive slots compute but write and advance nothing."""
+    def _decode_impl(self, leaves, state: DecodeState, active, *, context, batch):
+        """One token for each of the first `batch` slots (static: a power-of-two bucket, so a
+        lone stream does not pay for every slot); inactive ones compute but change nothing."""
         model = self._model(leaves)
-        lengths = state.lengths
-        h, nk, nv = model.hidden(state.tokens[:, None], lengths[:, None], state.k, state.v, lengths, context)
+        b = batch
+        active, lengths, tokens = active[:b], state.lengths[:b], state.tokens[:b]
+        sampling = jax.tree.map(lambda a: a[:b], state.sampling)
+        h, nk, nv = model.hidden(tokens[:, None], lengths[:, None], state.k, state.v, lengths, context, b)
         logits = model.logits(h[:, 0])
         write_at = jnp.where(active, lengths, state.max_seq_len)
-        history = state.history.at[jnp.arange(lengths.shape[0]), write_at].set(state.tokens, mode="drop")
-        logits = adjust_logits(logits, state.sampling, history, state.prompt_len, lengths + 1)
-        token, logprob = sample(logits, state.sampling, lengths + 1)
+        history = state.history.at[jnp.arange(b), write_at].set(tokens, mode="drop")
+        logits = adjust_logits(logits, sampling, history[:b], state.prompt_len[:b], lengths + 1)
+        token, logprob = sample(logits, sampling, lengths + 1)
         new_state = DecodeState(
             k=kv.write_step(state.k, nk, write_at),
             v=kv.write_step(state.v, nv, write_at),
-            lengths=lengths + active.astype(jnp.int32),
-            tokens=jnp.where(active, token, state.tokens),
+            lengths=state.lengths.at[:b].add(active.astype(jnp.int32)),
+            tokens=state.tokens.at[:b].set(jnp.where(active, token, tokens)),
             history=history,
             prompt_len=state.prompt_len,
             sampling=state.sampling,
         )
-        return new_state, pack(token, logprob, top_logprobs(logits, state.sampling))
+        return new_state, pack(token, logprob, top_logprobs(logits, sampling))
 
     def _embed_impl(self, leaves, tokens, lengths):
         """Mean of final hidden states over each row's first lengths[b] tokens, L2-normalized."""
@@ -191,9 +197,12 @@ class ModelRunner:
     def decode(
         self, state: DecodeState, active: np.ndarray, max_length: int
     ) -> tuple[DecodeState, jax.Array]:
-        """One decode step; `max_length` bounds the valid positions of every active slot."""
+        """One decode step; `max_length` bounds the valid positions of every active slot. The
+        output has a row for each slot up to the highest active one (rounded up to a bucket)."""
+        active = np.asarray(active, bool)
         context = pick(self.context_buckets, max(max_length, 1))
-        return self._decode(self._leaves, state, np.asarray(active, bool), context=context)
+        batch = pick(self.batch_buckets, int(np.flatnonzero(active).max(initial=0)) + 1)
+        return self._decode(self._leaves, state, active, context=context, batch=batch)
 
     def embed(self, rows: list[list[int]], max_batch: int = 16) -> np.ndarray:
         """Embeddings [len(rows), D] (float32, L2-normalized), batched by padded length."""
@@ -219,7 +228,7 @@ class ModelRunner:
         """Every (function, T, C) the engine can call. A chunk may start anywhere (after a
         reused prefix), so prefill meets every context bucket."""
         shapes = [("prefill", t, c) for c in (0, *self.context_buckets) for t in self.prefill_buckets]
-        return shapes + [("decode", 1, c) for c in self.context_buckets]
+        return shapes + [("decode", b, c) for b in self.batch_buckets for c in self.context_buckets]
 
     def warmup(self, state: DecodeState, progress: bool = False) -> DecodeState:
         """Compile (or load from the persistent cache) every step the engine can call."""
@@ -237,6 +246,6 @@ class ModelRunner:
                     self._leaves, state, tokens, np.int32(0), np.int32(c), np.int32(1), row, context=c
                 )
             else:
-                state, out = self._decode(self._leaves, state, active, context=c)
+                state, out = self._decode(self._leaves, state, active, context=c, batch=t)
             out.block_until_ready()
         return state

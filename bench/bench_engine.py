@@ -1,0 +1,87 @@
+"""Engine benchmark through the async API: concurrent streams of generated tokens.
+
+    python bench/bench_engine.py [--model M] [--quantize int8] [--streams 1,4,16] [--tokens 128]
+
+For each concurrency level, that many asyncio tasks each stream one request of `--tokens`
+tokens (ignore_eos, temperature 0.7) at the same time; the table reports aggregate tokens/s,
+time to first token and inter-token latency percentiles. The engine is warmed up first, so
+no compile is timed. Not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import numpy as np
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator works to a ten year old.",
+    "List some good habits for writing maintainable Python code, with a sentence on each.",
+    "Describe the water cycle in detail.",
+]
+
+
+async def one(gen, prompt, sampling):
+    t0 = time.perf_counter()
+    stamps = []
+    async for d in gen.astream(prompt, sampling):
+        if d.token_ids:
+            stamps.append(time.perf_counter())
+    return t0, stamps
+
+
+async def level(gen, n, sampling):
+    prompts = [gen.encode_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(n)]
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(gen, p, sampling) for p in prompts))
+    wall = time.perf_counter() - t0
+    ttft = [s[0] - t for t, s in results]
+    itl = [b - a for _, s in results for a, b in zip(s, s[1:], strict=False)]
+    tokens = sum(len(s) for _, s in results)
+    return {
+        "streams": n,
+        "tok_s": tokens / wall,
+        "ttft_p50": np.percentile(ttft, 50),
+        "ttft_p99": np.percentile(ttft, 99),
+        "itl_p50": np.percentile(itl, 50),
+        "itl_p99": np.percentile(itl, 99),
+        "tokens": tokens,
+    }
+
+
+def main() -> None:
+    from llama_jax import Generator, SamplingParams
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--quantize", default=None)
+    ap.add_argument("--streams", default="1,4,16")
+    ap.add_argument("--tokens", type=int, default=128)
+    args = ap.parse_args()
+    levels = [int(x) for x in args.streams.split(",")]
+    gen = Generator.from_pretrained(
+        args.model, quantize=args.quantize, max_slots=max(levels), max_seq_len=512
+    )
+    t = time.perf_counter()
+    gen.warmup(progress=False)
+    print(
+        f"model={gen.loaded.name} quantize={args.quantize or 'none'} slots={max(levels)} warmup={time.perf_counter() - t:.1f}s"
+    )
+    sampling = SamplingParams(temperature=0.7, max_tokens=args.tokens, ignore_eos=True, seed=0)
+    asyncio.run(level(gen, 1, SamplingParams(max_tokens=8, ignore_eos=True)))  # first-call effects
+    print("| streams | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for n in levels:
+        r = asyncio.run(level(gen, n, sampling))
+        print(
+            f"| {n} | {r['tok_s']:.1f} | {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p99'] * 1e3:.0f} | "
+            f"{r['itl_p50'] * 1e3:.0f} | {r['itl_p99'] * 1e3:.0f} |"
+        )
+    gen.close()
+
+
+if __name__ == "__main__":
+    main()
