@@ -30,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
+	$(BIN)/python bench/bench_engine.py
 
 # Golden reference data from Hugging Face transformers (the `reference` extra, own venv).
 golden:
