@@ -88,6 +88,7 @@ class Request:
     slot: int | None = None
     prefilled: int = 0
     cached_tokens: int = 0
+    leader: Request | None = None  # n > 1: the sibling whose prefill this request copies
     last_event: float = dataclasses.field(default_factory=time.monotonic)  # submit, then each token
     detok: IncrementalDetokenizer | None = None
     stops: StopMatcher | None = None
@@ -219,14 +220,39 @@ class Engine:
         if previous is not None:
             self._process(*previous)
 
+    def make_group(
+        self, prompt_ids: Sequence[int], params: SamplingParams, n: int, request_id: str | None = None
+    ) -> list[Request]:
+        """`n` samples of one prompt (OpenAI's `n`): the first is prefilled, the others copy its
+        cache and prefill only the last prompt token. With a seed, sample i uses seed + i."""
+        if n < 1:
+            raise InvalidRequestError(f"n must be >= 1, got {n}", param="n")
+        first = self.make_request(prompt_ids, params, request_id)
+        group = [first]
+        for i in range(1, n):
+            seed = None if params.seed is None else params.seed + i
+            req = self.make_request(prompt_ids, dataclasses.replace(params, seed=seed), f"{first.id}-{i}")
+            req.leader = first
+            group.append(req)
+        return group
+
     def _admit(self) -> None:
         """Give waiting requests free slots, preferring the slot whose cache shares the longest
-        prefix with the prompt; that prefix is reused and only the rest is prefilled."""
+        prefix with the prompt; that prefix is reused and only the rest is prefilled. A sample
+        of a group waits until its leader's prompt is in the cache, then copies it."""
+        deferred = []
         while self.waiting and None in self.slots:
             req = self.waiting.popleft()
+            leader = req.leader
+            if leader is not None and not leader.finished and leader.prefilled < len(leader.prompt_ids):
+                deferred.append(req)
+                continue
             free = [s for s, r in enumerate(self.slots) if r is None]
             slot, reuse = free[0], 0
-            if self.prefix_cache:
+            if leader is not None and leader.slot is not None and leader.prefilled == len(leader.prompt_ids):
+                self.state = self.runner.copy_slot(self.state, leader.slot, slot)
+                reuse = len(req.prompt_ids) - 1
+            elif self.prefix_cache:
                 slot = max(free, key=lambda s: _common_prefix(self.slot_tokens[s], req.prompt_ids))
                 # At least the last prompt token is prefilled: its logits give the first sample.
                 reuse = min(_common_prefix(self.slot_tokens[slot], req.prompt_ids), len(req.prompt_ids) - 1)
@@ -237,6 +263,7 @@ class Engine:
             if reuse:
                 self.metrics.prefix_cache_hits += 1
                 self.metrics.cached_prompt_tokens += reuse
+        self.waiting.extendleft(reversed(deferred))
 
     def _prefill_chunk(self, slot: int, req: Request) -> None:
         start = req.prefilled

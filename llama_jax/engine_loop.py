@@ -82,6 +82,25 @@ class EngineLoop:
             self._inbox.put(("submit", req, sink))
         return req
 
+    def submit_group(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        sinks: Sequence[Sink],
+        request_id: str | None = None,
+    ) -> list[Request]:
+        """`len(sinks)` samples of one prompt sharing one prefill (OpenAI's `n`), posted together."""
+        self._check_alive()
+        group = self.engine.make_group(prompt_ids, params, len(sinks), request_id)
+        with self._lock:
+            self._check_alive()
+            if self._posted + len(self.engine.waiting) + len(group) > self.engine.max_queue:
+                raise OverloadedError(f"the waiting queue is full ({self.engine.max_queue} requests)")
+            self._posted += len(group)
+            for req, sink in zip(group, sinks, strict=True):
+                self._inbox.put(("submit", req, sink))
+        return group
+
     def cancel(self, req: Request) -> None:
         if not req.finished:
             self._inbox.put(("cancel", req))

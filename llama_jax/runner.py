@@ -19,6 +19,7 @@ so the host pays one transfer per step.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 
 import jax
@@ -100,6 +101,7 @@ class ModelRunner:
             self._decode_impl, static_argnames=("context", "batch"), donate_argnames=("state",)
         )
         self._embed = jax.jit(self._embed_impl)
+        self._copy_slot = jax.jit(self._copy_slot_impl, donate_argnames=("state",))
 
     def _model(self, leaves) -> Llama:
         return nnx.merge(self._graphdef, jax.tree.unflatten(self._treedef, leaves))
@@ -164,6 +166,19 @@ class ModelRunner:
             sampling=state.sampling,
         )
         return new_state, pack(token, logprob, top_logprobs(logits, sampling))
+
+    @staticmethod
+    def _copy_slot_impl(state: DecodeState, src, dst) -> DecodeState:
+        """Slot dst gets slot src's cache and token history (n > 1 samples of one prompt)."""
+        return dataclasses.replace(
+            state,
+            k=state.k.at[:, dst].set(state.k[:, src]),
+            v=state.v.at[:, dst].set(state.v[:, src]),
+            history=state.history.at[dst].set(state.history[src]),
+        )
+
+    def copy_slot(self, state: DecodeState, src: int, dst: int) -> DecodeState:
+        return self._copy_slot(state, np.int32(src), np.int32(dst))
 
     def _embed_impl(self, leaves, tokens, lengths):
         """Mean of final hidden states over each row's first lengths[b] tokens, L2-normalized."""
@@ -239,6 +254,7 @@ class ModelRunner:
             shapes = tqdm(shapes, desc="compiling", unit="fn", leave=False)
         row = SlotSampling.from_params([SamplingParams(temperature=0.0)], [0])
         active = np.zeros(self.max_slots, bool)
+        state = self.copy_slot(state, 0, 0)
         for kind, t, c in shapes:
             if kind == "prefill":
                 tokens = np.zeros((1, t), np.int32)

@@ -154,6 +154,10 @@ def test_steady_state_has_no_compiles(engine, rng):
                     ids = prompt(rng, int(rng.integers(1, 100)))
                 batch.append(engine.submit(ids, p))
             done += run(engine, batch)
+        group = engine.make_group(prompt(rng, 40), params[0], 3)
+        for r in group:
+            engine.enqueue(r)
+        run(engine, group)
     assert any(r.cached_tokens for r in done)
     assert c.traces == 0 and c.compiles == 0
 
@@ -283,3 +287,31 @@ def test_logit_bias_bans_a_token_through_the_engine(engine, rng):
         ],
     )
     assert banned not in r.output_ids
+
+
+def test_n_samples_share_one_prefill_and_match_separate_requests(engine, parts, rng):
+    p = prompt(rng, 50)  # two chunks for the leader; the others copy its cache
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=8, ignore_eos=True)
+    group = engine.make_group(p, params, 3)
+    for r in group:
+        engine.enqueue(r)
+    run(engine, group)
+    assert [r.cached_tokens for r in group] == [0, len(p) - 1, len(p) - 1]
+    assert len({tuple(r.output_ids) for r in group}) == 3  # different seeds, different samples
+    runner, tokenizer = parts
+    for i, r in enumerate(group):  # each equals a lone request with its seed, prefilled in full
+        fresh = Engine(runner, tokenizer, prefix_cache=False)
+        (alone,) = run(
+            fresh,
+            [fresh.submit(p, SamplingParams(temperature=1.0, seed=11 + i, max_tokens=8, ignore_eos=True))],
+        )
+        assert alone.output_ids == r.output_ids
+
+
+def test_a_group_larger_than_the_slots_still_completes(engine, rng):
+    group = engine.make_group(prompt(rng, 20), GREEDY, 5)  # 3 slots
+    for r in group:
+        engine.enqueue(r)
+    run(engine, group)
+    assert all(r.finish_reason == "length" for r in group)
+    assert len({tuple(r.output_ids) for r in group}) == 1  # greedy: identical samples

@@ -192,3 +192,25 @@ def test_streams_from_a_finished_event_loop_do_not_hurt_the_engine(loop, parts):
     p = prompts(1, seed=9)[0]
     assert [t for d in loop.stream(p, GREEDY) for t in d.token_ids] == reference(parts, p)
     assert loop.running
+
+
+def test_group_of_samples_streams_to_each_sink(loop):
+    got: dict[int, list[int]] = {0: [], 1: []}
+    done = [threading.Event(), threading.Event()]
+
+    def sink(i):
+        def on(d):
+            got[i].extend(d.token_ids)
+            if d.finish_reason:
+                done[i].set()
+
+        return on
+
+    group = loop.submit_group(
+        [5, 6, 7, 8],
+        SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True),
+        [sink(0), sink(1)],
+    )
+    assert all(e.wait(60) for e in done)
+    assert got[0] == group[0].output_ids and got[1] == group[1].output_ids
+    assert group[1].cached_tokens == 3
