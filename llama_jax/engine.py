@@ -4,9 +4,11 @@ A request's life, one `step()` at a time:
 
 1. `submit()` validates it (context length, sampling values) before any device work and
    queues it.
-2. Admission: while a slot is free, the oldest waiting request takes it. Its prompt is
-   prefilled one chunk (<= the largest prefill bucket) per step, so running streams keep
-   producing tokens while a long prompt is admitted. The last chunk samples the first token.
+2. Admission: while a slot is free, the oldest waiting request takes it. Prompts are
+   prefilled in chunks (<= the largest prefill bucket), oldest first, within a budget of
+   prompt tokens per step (at least one chunk), so running streams keep producing tokens
+   while long prompts or a burst of requests are admitted. The last chunk samples the first
+   token.
 3. Decode: one batched step for every active slot, dispatched before the host looks at the
    previous step's tokens, so detokenizing overlaps the device work (tokens lag one step;
    a slot that finished keeps computing for that one step, and its output is ignored).
@@ -89,6 +91,7 @@ class Request:
     prefilled: int = 0
     cached_tokens: int = 0
     leader: Request | None = None  # n > 1: the sibling whose prefill this request copies
+    admitted_at: int = 0  # admission order: prefill goes oldest first
     last_event: float = dataclasses.field(default_factory=time.monotonic)  # submit, then each token
     detok: IncrementalDetokenizer | None = None
     stops: StopMatcher | None = None
@@ -106,6 +109,7 @@ class Engine:
         eos_ids: Sequence[int] = (),
         max_queue: int = 256,
         prefix_cache: bool = True,
+        prefill_budget: int | None = None,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -119,6 +123,9 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.slot_tokens: list[list[int]] = [[] for _ in range(runner.max_slots)]
         self.metrics = EngineMetrics()
+        # Prompt tokens prefilled per step (default: one full chunk).
+        self.prefill_budget = prefill_budget or runner.max_prefill_chunk
+        self._admissions = itertools.count()
         self._pending: tuple[object, list[tuple[int, Request]]] | None = None
         self._ids = itertools.count()
 
@@ -199,9 +206,15 @@ class Engine:
     def step(self) -> None:
         """Admit, prefill one chunk per admitting request, decode once, process last step's tokens."""
         self._admit()
-        for slot, req in enumerate(self.slots):
-            if req is not None and req.prefilled < len(req.prompt_ids):
-                self._prefill_chunk(slot, req)
+        admitting = sorted(
+            ((s, r) for s, r in enumerate(self.slots) if r is not None and r.prefilled < len(r.prompt_ids)),
+            key=lambda sr: sr[1].admitted_at,
+        )
+        budget = self.prefill_budget
+        for slot, req in admitting:
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(slot, req)
         decoding = [
             (s, r)
             for s, r in enumerate(self.slots)
@@ -257,6 +270,7 @@ class Engine:
                 # At least the last prompt token is prefilled: its logits give the first sample.
                 reuse = min(_common_prefix(self.slot_tokens[slot], req.prompt_ids), len(req.prompt_ids) - 1)
             req.slot, req.prefilled, req.cached_tokens = slot, reuse, reuse
+            req.admitted_at = next(self._admissions)
             self.slot_tokens[slot] = []
             self.slots[slot] = req
             self.metrics.prompt_tokens += len(req.prompt_ids)
@@ -265,7 +279,8 @@ class Engine:
                 self.metrics.cached_prompt_tokens += reuse
         self.waiting.extendleft(reversed(deferred))
 
-    def _prefill_chunk(self, slot: int, req: Request) -> None:
+    def _prefill_chunk(self, slot: int, req: Request) -> int:
+        """Prefill the request's next chunk; returns how many prompt tokens it took."""
         start = req.prefilled
         chunk = req.prompt_ids[start : start + self.runner.max_prefill_chunk]
         row = SlotSampling.from_params([req.params], [req.seed])
@@ -273,6 +288,7 @@ class Engine:
         req.prefilled += len(chunk)
         if req.prefilled == len(req.prompt_ids):
             self._accept(req, _token(np.asarray(out), 0, req.params.top_logprobs))
+        return len(chunk)
 
     def _process(self, out, decoding: list[tuple[int, Request]]) -> None:
         out = np.asarray(out)

@@ -315,3 +315,23 @@ def test_a_group_larger_than_the_slots_still_completes(engine, rng):
     run(engine, group)
     assert all(r.finish_reason == "length" for r in group)
     assert len({tuple(r.output_ids) for r in group}) == 1  # greedy: identical samples
+
+
+def test_prefill_budget_keeps_streams_flowing_and_serves_the_oldest_first(engine, rng):
+    """Budget = one 32-token chunk per step: a running stream gains a token every step while
+    two 70-token prompts are admitted, and the older prompt gets its first token first."""
+    a = engine.submit(prompt(rng, 5), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    while len(a.output_ids) < 2:
+        engine.step()
+    b = engine.submit(prompt(rng, 70), GREEDY)
+    c = engine.submit(prompt(rng, 70), GREEDY)
+    first = {}
+    for step in range(12):
+        before = len(a.output_ids)
+        engine.step()
+        assert len(a.output_ids) == before + 1, f"stream stalled at step {step}"
+        for name, r in (("b", b), ("c", c)):
+            if r.output_ids and name not in first:
+                first[name] = step
+    assert first["b"] < first["c"]
+    assert first["c"] - first["b"] >= 2  # c's three chunks waited for b's
