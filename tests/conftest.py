@@ -10,42 +10,24 @@ os.environ.setdefault(
     "LLAMA_JAX_COMPILATION_CACHE", str(Path(__file__).resolve().parent.parent / ".jax_cache")
 )
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from llama_jax.config import LlamaConfig  # noqa: E402
 from llama_jax.model import Llama  # noqa: E402
 from llama_jax.xla_cache import enable_compilation_cache  # noqa: E402
 
 enable_compilation_cache()
 
-TINY = LlamaConfig(
-    vocab_size=96,
-    dim=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=16,
-    ffn_dim=128,
-    rope_theta=10000.0,
-    context_length=512,
-    eos_ids=(2,),
-)
-
-
-def random_llama(cfg: LlamaConfig = TINY, seed: int = 0, scale: float = 10.0) -> Llama:
-    """An in-memory random model; weights scaled up from the 0.02 init so logits are peaked."""
-    model = Llama(cfg, rngs=nnx.Rngs(seed))
-    graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, state)
-    return nnx.merge(graphdef, state)
-
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Llama:
-    return random_llama()
+    """A tiny random model in memory (tests/tiny.py's config and weights)."""
+    from tiny import random_tensors, tiny_config
+
+    from llama_jax.weights import build_model, pack_tensors
+
+    cfg = tiny_config()
+    return build_model(cfg, pack_tensors(cfg, random_tensors(cfg).items(), "tiny"))
 
 
 @pytest.fixture(scope="session")
