@@ -47,10 +47,6 @@ def init_state(cfg: LlamaConfig, max_slots: int, max_seq_len: int, dtype=jnp.flo
     )
 
 
-def kv_bytes(cfg: LlamaConfig, max_slots: int, max_seq_len: int, itemsize: int) -> int:
-    return 2 * cfg.n_layers * max_slots * max_seq_len * cfg.n_kv_heads * cfg.head_dim * itemsize
-
-
 def slot_context(cache: jax.Array, slot: jax.Array, context: int) -> jax.Array:
     """The first `context` (static) positions of one slot: [L, 1, C, K, H]."""
     L, _, _, K, H = cache.shape

@@ -29,17 +29,6 @@ class Histogram:
         self.total += value
         self.n += 1
 
-    def quantile(self, q: float) -> float:
-        """Upper bound of the bucket holding the q-quantile (inf if past the last bound)."""
-        if not self.n:
-            return 0.0
-        target, seen = q * self.n, 0
-        for i, c in enumerate(self.counts):
-            seen += c
-            if seen >= target:
-                return self.bounds[i] if i < len(self.bounds) else float("inf")
-        return float("inf")
-
 
 @dataclasses.dataclass
 class EngineMetrics:

