@@ -1,4 +1,5 @@
-# llama-jax: `make chat` talks to the default model, `make test` runs the whole test suite.
+# llama-jax: `make serve` serves the default model (OpenAI API on 127.0.0.1:8080), `make chat`
+# talks to it in the terminal, `make test` runs the whole test suite.
 # Both create .venv and install everything they need on a fresh machine.
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: install chat test lint bench golden clean
+PORT ?= 8080
+
+.PHONY: install serve chat test lint bench golden clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +19,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/llama-jax serve --port $(PORT)
 
 chat: $(STAMP)
 	$(BIN)/llama-jax chat "$(PROMPT)"

@@ -1,8 +1,10 @@
-"""The `llama-jax` command: `chat` (one prompt, or an interactive session) and `generate`.
+"""The `llama-jax` command: `chat` (one prompt, or an interactive session), `generate` and
+`serve` (the OpenAI-compatible server; the only place this package imports `serve`).
 
 llama-jax chat "What is the capital of France?"
 llama-jax chat                      # interactive; /reset clears the history, /exit quits
 llama-jax generate "Once upon a time" --max-tokens 64
+llama-jax serve --port 8080         # OpenAI API on http://127.0.0.1:8080/v1
 """
 
 from __future__ import annotations
@@ -107,6 +109,63 @@ def cmd_generate(args) -> None:
     _print_stream(gen.stream(args.prompt, _sampling(args)))
 
 
+def cmd_serve(args) -> None:
+    from serve.server import run
+    from serve.settings import Settings
+
+    run(
+        Settings(
+            model=args.model,
+            aliases=tuple(args.alias),
+            host=args.host,
+            port=args.port,
+            max_slots=args.max_slots,
+            max_seq_len=args.max_seq_len,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            max_queue=args.max_queue,
+            warmup=args.warmup,
+            chat_template=args.chat_template,
+        )
+    )
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    from serve.settings import Settings  # only for the defaults; imports no web framework
+
+    d = Settings()
+    p.add_argument(
+        "--model", default=None, help="alias, GGUF file or Hugging Face folder (default: %(default)s)"
+    )
+    p.add_argument(
+        "--alias", action="append", default=[], help="another name the model answers to (repeatable)"
+    )
+    p.add_argument("--host", default=d.host, help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=d.port, help="port (default: %(default)s)")
+    p.add_argument(
+        "--max-slots", type=int, default=d.max_slots, help="sequences decoded together (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-seq-len", type=int, default=d.max_seq_len, help="tokens per sequence (default: %(default)s)"
+    )
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only quantization")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help="waiting requests before 503 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=d.warmup,
+        help="compile every step shape before reporting healthy (default: on)",
+    )
+    p.add_argument("--chat-template", default=None, help="built-in template name or Jinja source")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama-jax", description="Llama-family models on JAX/XLA")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("prompt")
     _common(p)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("serve", help="serve the OpenAI HTTP API (chat, completions, embeddings)")
+    _serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

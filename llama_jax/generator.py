@@ -215,17 +215,35 @@ class Generator:
     ) -> Iterator[str]:
         return self.stream(self.encode_chat(messages), sampling)
 
-    def embed(self, texts: str | Sequence[str]) -> np.ndarray:
-        """Mean-pooled final hidden states, L2-normalized: float32 [len(texts), D]."""
-        if isinstance(texts, str):
-            texts = [texts]
-        rows = [self.tokenizer.encode(t, add_bos=False) for t in texts]
-        for i, r in enumerate(rows):
+    def embed(self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]]) -> np.ndarray:
+        """Mean-pooled final hidden states, L2-normalized: float32 [len(inputs), D].
+        Each input is a text or a list of token ids."""
+        rows = self.embedding_rows(inputs)
+        return self.loop.call(lambda: self.runner.embed(rows))
+
+    async def aembed(self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]]) -> np.ndarray:
+        """`embed` for asyncio code: the event loop keeps running while the device works."""
+        rows = self.embedding_rows(inputs)
+        return await asyncio.wrap_future(self.loop.call_async(lambda: self.runner.embed(rows)))
+
+    def embedding_rows(self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]]) -> list[list[int]]:
+        """Validated token ids of each input (texts are encoded without BOS)."""
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not inputs:
+            raise InvalidRequestError("input must not be empty", param="input")
+        vocab = self.config.vocab_size
+        rows = []
+        for i, item in enumerate(inputs):
+            r = self.tokenizer.encode(item, add_bos=False) if isinstance(item, str) else [int(t) for t in item]
             if not r:
                 raise InvalidRequestError(f"input {i} is empty", param="input")
+            if min(r) < 0 or max(r) >= vocab:
+                raise InvalidRequestError(f"input {i}: token ids must be in [0, {vocab})", param="input")
             if len(r) > self.max_seq_len:
                 raise ContextLengthError(
                     f"input {i} has {len(r)} tokens, more than the maximum of {self.max_seq_len}",
                     param="input",
                 )
-        return self.loop.call(lambda: self.runner.embed(rows))
+            rows.append(r)
+        return rows

@@ -51,3 +51,80 @@ def smollm2():
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+class Server:
+    """A real `hypercorn serve.app:app` on a loopback port, configured by environment variables."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = self.url + "/v1"
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hypercorn", "serve.app:app", "--bind", f"127.0.0.1:{self.port}"],
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_healthy(self, timeout: float = 600.0) -> list[int]:
+        """Poll /health until 200; the statuses seen on the way."""
+        import time
+
+        import httpx
+
+        seen: list[int] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+            try:
+                status = httpx.get(self.url + "/health", timeout=5).status_code
+            except httpx.TransportError:
+                status = 0
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            if status == 200:
+                return seen
+            time.sleep(0.2)
+        raise TimeoutError(f"the server was not healthy after {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except Exception:  # noqa: BLE001 - a server that will not stop is killed
+            self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The default model served over HTTP (4 slots of 512 positions, no warm-up for speed)."""
+    srv = Server(
+        {
+            "LLAMA_JAX_MAX_SEQ_LEN": "512",
+            "LLAMA_JAX_MAX_SLOTS": "4",
+            "LLAMA_JAX_MAX_QUEUE": "64",
+            "LLAMA_JAX_WARMUP": "0",
+            "LLAMA_JAX_ALIAS": "smollm,my-model",
+        },
+        tmp_path_factory.mktemp("server") / "server.log",
+    )
+    try:
+        srv.statuses = srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()

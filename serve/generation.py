@@ -1,0 +1,170 @@
+"""From a validated request to engine requests and back: sampling values, `n` samples of
+several prompts merged into one asyncio stream, and logprobs in OpenAI's shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Sequence
+
+from llama_jax.engine import Delta, Request
+from llama_jax.generator import Generator
+from llama_jax.sampling import SamplingParams
+from serve.errors import bad_request, from_library
+from serve.schemas import SamplingFields
+
+DEFAULT_MAX_TOKENS = 256  # the seed's default
+DEFAULT_TEMPERATURE = 0.7  # the seed's default
+LOGPROB_FLOOR = -9999.0  # OpenAI's value for "not finite"
+
+
+def sampling_params(
+    req: SamplingFields,
+    gen: Generator,
+    prompt_len: int,
+    max_tokens: int | None,
+    top_logprobs: int = 0,
+) -> SamplingParams:
+    """The engine's sampling values for a request; library validation errors become 400s.
+
+    Without an explicit `max_tokens` the completion may use the default or what is left of
+    the context, whichever is smaller; an explicit value beyond the context is an error."""
+    if max_tokens is None:
+        max_tokens = max(1, min(DEFAULT_MAX_TOKENS, gen.max_seq_len - prompt_len))
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if not 0 <= tok < gen.config.vocab_size:
+            raise bad_request(f"logit_bias token id {tok} is outside the vocabulary", "logit_bias")
+        bias[tok] = value
+    temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if top_p == 0.0:  # only the most likely token survives: greedy
+        temperature, top_p = 0.0, 1.0
+    try:
+        return SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            max_tokens=max_tokens,
+            stop=tuple(req.stop_list()),
+            ignore_eos=req.ignore_eos,
+            top_logprobs=top_logprobs,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            logit_bias=bias,
+        )
+    except Exception as e:
+        raise from_library(e) from e
+
+
+class Samples:
+    """`n` samples of each prompt, run concurrently, read as one stream of `(index, delta)`.
+
+    Choice `index` is `prompt * n + sample`. Submitting raises the library's errors at once
+    (queue full, context too long), before any response is sent. Leaving the iteration early
+    (a client that went away) cancels every request still running."""
+
+    def __init__(self, gen: Generator, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int):
+        self._loop = gen.loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.requests: list[Request] = []
+        aloop = asyncio.get_running_loop()
+        try:
+            for p, ids in enumerate(prompts):
+                sinks = [self._sink(aloop, p * n + j) for j in range(n)]
+                self.requests += self._loop.submit_group(ids, params, sinks)
+        except Exception as e:
+            self.cancel()
+            raise from_library(e) from e
+
+    def _sink(self, aloop: asyncio.AbstractEventLoop, index: int):
+        def put(item: Delta | BaseException) -> None:
+            if not aloop.is_closed():
+                aloop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
+
+        return put
+
+    def cancel(self) -> None:
+        for r in self.requests:
+            self._loop.cancel(r)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Delta]]:
+        left = len(self.requests)
+        try:
+            while left:
+                index, item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise from_library(item) from item
+                if item.finish_reason is not None:
+                    left -= 1
+                yield index, item
+        finally:
+            self.cancel()
+
+
+def finite(x: float) -> float:
+    return x if math.isfinite(x) else LOGPROB_FLOOR
+
+
+def chat_logprobs(gen: Generator, delta: Delta, skip: frozenset[int]) -> list[dict]:
+    """`logprobs.content` entries for the tokens of one delta (end-of-turn tokens left out)."""
+    tok = gen.tokenizer
+    out = []
+    for i, (t, lp) in enumerate(zip(delta.token_ids, delta.logprobs, strict=True)):
+        if t in skip:
+            continue
+        tops = delta.top_logprobs[i] if i < len(delta.top_logprobs) else ()
+        out.append(
+            {
+                "token": tok.token_to_piece(t),
+                "logprob": finite(lp),
+                "bytes": list(tok.token_bytes(t)),
+                "top_logprobs": [
+                    {
+                        "token": tok.token_to_piece(a),
+                        "logprob": finite(alp),
+                        "bytes": list(tok.token_bytes(a)),
+                    }
+                    for a, alp in tops
+                ],
+            }
+        )
+    return out
+
+
+class CompletionLogprobs:
+    """Legacy completions' `logprobs` ({tokens, token_logprobs, top_logprobs, text_offset})."""
+
+    def __init__(self, offset: int = 0):
+        self.offset = offset
+        self.data: dict[str, list] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
+
+    def add(self, gen: Generator, delta: Delta, skip: frozenset[int]) -> dict:
+        """Append one delta's tokens; returns the part for this delta (for streaming)."""
+        part: dict[str, list] = {k: [] for k in self.data}
+        tok = gen.tokenizer
+        for i, (t, lp) in enumerate(zip(delta.token_ids, delta.logprobs, strict=True)):
+            if t in skip:
+                continue
+            piece = tok.token_to_piece(t)
+            tops = delta.top_logprobs[i] if i < len(delta.top_logprobs) else ()
+            part["tokens"].append(piece)
+            part["token_logprobs"].append(finite(lp))
+            part["top_logprobs"].append({tok.token_to_piece(a): finite(alp) for a, alp in tops})
+            part["text_offset"].append(self.offset)
+            self.offset += len(piece)
+        for k, v in part.items():
+            self.data[k] += v
+        return part

@@ -1,0 +1,49 @@
+"""`POST /v1/embeddings`: mean-pooled, L2-normalized hidden states, as floats or base64
+(little-endian float32, what the official client asks for by default)."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+from quart import Blueprint
+
+from serve.errors import bad_request, from_library
+from serve.handlers import note_tokens, parse_body, state
+from serve.schemas import MAX_EMBEDDING_INPUTS, EmbeddingRequest
+
+bp = Blueprint("embeddings", __name__)
+
+
+@bp.post("/v1/embeddings")
+async def embeddings():
+    body = await parse_body(EmbeddingRequest)
+    st = state()
+    st.check_model(body.model)
+    gen = st.ready()
+    inputs = body.input
+    if isinstance(inputs, list) and len(inputs) > MAX_EMBEDDING_INPUTS and not isinstance(inputs[0], int):
+        raise bad_request(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", "input")
+    if body.dimensions is not None and body.dimensions != gen.config.dim:
+        raise bad_request(
+            f"this model's embeddings have {gen.config.dim} dimensions; dimensions cannot change it",
+            "dimensions",
+        )
+    try:
+        rows = gen.embedding_rows(inputs)
+        vectors = await gen.aembed(rows)
+    except Exception as e:
+        raise from_library(e) from e
+    tokens = sum(map(len, rows))
+    note_tokens(tokens)
+    vectors = np.asarray(vectors, dtype="<f4")
+    if body.encoding_format == "base64":
+        data = [base64.b64encode(v.tobytes()).decode("ascii") for v in vectors]
+    else:
+        data = [v.tolist() for v in vectors]
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+        "model": body.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

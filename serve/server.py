@@ -1,0 +1,44 @@
+"""Run the app under hypercorn in this process (what `llama-jax serve` does).
+
+Fails fast on a model that cannot be found, before binding the port; SIGINT/SIGTERM stop
+the server gracefully (running streams get `graceful_timeout` seconds, then the engine stops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from llama_jax.weights import resolve_model_path
+from serve.app import create_app
+from serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.keep_alive_timeout = 75  # longer than common proxies' idle timeouts
+    config.graceful_timeout = 10
+    config.accesslog = None  # the app writes one line per request itself
+    return config
+
+
+def run(settings: Settings) -> None:
+    resolve_model_path(settings.model)  # a missing model fails here, with its name, not later
+    app = create_app(settings)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("listening on http://%s:%d", settings.host, settings.port)
+        await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)
+
+    asyncio.run(main())
