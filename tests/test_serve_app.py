@@ -1,0 +1,86 @@
+"""Server configuration and start-up: `LLAMA_JAX_*` settings, `llama-jax serve` failing fast,
+and a tiny-model server that reports `loading` until its warm-up is done."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from conftest import Server
+from tiny import random_tensors, tiny_config, write_gguf
+
+from llama_jax.cli import main
+from serve.settings import Settings
+
+
+def test_settings_from_environment():
+    s = Settings.from_env(
+        {
+            "LLAMA_JAX_MODEL": "/models/x.gguf",
+            "LLAMA_JAX_ALIAS": "a, b,",
+            "LLAMA_JAX_PORT": "9000",
+            "LLAMA_JAX_MAX_SLOTS": "16",
+            "LLAMA_JAX_WARMUP": "off",
+            "LLAMA_JAX_QUANTIZE": "int8",
+            "UNRELATED": "1",
+        }
+    )
+    assert (s.model, s.aliases, s.port, s.max_slots, s.warmup, s.quantize) == (
+        "/models/x.gguf",
+        ("a", "b"),
+        9000,
+        16,
+        False,
+        "int8",
+    )
+    assert Settings.from_env({}) == Settings()
+
+
+@pytest.mark.parametrize(("key", "value"), [("LLAMA_JAX_PORT", "eighty"), ("LLAMA_JAX_WARMUP", "maybe")])
+def test_bad_environment_values_name_the_variable(key, value):
+    with pytest.raises(ValueError, match=key):
+        Settings.from_env({key: value})
+
+
+def test_serve_with_a_missing_model_fails_fast(tmp_path, capsys):
+    missing = tmp_path / "nope.gguf"
+    assert main(["serve", "--model", str(missing), "--port", "1"]) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and "no such file" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    cfg = tiny_config()
+    path = tmp_path_factory.mktemp("tiny") / "tiny-chat.gguf"
+    write_gguf(path, cfg, random_tensors(cfg))
+    srv = Server(
+        {
+            "LLAMA_JAX_MODEL": str(path),
+            "LLAMA_JAX_MAX_SEQ_LEN": "64",
+            "LLAMA_JAX_MAX_SLOTS": "2",
+            "LLAMA_JAX_WARMUP": "1",
+        },
+        path.parent / "server.log",
+    )
+    try:
+        srv.statuses = srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_health_is_loading_until_warm_then_serves(tiny_server):
+    assert 503 in tiny_server.statuses and tiny_server.statuses[-1] == 200
+    log = tiny_server.log()
+    assert log.index("warm-up compiled") < log.index("serving tiny-chat")
+    client = openai.OpenAI(api_key="x", base_url=tiny_server.base_url, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    r = client.chat.completions.create(
+        model="tiny-chat",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.usage.completion_tokens == 5
+    assert "GET /health 503" in log  # each request is logged on one line, with its status
+    assert "POST /v1/chat/completions 200 tokens=" in tiny_server.log()
