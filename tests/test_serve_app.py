@@ -84,3 +84,34 @@ def test_health_is_loading_until_warm_then_serves(tiny_server):
     assert r.usage.completion_tokens == 5
     assert "GET /health 503" in log  # each request is logged on one line, with its status
     assert "POST /v1/chat/completions 200 tokens=" in tiny_server.log()
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event():
+    import asyncio
+    import json
+
+    from quart import Quart
+
+    from serve.errors import APIError
+    from serve.sse import event, sse_response
+
+    outcomes = []
+    app = Quart(__name__)
+
+    @app.get("/s")
+    async def stream():
+        async def events():
+            yield event({"n": 1})
+            raise APIError(400, "context exceeded mid-way", code="context_length_exceeded")
+
+        return sse_response(events(), "req-1", lambda outcome, _s: outcomes.append(outcome))
+
+    async def main():
+        r = await app.test_client().get("/s")
+        return r.status_code, (await r.get_data()).decode()
+
+    status, text = asyncio.run(main())
+    blocks = [b for b in text.split("\n\n") if b]
+    assert status == 200 and blocks[0] == 'data: {"n":1}'
+    assert json.loads(blocks[1].removeprefix("data: "))["error"]["code"] == "context_length_exceeded"
+    assert "[DONE]" not in text and outcomes == ["error"]
