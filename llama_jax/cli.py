@@ -111,58 +111,120 @@ def cmd_generate(args) -> None:
 
 def cmd_serve(args) -> None:
     from serve.server import run
-    from serve.settings import Settings
 
-    run(
-        Settings(
-            model=args.model,
-            aliases=tuple(args.alias),
-            host=args.host,
-            port=args.port,
-            max_slots=args.max_slots,
-            max_seq_len=args.max_seq_len,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            max_queue=args.max_queue,
-            warmup=args.warmup,
-            chat_template=args.chat_template,
-        )
+    run(serve_settings(args))
+
+
+def serve_settings(args):
+    """Settings from `llama-jax serve` flags (a `--config` file first, flags over it)."""
+    import dataclasses
+
+    from serve.settings import ModelSpec, Settings, read_key_file
+    from serve.state import model_id
+
+    try:
+        base = Settings.from_file(args.config) if args.config else Settings()
+        keys = tuple(args.api_key) + (read_key_file(args.api_key_file) if args.api_key_file else ())
+    except ValueError as e:
+        raise LlamaJaxError(str(e)) from None
+    common = dict(
+        max_slots=args.max_slots,
+        max_seq_len=args.max_seq_len,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        max_queue=args.max_queue,
+        chat_template=args.chat_template,
     )
+    common = {k: v for k, v in common.items() if v is not None}
+    models = base.models
+    if args.model:
+        # --alias NAME=ALIAS names a model by its id; a bare --alias belongs to the first model.
+        specs = [ModelSpec(model=m, **common) for m in args.model]
+        targeted: dict[int, list[str]] = {}
+        ids = [model_id(m) for m in args.model]
+        for a in args.alias:
+            name, sep, alias = a.partition("=")
+            if sep and name in ids:
+                targeted.setdefault(ids.index(name), []).append(alias)
+            elif sep:
+                raise LlamaJaxError(f"--alias {a}: no model called {name!r} (models: {', '.join(ids)})")
+            else:
+                targeted.setdefault(0, []).append(a)
+        models = tuple(
+            dataclasses.replace(s, aliases=tuple(targeted.get(i, ()))) for i, s in enumerate(specs)
+        )
+    elif args.alias or common:
+        first = base.model_specs()[0]
+        models = (
+            dataclasses.replace(first, aliases=first.aliases + tuple(args.alias), **common),
+            *base.models[1:],
+        )
+    values = dict(host=args.host, port=args.port, warmup=args.warmup, webui=args.webui)
+    values = {k: v for k, v in values.items() if v is not None}
+    if keys:
+        values["api_keys"] = base.api_keys + keys
+    if args.cors_origin:
+        values["cors_origins"] = tuple(args.cors_origin)
+    if args.rate_limit_rpm is not None:
+        values["rate_limit_rpm"] = args.rate_limit_rpm
+    if args.rate_limit_tpm is not None:
+        values["rate_limit_tpm"] = args.rate_limit_tpm
+    return dataclasses.replace(base, models=models, **values)
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     from serve.settings import Settings  # only for the defaults; imports no web framework
 
     d = Settings()
+    p.add_argument("--config", default=None, help="TOML file of settings and models (flags override it)")
     p.add_argument(
-        "--model", default=None, help="alias, GGUF file or Hugging Face folder (default: %(default)s)"
+        "--model",
+        action="append",
+        default=[],
+        help="alias, GGUF file or Hugging Face folder; repeat to serve several (default: smollm2-135m-instruct)",
     )
     p.add_argument(
-        "--alias", action="append", default=[], help="another name the model answers to (repeatable)"
+        "--alias",
+        action="append",
+        default=[],
+        help="another name for the model (NAME for the first model, or MODEL_ID=NAME); repeatable",
     )
-    p.add_argument("--host", default=d.host, help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=d.port, help="port (default: %(default)s)")
+    p.add_argument("--host", default=None, help=f"address to listen on (default: {d.host})")
+    p.add_argument("--port", type=int, default=None, help=f"port (default: {d.port})")
     p.add_argument(
-        "--max-slots", type=int, default=d.max_slots, help="sequences decoded together (default: %(default)s)"
+        "--max-slots", type=int, default=None, help=f"sequences decoded together (default: {d.max_slots})"
     )
     p.add_argument(
-        "--max-seq-len", type=int, default=d.max_seq_len, help="tokens per sequence (default: %(default)s)"
+        "--max-seq-len", type=int, default=None, help=f"tokens per sequence (default: {d.max_seq_len})"
     )
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only quantization")
     p.add_argument(
-        "--max-queue",
-        type=int,
-        default=d.max_queue,
-        help="waiting requests before 503 (default: %(default)s)",
+        "--max-queue", type=int, default=None, help=f"waiting requests before 503 (default: {d.max_queue})"
     )
     p.add_argument(
         "--warmup",
         action=argparse.BooleanOptionalAction,
-        default=d.warmup,
+        default=None,
         help="compile every step shape before reporting healthy (default: on)",
     )
     p.add_argument("--chat-template", default=None, help="built-in template name or Jinja source")
+    p.add_argument(
+        "--api-key", action="append", default=[], help="accepted API key (repeatable); keys turn auth on"
+    )
+    p.add_argument("--api-key-file", default=None, help="file of API keys, one per line")
+    p.add_argument(
+        "--rate-limit-rpm", type=int, default=None, help="requests per minute per key or client (0: off)"
+    )
+    p.add_argument(
+        "--rate-limit-tpm", type=int, default=None, help="tokens per minute per key or client (0: off)"
+    )
+    p.add_argument(
+        "--cors-origin", action="append", default=[], help="allowed browser origin, or * (default: none)"
+    )
+    p.add_argument(
+        "--webui", action=argparse.BooleanOptionalAction, default=None, help="serve the chat page at /"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
 
 

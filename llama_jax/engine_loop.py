@@ -56,6 +56,11 @@ class EngineLoop:
         return self
 
     @property
+    def backlog(self) -> int:
+        """Requests posted but not yet queued by the engine thread."""
+        return self._posted
+
+    @property
     def running(self) -> bool:
         return self._thread.is_alive()
 

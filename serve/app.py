@@ -1,23 +1,27 @@
 """The Quart app: `hypercorn serve.app:app` (settings from `LLAMA_JAX_*` variables) or
 `create_app(settings)` (what `llama-jax serve` and the tests use).
 
-The app starts listening at once and loads the model on a worker thread (`/health` answers
-503 `loading` meanwhile). Every response carries an `x-request-id`; every request is logged in
-one line. Errors of any kind leave as OpenAI error objects (`serve/errors.py`).
+The app starts listening at once and loads its models on a worker thread (`/health` answers
+503 `loading` meanwhile). Per request, in order: an `x-request-id`, the API key check, the
+per-client request rate limit, the handler (which may reserve tokens), then rate-limit and
+CORS headers; one log line and the metrics when the response (or stream) ends. Errors of any
+kind leave as OpenAI error objects (`serve/errors.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 
 from pydantic import ValidationError
-from quart import Quart, g, request
+from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
 
+from serve.auth import KeyChecker, protected
 from serve.errors import APIError, from_http, from_validation
-from serve.handlers import chat, completions, embeddings, health, log_request, models, new_id, tokenize
+from serve.handlers import RequestRecord, chat, completions, embeddings, health, models, new_id, tokenize
+from serve.limits import RateLimiter
+from serve.metrics import ServerMetrics
 from serve.settings import Settings
 from serve.state import ServerState
 
@@ -33,15 +37,20 @@ def create_app(settings: Settings | None = None) -> Quart:
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         RESPONSE_TIMEOUT=None,  # generations may take minutes; streams are never cut
         BODY_TIMEOUT=60,
-        JSON_SORT_KEYS=False,
-        PROVIDE_AUTOMATIC_OPTIONS=True,
     )
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     st = ServerState(settings)
+    keys = KeyChecker(settings.api_keys)
+    limiter = RateLimiter(settings)
+    metrics = ServerMetrics(st, limiter.rejections)
     app.extensions["llama_jax"] = st
     for module in (health, models, chat, completions, embeddings, tokenize):
         app.register_blueprint(module.bp)
+
+    @app.get("/metrics")
+    async def _metrics():
+        return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.before_serving
     async def _start() -> None:
@@ -57,21 +66,54 @@ def create_app(settings: Settings | None = None) -> Quart:
     async def _begin() -> None:
         incoming = request.headers.get("X-Request-Id", "")
         g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else new_id("req")
-        g.started = time.monotonic()
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        g.record = RequestRecord(
+            g.request_id,
+            request.method,
+            request.path,
+            rule,
+            request.remote_addr or "-",
+            None,
+            limiter,
+            metrics,
+        )
+        if request.method == "OPTIONS" or not protected(request.path):
+            return
+        if keys.enabled:
+            g.record.key = keys.check(request.headers.get("Authorization"))
+            g.record.client = "key:" + g.record.key
+        if request.path.startswith("/v1/"):
+            limiter.take_request(g.record.client, g.record.key)
 
     @app.after_request
-    async def _end(response):
+    async def _end(response: Response) -> Response:
+        rec: RequestRecord | None = g.get("record")
         response.headers["X-Request-Id"] = g.get("request_id", "")
-        if not g.get("streaming"):
-            log_request(
-                g.get("request_id", "-"),
-                request.method,
-                request.path,
-                response.status_code,
-                g.get("tokens"),
-                time.monotonic() - g.get("started", time.monotonic()),
-            )
+        if rec is not None and request.path.startswith("/v1/"):
+            response.headers.update(limiter.headers(rec.client, rec.key))
+        _cors(response)
+        if rec is not None and not g.get("streaming"):
+            rec.finish(response.status_code)
         return response
+
+    @app.teardown_request
+    async def _teardown(_exc: BaseException | None) -> None:
+        rec: RequestRecord | None = g.get("record")
+        if rec is not None and not g.get("streaming"):
+            rec.finish(499, "disconnected")  # no-op when the response was sent
+
+    def _cors(response: Response) -> None:
+        origin = request.headers.get("Origin")
+        allowed = settings.cors_origins
+        if not origin or not allowed or ("*" not in allowed and origin not in allowed):
+            return
+        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
+        response.headers["Vary"] = "Origin"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Request-Id"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Expose-Headers"] = (
+            "X-Request-Id, Retry-After, x-ratelimit-remaining-requests"
+        )
 
     @app.errorhandler(APIError)
     async def _api_error(e: APIError):
@@ -95,5 +137,5 @@ def create_app(settings: Settings | None = None) -> Quart:
     return app
 
 
-# For `hypercorn serve.app:app`. Building the app is cheap: the model loads when serving starts.
+# For `hypercorn serve.app:app`. Building the app is cheap: the models load when serving starts.
 app = create_app()

@@ -68,7 +68,9 @@ def unavailable(message: str, code: str = "model_loading") -> APIError:
 
 
 def from_library(e: Exception) -> APIError:
-    """The API error for an exception raised by `llama_jax`."""
+    """The API error for an exception raised by `llama_jax` (an `APIError` passes through)."""
+    if isinstance(e, APIError):
+        return e
     if isinstance(e, ContextLengthError):
         return APIError(400, str(e), param=e.param or "messages", code="context_length_exceeded")
     if isinstance(e, InvalidRequestError):

@@ -138,6 +138,7 @@ class EmbeddingRequest(_Body):
 
 
 class TokenizeRequest(_Body):
+    model: str | None = None  # default: the first served model
     content: str
     add_special: bool = False
     parse_special: bool = True
@@ -145,9 +146,11 @@ class TokenizeRequest(_Body):
 
 
 class DetokenizeRequest(_Body):
+    model: str | None = None
     tokens: TokenIds
 
 
 class ApplyTemplateRequest(_Body):
+    model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool = True

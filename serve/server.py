@@ -30,7 +30,8 @@ def hypercorn_config(settings: Settings) -> Config:
 
 
 def run(settings: Settings) -> None:
-    resolve_model_path(settings.model)  # a missing model fails here, with its name, not later
+    for spec in settings.model_specs():
+        resolve_model_path(spec.model)  # a missing model fails here, with its name, not later
     app = create_app(settings)
 
     async def main() -> None:

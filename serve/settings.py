@@ -1,38 +1,107 @@
-"""Server settings: one frozen dataclass, filled from `LLAMA_JAX_*` environment variables
-(for `hypercorn serve.app:app`) or from `llama-jax serve` flags."""
+"""Server settings: frozen dataclasses filled from `llama-jax serve` flags, `LLAMA_JAX_*`
+environment variables (for `hypercorn serve.app:app`) or a TOML config file.
+
+One `ModelSpec` per served model; the top-level `model`/`aliases`/`max_slots`/... fields
+describe the single model of the simple case and are the defaults of every `[[models]]` entry
+of a config file:
+
+    # llama-jax.toml
+    api_keys = ["sk-team-a", "sk-team-b"]
+    rate_limit_rpm = 60          # per key (or per client address without keys); 0: off
+    rate_limit_tpm = 20000
+
+    [[models]]
+    model = "smollm2-135m-instruct"
+    aliases = ["default"]
+    max_slots = 8
+
+    [[models]]
+    model = "./Qwen2-0.5B-Instruct-Q8_0.gguf"
+    quantize = "int8"
+
+    [rate_limits."sk-team-b"]    # per-key overrides
+    rpm = 600
+    tpm = 200000
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 PREFIX = "LLAMA_JAX_"
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class ModelSpec:
     model: str | None = None  # alias, GGUF file or Hugging Face folder; None: the default model
     aliases: tuple[str, ...] = ()  # extra names the model answers to
-    host: str = "127.0.0.1"
-    port: int = 8080
     max_slots: int = 8
     max_seq_len: int = 2048
     dtype: str = "float32"
     quantize: str | None = None
     max_queue: int = 256
-    warmup: bool = True
     chat_template: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RateLimit:
+    rpm: int = 0  # requests per minute; 0: unlimited
+    tpm: int = 0  # tokens (prompt + max_tokens, settled to actual use) per minute; 0: unlimited
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # The single-model case (and the defaults of a config file's [[models]]).
+    model: str | None = None
+    aliases: tuple[str, ...] = ()
+    max_slots: int = 8
+    max_seq_len: int = 2048
+    dtype: str = "float32"
+    quantize: str | None = None
+    max_queue: int = 256
+    chat_template: str | None = None
+    # Several models: when set, these replace the single model above.
+    models: tuple[ModelSpec, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8080
+    warmup: bool = True
     max_body_bytes: int = 8 * 1024 * 1024
     compilation_cache: str | None = "default"
+    api_keys: tuple[str, ...] = ()
+    rate_limit_rpm: int = 0
+    rate_limit_tpm: int = 0
+    rate_limits: Mapping[str, RateLimit] = dataclasses.field(default_factory=dict)  # per key
+    cors_origins: tuple[str, ...] = ()
+    webui: bool = True
+    config: str | None = None  # the TOML file these settings came from, if any
+
+    def model_specs(self) -> tuple[ModelSpec, ...]:
+        if self.models:
+            return self.models
+        names = {f.name for f in dataclasses.fields(ModelSpec)}
+        return (ModelSpec(**{k: v for k, v in dataclasses.asdict(self).items() if k in names}),)
+
+    def rate_limit(self, key: str | None) -> RateLimit:
+        if key is not None and key in self.rate_limits:
+            return self.rate_limits[key]
+        return RateLimit(self.rate_limit_rpm, self.rate_limit_tpm)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Settings from `LLAMA_JAX_MODEL`, `LLAMA_JAX_ALIAS` (comma-separated), `LLAMA_JAX_PORT`..."""
+        """Settings from `LLAMA_JAX_MODEL`, `LLAMA_JAX_ALIAS` (comma-separated), `LLAMA_JAX_PORT`,
+        `LLAMA_JAX_API_KEYS` (comma-separated), `LLAMA_JAX_CONFIG` (a TOML file read first)..."""
         env = os.environ if environ is None else environ
-        values: dict = {}
+        base = cls.from_file(env[PREFIX + "CONFIG"]) if env.get(PREFIX + "CONFIG") else cls()
+        values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            key = PREFIX + ("ALIAS" if f.name == "aliases" else f.name.upper())
+            if f.name in ("models", "rate_limits", "config"):
+                continue
+            key = PREFIX + _ENV_NAMES.get(f.name, f.name.upper())
             raw = env.get(key)
             if raw is None or raw == "":
                 continue
@@ -40,20 +109,71 @@ class Settings:
                 values[f.name] = _parse(f.name, raw)
             except ValueError as e:
                 raise ValueError(f"{key}={raw!r}: {e}") from None
+        if env.get(PREFIX + "API_KEY_FILE"):
+            values["api_keys"] = values.get("api_keys", base.api_keys) + read_key_file(
+                env[PREFIX + "API_KEY_FILE"]
+            )
+        return dataclasses.replace(base, **values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Settings:
+        """Settings from a TOML file (see the module docstring); unknown keys are errors."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+        known = {f.name for f in dataclasses.fields(cls)} - {"config"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        values: dict[str, Any] = {"config": str(path)}
+        for k, v in data.items():
+            if k == "models":
+                values[k] = tuple(_model_spec(path, data, m) for m in v)
+            elif k == "rate_limits":
+                values[k] = {key: RateLimit(**limits) for key, limits in v.items()}
+            elif isinstance(v, list):
+                values[k] = tuple(v)
+            else:
+                values[k] = v
         return cls(**values)
+
+
+_ENV_NAMES = {"aliases": "ALIAS", "cors_origins": "CORS_ORIGINS"}
+
+
+def _model_spec(path: object, data: Mapping[str, Any], entry: Mapping[str, Any]) -> ModelSpec:
+    names = {f.name for f in dataclasses.fields(ModelSpec)}
+    unknown = set(entry) - names
+    if unknown:
+        raise ValueError(f"{path}: unknown model settings {sorted(unknown)}")
+    defaults = {k: data[k] for k in names if k in data and k not in ("model", "aliases")}
+    spec = {**defaults, **entry}
+    if "aliases" in spec:
+        spec["aliases"] = tuple(spec["aliases"])
+    return ModelSpec(**spec)
+
+
+def read_key_file(path: str | os.PathLike) -> tuple[str, ...]:
+    """API keys, one per line (blank lines and `#` comments ignored)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"API key file {path}: {e.strerror}") from None
+    return tuple(s for line in lines if (s := line.strip()) and not s.startswith("#"))
 
 
 def _parse(name: str, raw: str):
     default = getattr(Settings, name, None)
-    if name == "aliases":
+    if name in ("aliases", "api_keys", "cors_origins"):
         return tuple(a.strip() for a in raw.split(",") if a.strip())
-    if name == "warmup":
+    if isinstance(default, bool):
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError("expected true or false")
-    if isinstance(default, int) and not isinstance(default, bool):
+    if isinstance(default, int):
         return int(raw)
     if name in ("quantize", "compilation_cache") and raw.lower() in ("none", "off"):
         return None

@@ -6,7 +6,16 @@ from quart import Blueprint, g
 
 from serve.errors import bad_request, from_library
 from serve.generation import Samples, chat_logprobs, sampling_params
-from serve.handlers import new_id, note_tokens, now, parse_body, state, stream_logger, usage
+from serve.handlers import (
+    new_id,
+    note_tokens,
+    now,
+    parse_body,
+    record,
+    serving,
+    stream_finisher,
+    usage,
+)
 from serve.schemas import ChatCompletionRequest
 from serve.sse import DONE, event, sse_response
 
@@ -16,9 +25,7 @@ bp = Blueprint("chat", __name__)
 @bp.post("/v1/chat/completions")
 async def chat_completions():
     body = await parse_body(ChatCompletionRequest)
-    st = state()
-    st.check_model(body.model)
-    gen = st.ready()
+    entry, gen = serving(body.model)
     if body.tools and body.tool_choice not in (None, "none"):
         raise bad_request("tool calling is not supported yet; send tool_choice 'none'", "tools")
     if body.response_format and body.response_format.get("type", "text") != "text":
@@ -31,10 +38,11 @@ async def chat_completions():
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else 0
     params = sampling_params(body, gen, len(ids), max_tokens, top_logprobs=top)
+    record().reserve(len(ids) + body.n * params.max_tokens)
     samples = Samples(gen, [ids], params, body.n)
     skip = gen.engine.eos_ids | frozenset(params.stop_token_ids)
     cid, created = new_id("chatcmpl"), now()
-    base = {"id": cid, "created": created, "model": body.model, "system_fingerprint": st.fingerprint}
+    base = {"id": cid, "created": created, "model": body.model, "system_fingerprint": entry.fingerprint}
 
     if not body.stream:
         texts = [""] * body.n
@@ -109,4 +117,4 @@ async def chat_completions():
             yield chunk([], usage(len(ids), counts["completion"], counts["cached"]))
         yield DONE
 
-    return sse_response(events(), g.request_id, stream_logger(lambda: (len(ids), counts["completion"])))
+    return sse_response(events(), g.request_id, stream_finisher(lambda: (len(ids), counts["completion"])))

@@ -6,7 +6,16 @@ from quart import Blueprint, g
 
 from serve.errors import APIError, bad_request
 from serve.generation import CompletionLogprobs, Samples, sampling_params
-from serve.handlers import new_id, note_tokens, now, parse_body, state, stream_logger, usage
+from serve.handlers import (
+    new_id,
+    note_tokens,
+    now,
+    parse_body,
+    record,
+    serving,
+    stream_finisher,
+    usage,
+)
 from serve.schemas import CompletionRequest
 from serve.sse import DONE, event, sse_response
 
@@ -16,9 +25,7 @@ bp = Blueprint("completions", __name__)
 @bp.post("/v1/completions")
 async def completions():
     body = await parse_body(CompletionRequest)
-    st = state()
-    st.check_model(body.model)
-    gen = st.ready()
+    entry, gen = serving(body.model)
     if body.suffix:
         raise bad_request("suffix (insertion) is not supported by this server", "suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -31,6 +38,7 @@ async def completions():
         raise bad_request("prompt must not be empty", "prompt")
     top = body.logprobs or 0
     params = sampling_params(body, gen, max(map(len, ids)), body.max_tokens, top_logprobs=top)
+    record().reserve(sum(map(len, ids)) + len(ids) * body.n * params.max_tokens)
     try:
         samples = Samples(gen, ids, params, body.n)
     except APIError as e:
@@ -42,7 +50,12 @@ async def completions():
     skip = gen.engine.eos_ids | frozenset(params.stop_token_ids)
     logprobs = [CompletionLogprobs(len(echoes[i // body.n])) for i in range(n_choices)]
     prompt_tokens = sum(map(len, ids))
-    base = {"id": new_id("cmpl"), "created": now(), "model": body.model, "system_fingerprint": st.fingerprint}
+    base = {
+        "id": new_id("cmpl"),
+        "created": now(),
+        "model": body.model,
+        "system_fingerprint": entry.fingerprint,
+    }
 
     if not body.stream:
         texts = [echoes[i // body.n] for i in range(n_choices)]
@@ -100,7 +113,9 @@ async def completions():
             yield chunk([], usage(prompt_tokens, counts["completion"], counts["cached"]))
         yield DONE
 
-    return sse_response(events(), g.request_id, stream_logger(lambda: (prompt_tokens, counts["completion"])))
+    return sse_response(
+        events(), g.request_id, stream_finisher(lambda: (prompt_tokens, counts["completion"]))
+    )
 
 
 def _prompts(prompt: str | list) -> list[str | list[int]]:

@@ -9,7 +9,7 @@ import numpy as np
 from quart import Blueprint
 
 from serve.errors import bad_request, from_library
-from serve.handlers import note_tokens, parse_body, state
+from serve.handlers import note_tokens, parse_body, record, serving
 from serve.schemas import MAX_EMBEDDING_INPUTS, EmbeddingRequest
 
 bp = Blueprint("embeddings", __name__)
@@ -18,9 +18,7 @@ bp = Blueprint("embeddings", __name__)
 @bp.post("/v1/embeddings")
 async def embeddings():
     body = await parse_body(EmbeddingRequest)
-    st = state()
-    st.check_model(body.model)
-    gen = st.ready()
+    _, gen = serving(body.model)
     inputs = body.input
     if isinstance(inputs, list) and len(inputs) > MAX_EMBEDDING_INPUTS and not isinstance(inputs[0], int):
         raise bad_request(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", "input")
@@ -31,6 +29,7 @@ async def embeddings():
         )
     try:
         rows = gen.embedding_rows(inputs)
+        record().reserve(sum(map(len, rows)))
         vectors = await gen.aembed(rows)
     except Exception as e:
         raise from_library(e) from e

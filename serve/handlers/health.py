@@ -1,8 +1,9 @@
-"""`GET /health` (200 ok, 503 loading or failed) and `GET /slots` (what each slot is doing)."""
+"""`GET /health` (200 ok; 503 while loading, after a failure or when shutting down) and
+`GET /slots` (what each slot of a model is doing)."""
 
 from __future__ import annotations
 
-from quart import Blueprint
+from quart import Blueprint, request
 
 from serve.handlers import state
 
@@ -12,20 +13,32 @@ bp = Blueprint("health", __name__)
 @bp.get("/health")
 async def health():
     st = state()
-    if st.healthy:
-        return {"status": "ok"}
-    if st.status == "loading":
-        return {"status": "loading"}, 503, {"Retry-After": "1"}
-    error = st.error or "the inference engine stopped"
-    return {"status": "error", "error": error}, 503
+    per_model = {m.id: ("ok" if m.healthy else m.status if m.status != "ok" else "error") for m in st.models}
+    if st.healthy and not st.draining:
+        status, code = "ok", 200
+    elif st.draining:
+        status, code = "shutting_down", 503
+    elif any(s == "error" for s in per_model.values()):
+        status, code = "error", 503
+    else:
+        status, code = "loading", 503
+    body: dict = {"status": status}
+    if len(st.models) > 1:
+        body["models"] = per_model
+    errors = {
+        m.id: m.error or "the inference engine stopped" for m in st.models if per_model[m.id] == "error"
+    }
+    if errors:
+        body["errors"] = errors
+    return body, code, ({"Retry-After": "1"} if status == "loading" else {})
 
 
 @bp.get("/slots")
 async def slots():
-    gen = state().ready()
-    engine = gen.engine
+    """llama.cpp's `/slots`; `?model=` picks a model (default: the first)."""
+    gen = state().generator(request.args.get("model"))
     out = []
-    for i, req in enumerate(list(engine.slots)):
+    for i, req in enumerate(list(gen.engine.slots)):
         out.append(
             {
                 "id": i,
