@@ -89,11 +89,11 @@ def create_app(settings: Settings | None = None) -> Quart:
     async def _end(response: Response) -> Response:
         rec: RequestRecord | None = g.get("record")
         response.headers["X-Request-Id"] = g.get("request_id", "")
+        if rec is not None and not g.get("streaming"):
+            rec.finish(response.status_code)  # first: the headers then show the settled token budget
         if rec is not None and request.path.startswith("/v1/"):
             response.headers.update(limiter.headers(rec.client, rec.key))
         _cors(response)
-        if rec is not None and not g.get("streaming"):
-            rec.finish(response.status_code)
         return response
 
     @app.teardown_request

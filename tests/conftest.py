@@ -56,7 +56,7 @@ def rng() -> np.random.Generator:
 class Server:
     """A real `hypercorn serve.app:app` on a loopback port, configured by environment variables."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = (), scheme: str = "http"):
         import socket
         import subprocess
         import sys
@@ -64,12 +64,12 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hypercorn", "serve.app:app", "--bind", f"127.0.0.1:{self.port}"],
+            [sys.executable, "-m", "hypercorn", "serve.app:app", "--bind", f"127.0.0.1:{self.port}", *args],
             env={**os.environ, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -79,7 +79,7 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def wait_healthy(self, timeout: float = 600.0) -> list[int]:
+    def wait_healthy(self, timeout: float = 600.0, verify: object = True) -> list[int]:
         """Poll /health until 200; the statuses seen on the way."""
         import time
 
@@ -91,7 +91,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
             try:
-                status = httpx.get(self.url + "/health", timeout=5).status_code
+                status = httpx.get(self.url + "/health", timeout=5, verify=verify).status_code
             except httpx.TransportError:
                 status = 0
             if not seen or seen[-1] != status:
