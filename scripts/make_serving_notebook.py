@@ -1,0 +1,102 @@
+"""Writes and runs notebooks/serving.ipynb (run: python scripts/make_serving_notebook.py)."""
+
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+cells = [
+    new_markdown_cell(
+        "# Serving llama-jax over HTTP\n\n"
+        "Start the OpenAI-compatible server from this notebook, call it with the official `openai` "
+        "client (chat, streaming, embeddings) and run a small similarity search. In a terminal the same "
+        "server is `make serve` (or `llama-jax serve`)."
+    ),
+    new_code_cell(
+        "import shutil, socket, subprocess, sys, time\n"
+        "from pathlib import Path\n\n"
+        "import httpx\n\n"
+        "with socket.socket() as s:  # a free port\n"
+        '    s.bind(("127.0.0.1", 0))\n'
+        "    port = s.getsockname()[1]\n"
+        'llama_jax = shutil.which("llama-jax", path=str(Path(sys.executable).parent))\n'
+        "server = subprocess.Popen(\n"
+        '    [llama_jax, "serve", "--port", str(port), "--max-slots", "4", "--max-seq-len", "512", "--no-warmup"],\n'
+        "    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,\n"
+        ")\n"
+        'base = f"http://127.0.0.1:{port}"\n'
+        "for _ in range(600):  # /health answers 503 while the model loads\n"
+        "    try:\n"
+        '        if httpx.get(base + "/health").status_code == 200:\n'
+        "            break\n"
+        "    except httpx.TransportError:\n"
+        "        pass\n"
+        "    time.sleep(0.5)\n"
+        'print(httpx.get(base + "/health").json())'
+    ),
+    new_markdown_cell("## Chat with the official client\nAny API key works while the server has none configured."),
+    new_code_cell(
+        "from openai import OpenAI\n\n"
+        'client = OpenAI(api_key="not-needed", base_url=base + "/v1")\n'
+        "model = client.models.list().data[0].id\n"
+        "response = client.chat.completions.create(\n"
+        '    model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0\n'
+        ")\n"
+        "print(model, '->', response.choices[0].message.content)\n"
+        "print(response.usage)"
+    ),
+    new_markdown_cell("## Streaming\nTokens arrive as server-sent events; the client yields one chunk per delta."),
+    new_code_cell(
+        "stream = client.chat.completions.create(\n"
+        "    model=model,\n"
+        '    messages=[{"role": "user", "content": "Write a haiku about the sea."}],\n'
+        "    stream=True, seed=42, max_tokens=60,\n"
+        ")\n"
+        "for chunk in stream:\n"
+        '    print(chunk.choices[0].delta.content or "", end="", flush=True)'
+    ),
+    new_markdown_cell(
+        "## Embeddings and a similarity search\n"
+        "The vectors are L2-normalized, so a dot product is the cosine similarity. They are the chat "
+        "model's mean-pooled hidden states: good enough to show the API, far from a trained embedding model."
+    ),
+    new_code_cell(
+        "import numpy as np\n\n"
+        "sentences = [\n"
+        '    "The cat sat on the mat.",\n'
+        '    "A kitten is sleeping on the rug.",\n'
+        '    "Stock markets fell sharply today.",\n'
+        '    "Investors sold shares as prices dropped.",\n'
+        '    "Paris is the capital of France.",\n'
+        '    "France\'s capital city is Paris.",\n'
+        "]\n"
+        "vectors = np.array([d.embedding for d in client.embeddings.create(model=model, input=sentences).data])\n"
+        "similarity = vectors @ vectors.T\n"
+        "vectors.shape"
+    ),
+    new_code_cell(
+        "import matplotlib.pyplot as plt\n\n"
+        "fig, ax = plt.subplots(figsize=(6, 5))\n"
+        'im = ax.imshow(similarity, cmap="viridis")\n'
+        "ax.set_xticks(range(len(sentences)), [s[:18] + '…' for s in sentences], rotation=45, ha='right')\n"
+        "ax.set_yticks(range(len(sentences)), [s[:18] + '…' for s in sentences])\n"
+        "fig.colorbar(im)\n"
+        'ax.set_title("cosine similarity")\n'
+        "fig.tight_layout()"
+    ),
+    new_code_cell(
+        'query = "Where is the French government seated?"\n'
+        "q = np.array(client.embeddings.create(model=model, input=query).data[0].embedding)\n"
+        "for score, s in sorted(zip(vectors @ q, sentences), reverse=True)[:3]:\n"
+        '    print(f"{score:.3f}  {s}")'
+    ),
+    new_markdown_cell("## Stop the server"),
+    new_code_cell("server.terminate()\nserver.wait(30)"),
+]
+
+nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}})
+path = Path(__file__).resolve().parent.parent / "notebooks" / "serving.ipynb"
+NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+nbformat.write(nb, path)
+print("wrote", path)
