@@ -4,7 +4,8 @@
 
 Runs each dtype in its own subprocess (clean peak-memory figure) and prints one table. Decode
 is timed through the runner's jitted step at a fixed context bucket, all slots active, with
-the outputs read back every step as the engine does. Not a test: numbers depend on the machine.
+the outputs read back every step as the engine does, at every batch bucket up to 16 (XLA:CPU
+picks kernels by shape, so one size says little about the next). Not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def measure(model: str | None, dtype: str, seq: int, steps: int) -> dict:
     r: dict = {"dtype": dtype, "load_s": time.perf_counter() - t0}
     row = SlotSampling.from_params([SamplingParams(temperature=0)], [0])
     rng = np.random.default_rng(0)
-    for batch in (1, 4, 16):
+    for batch in (1, 2, 4, 8, 16):  # every decode batch bucket of a 16-slot runner
         runner = ModelRunner(loaded.model, max_slots=batch, max_seq_len=seq)
         state = runner.init_state()
         for n in (128, 512):

@@ -235,7 +235,11 @@ class Generator:
         vocab = self.config.vocab_size
         rows = []
         for i, item in enumerate(inputs):
-            r = self.tokenizer.encode(item, add_bos=False) if isinstance(item, str) else [int(t) for t in item]
+            r = (
+                self.tokenizer.encode(item, add_bos=False)
+                if isinstance(item, str)
+                else [int(t) for t in item]
+            )
             if not r:
                 raise InvalidRequestError(f"input {i} is empty", param="input")
             if min(r) < 0 or max(r) >= vocab:

@@ -7,7 +7,6 @@ import asyncio
 import signal
 import ssl
 import subprocess
-import time
 
 import httpx
 import openai
