@@ -9,7 +9,7 @@ PROMPT ?= What is the capital of France?
 
 PORT ?= 8080
 
-.PHONY: install serve chat test lint bench golden clean
+.PHONY: install browser serve chat test lint bench golden clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The web UI tests drive the system Chromium through Playwright (its own browser download is
+# not needed). Installed with apt when missing: as root, or through sudo otherwise.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 serve: $(STAMP)
 	$(BIN)/llama-jax serve --port $(PORT)
 
 chat: $(STAMP)
 	$(BIN)/llama-jax chat "$(PROMPT)"
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check llama_jax serve tests bench scripts
 	$(BIN)/python -m pytest -q
 

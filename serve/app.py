@@ -19,7 +19,17 @@ from werkzeug.exceptions import HTTPException
 
 from serve.auth import KeyChecker, protected
 from serve.errors import APIError, from_http, from_validation
-from serve.handlers import RequestRecord, chat, completions, embeddings, health, models, new_id, tokenize
+from serve.handlers import (
+    RequestRecord,
+    chat,
+    completions,
+    embeddings,
+    health,
+    models,
+    new_id,
+    tokenize,
+    webui,
+)
 from serve.limits import RateLimiter
 from serve.metrics import ServerMetrics
 from serve.settings import Settings
@@ -47,6 +57,8 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.extensions["llama_jax"] = st
     for module in (health, models, chat, completions, embeddings, tokenize):
         app.register_blueprint(module.bp)
+    if settings.webui:
+        app.register_blueprint(webui.bp)
 
     @app.get("/metrics")
     async def _metrics():
