@@ -169,6 +169,8 @@ def serve_settings(args):
         values["rate_limit_rpm"] = args.rate_limit_rpm
     if args.rate_limit_tpm is not None:
         values["rate_limit_tpm"] = args.rate_limit_tpm
+    if args.memory_budget_mb is not None:
+        values["memory_budget_mb"] = args.memory_budget_mb
     return dataclasses.replace(base, models=models, **values)
 
 
@@ -218,6 +220,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--rate-limit-tpm", type=int, default=None, help="tokens per minute per key or client (0: off)"
+    )
+    p.add_argument(
+        "--memory-budget-mb",
+        type=int,
+        default=None,
+        help="weights + KV caches of loaded models; a load that would not fit is refused (0: off)",
     )
     p.add_argument(
         "--cors-origin", action="append", default=[], help="allowed browser origin, or * (default: none)"

@@ -302,3 +302,23 @@ def load_model(
         seconds,
     )
     return LoadedModel(name, path, cfg, model_, source, seconds)
+
+
+def estimate_memory(
+    model: str | os.PathLike | None,
+    dtype: str = "float32",
+    quantize: str | None = None,
+    max_slots: int = 8,
+    max_seq_len: int = 2048,
+) -> int:
+    """Bytes a loaded model will hold on its device: weights plus the KV cache of its slots.
+    Reads only the config (GGUF header or config.json), so it is cheap to ask before loading."""
+    _, path = resolve_model_path(model)
+    cfg = LlamaConfig.from_hf_config(path / "config.json") if path.is_dir() else GGUFFile(path).config()
+    width = 1 if quantize else jnp.dtype(DTYPES[dtype]).itemsize
+    weights = cfg.num_params() * width
+    seq = min(max_seq_len, cfg.context_length)
+    cache = (
+        2 * cfg.n_layers * max_slots * seq * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(DTYPES[dtype]).itemsize
+    )
+    return int(weights + cache)

@@ -9,6 +9,7 @@ of a config file:
     api_keys = ["sk-team-a", "sk-team-b"]
     rate_limit_rpm = 60          # per key (or per client address without keys); 0: off
     rate_limit_tpm = 20000
+    memory_budget_mb = 4096      # a load that would not fit is refused (503), nothing else moves
 
     [[models]]
     model = "smollm2-135m-instruct"
@@ -18,6 +19,8 @@ of a config file:
     [[models]]
     model = "./Qwen2-0.5B-Instruct-Q8_0.gguf"
     quantize = "int8"
+    lazy = true                  # loaded on first use ...
+    idle_unload_s = 600          # ... and unloaded after 10 idle minutes
 
     [rate_limits."sk-team-b"]    # per-key overrides
     rpm = 600
@@ -46,6 +49,8 @@ class ModelSpec:
     quantize: str | None = None
     max_queue: int = 256
     chat_template: str | None = None
+    lazy: bool = False  # load on the first request instead of at start
+    idle_unload_s: float = 0.0  # unload after this many idle seconds (0: never)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,7 @@ class Settings:
     port: int = 8080
     warmup: bool = True
     max_body_bytes: int = 8 * 1024 * 1024
+    memory_budget_mb: int = 0  # weights + KV caches of the loaded models; 0: unlimited
     compilation_cache: str | None = "default"
     api_keys: tuple[str, ...] = ()
     rate_limit_rpm: int = 0

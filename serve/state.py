@@ -2,19 +2,24 @@
 engine and slots, found by any of its names.
 
 Models load (and warm up) one after the other on a worker thread once the server listens, so
-`/health` can answer `loading` meanwhile; a model's routes answer 503 until it is ready.
+`/health` can answer `loading` meanwhile; a model's routes answer 503 until it is ready. A
+`lazy` model loads on its first request (which waits for it) and, with `idle_unload_s`, is
+unloaded again after that long without work. With a memory budget, a load whose estimate
+(weights + KV cache) does not fit beside the loaded models is refused with a 503 that says
+so, and nothing else is disturbed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import time
 from pathlib import Path
 
 from llama_jax.generator import Generator
-from llama_jax.weights import DEFAULT_MODEL
+from llama_jax.weights import DEFAULT_MODEL, estimate_memory
 from serve.errors import APIError, model_not_found, unavailable
 from serve.settings import ModelSpec, Settings
 
@@ -28,9 +33,12 @@ class ModelEntry:
         self.spec = spec
         self.id = model_id
         self.names = (model_id, *[a for a in spec.aliases if a != model_id])
-        self.status = "loading"  # loading -> ok | error
+        self.status = "unloaded" if spec.lazy else "loading"  # unloaded -> loading -> ok | error
         self.error: str | None = None
         self.generator: Generator | None = None
+        self.last_used = time.monotonic()
+        self.lock = asyncio.Lock()  # one load or unload at a time
+        self._estimate: int | None = None
         self.fingerprint = (
             "fp_" + hashlib.sha256(f"{model_id}:{spec.dtype}:{spec.quantize}".encode()).hexdigest()[:10]
         )
@@ -74,6 +82,27 @@ class ModelEntry:
         gen = self.generator
         return self.status == "ok" and gen is not None and gen.loop.error is None and gen.loop.running
 
+    def estimate(self) -> int:
+        """Bytes of weights and KV cache this model holds when loaded."""
+        if self._estimate is None:
+            s = self.spec
+            self._estimate = estimate_memory(s.model, s.dtype, s.quantize, s.max_slots, s.max_seq_len)
+        return self._estimate
+
+    @property
+    def busy(self) -> bool:
+        gen = self.generator
+        return gen is not None and bool(gen.engine.live_slots or gen.engine.waiting or gen.loop.backlog)
+
+    def unload(self) -> None:
+        gen, self.generator = self.generator, None
+        self.status = "unloaded"
+        if gen is not None:
+            gen.close()
+        del gen
+        gc.collect()
+        log.info("unloaded %s", self.id)
+
     def ready(self) -> Generator:
         """The generator, or a 503 (loading) / 500 (failed to load, engine stopped)."""
         if self.status == "error":
@@ -99,7 +128,7 @@ class ServerState:
                 self.by_name[name] = entry
             self.models.append(entry)
         self.draining = False  # set on shutdown: new generations get 503
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     @property
     def names(self) -> list[str]:
@@ -108,16 +137,64 @@ class ServerState:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._load_all())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._load_all())]
+        if any(m.spec.idle_unload_s > 0 for m in self.models):
+            self._tasks.append(loop.create_task(self._unload_idle()))
 
     async def _load_all(self) -> None:
         for entry in self.models:
-            await asyncio.to_thread(entry.load, self.settings.warmup, self.settings.compilation_cache)
+            if entry.status == "loading":
+                await self._load(entry)
+
+    async def _load(self, entry: ModelEntry) -> None:
+        """Load `entry` on a worker thread, unless the memory budget says it does not fit."""
+        budget = self.settings.memory_budget_mb * 2**20
+        if budget:
+            try:
+                need = entry.estimate()
+            except Exception as e:  # noqa: BLE001 - a model that cannot be read fails its load
+                entry.status, entry.error = "error", f"{type(e).__name__}: {e}"
+                return
+            used = sum(m.estimate() for m in self.models if m is not entry and m.status in ("ok", "loading"))
+            if used + need > budget:
+                loaded = ", ".join(m.id for m in self.models if m is not entry and m.status == "ok") or "none"
+                message = (
+                    f"Loading model {entry.id} needs about {need / 2**20:.0f} MB, but only "
+                    f"{max(0, budget - used) / 2**20:.0f} MB of the {budget / 2**20:.0f} MB memory budget "
+                    f"is free (loaded: {loaded})."
+                )
+                if entry.spec.lazy:
+                    entry.status = "unloaded"
+                    raise unavailable(
+                        message + " Retry when another model has been unloaded.", "insufficient_memory"
+                    )
+                entry.status, entry.error = "error", message
+                log.error("%s", message)
+                return
+        entry.status = "loading"
+        await asyncio.to_thread(entry.load, self.settings.warmup, self.settings.compilation_cache)
+
+    async def _unload_idle(self, every: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for entry in self.models:
+                idle = entry.spec.idle_unload_s
+                if idle > 0 and entry.status == "ok" and not entry.busy and now - entry.last_used > idle:
+                    async with entry.lock:
+                        if (
+                            entry.status == "ok"
+                            and not entry.busy
+                            and time.monotonic() - entry.last_used > idle
+                        ):
+                            await asyncio.to_thread(entry.unload)
 
     async def close(self) -> None:
         self.draining = True
-        if self._task is not None and not self._task.done():
-            self._task.cancel()  # models not started yet stay unloaded; the one loading finishes
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()  # models not started yet stay unloaded; the one loading finishes
         for entry in self.models:
             if entry.generator is not None:
                 await asyncio.to_thread(entry.generator.close)
@@ -133,15 +210,22 @@ class ServerState:
             raise model_not_found(name)
         return entry
 
-    def generator(self, name: str | None) -> Generator:
+    async def generator(self, name: str | None) -> Generator:
+        """The ready generator of the model called `name`, loading a lazy model first."""
         entry = self.get(name)
         if self.draining:
             raise unavailable("The server is shutting down.", code="server_shutting_down")
+        entry.last_used = time.monotonic()
+        if entry.status == "unloaded":
+            async with entry.lock:
+                if entry.status == "unloaded":
+                    await self._load(entry)
+            entry.last_used = time.monotonic()
         return entry.ready()
 
     @property
     def healthy(self) -> bool:
-        return all(m.healthy for m in self.models)
+        return all(m.healthy or m.status == "unloaded" for m in self.models)
 
 
 def model_id(model: str | None) -> str:

@@ -7,6 +7,7 @@ import asyncio
 import signal
 import ssl
 import subprocess
+import time
 
 import httpx
 import openai
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
 KEYS = ("sk-one-0123456789", "sk-two-0123456789", "sk-limited-000000", "sk-tokens-0000000")
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+BIG = "SmolLM2-135M-Instruct.Q4_1"  # the default model's file again, lazy: beyond the budget
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +34,17 @@ def tiny_gguf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prod(tiny_gguf):
+    from llama_jax.weights import resolve_model_path
+
+    lazy_gguf = tiny_gguf.parent / "lazy-tiny.gguf"
+    lazy_gguf.write_bytes(tiny_gguf.read_bytes())
     config = tiny_gguf.parent / "llama-jax.toml"
     config.write_text(
         f"""
 api_keys = ["{KEYS[0]}", "{KEYS[1]}", "{KEYS[2]}", "{KEYS[3]}"]
 cors_origins = ["http://app.example"]
 warmup = false
+memory_budget_mb = 800
 
 [[models]]
 model = "{MODEL}"
@@ -48,6 +55,19 @@ max_slots = 2
 model = "{tiny_gguf}"
 aliases = ["my-model"]
 max_seq_len = 256
+max_slots = 2
+
+[[models]]
+model = "{lazy_gguf}"
+lazy = true
+idle_unload_s = 2
+max_seq_len = 256
+max_slots = 1
+
+[[models]]
+model = "{resolve_model_path(None)[1]}"
+lazy = true
+max_seq_len = 512
 max_slots = 2
 
 [rate_limits."{KEYS[2]}"]
@@ -80,9 +100,10 @@ def auth(key=KEYS[0]) -> dict:
 
 def test_both_models_are_listed_and_answer_concurrently(prod):
     ids = [m.id for m in client(prod).models.list().data]
-    assert ids == [MODEL, "tiny-chat", "my-model"]
+    assert ids[:3] == [MODEL, "tiny-chat", "my-model"] and "lazy-tiny" in ids
     health = httpx.get(prod.url + "/health").json()
-    assert health == {"status": "ok", "models": {MODEL: "ok", "tiny-chat": "ok"}}
+    assert health["status"] == "ok"
+    assert health["models"] == {MODEL: "ok", "tiny-chat": "ok", "lazy-tiny": "unloaded", BIG: "unloaded"}
 
     async def main():
         c = openai.AsyncOpenAI(api_key=KEYS[1], base_url=prod.base_url, max_retries=0)
@@ -103,6 +124,30 @@ def test_both_models_are_listed_and_answer_concurrently(prod):
     with pytest.raises(openai.NotFoundError) as e:
         client(prod).chat.completions.create(model="nope", messages=FRANCE)
     assert e.value.code == "model_not_found"
+
+
+def test_lazy_model_loads_on_first_use_and_unloads_when_idle(prod):
+    def status():
+        return httpx.get(prod.url + "/health").json()["models"]["lazy-tiny"]
+
+    kw = dict(messages=FRANCE, max_tokens=3, extra_body={"ignore_eos": True})
+    r = client(prod).chat.completions.create(model="lazy-tiny", **kw)  # waits for the load
+    assert r.usage.completion_tokens == 3 and status() == "ok"
+    deadline = time.monotonic() + 30
+    while status() != "unloaded" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status() == "unloaded"  # idle for 2 s
+    assert client(prod).chat.completions.create(model="lazy-tiny", **kw).usage.completion_tokens == 3
+
+
+def test_a_load_beyond_the_memory_budget_is_refused_and_disturbs_nothing(prod):
+    with pytest.raises(openai.InternalServerError) as e:
+        client(prod).chat.completions.create(model=BIG, messages=FRANCE, max_tokens=2)
+    assert e.value.status_code == 503 and e.value.code == "insufficient_memory"
+    assert "800 MB memory budget" in e.value.message
+    assert httpx.get(prod.url + "/health").json()["models"][BIG] == "unloaded"
+    r = client(prod).chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=12, temperature=0)
+    assert "Paris" in r.choices[0].message.content
 
 
 def test_tokenize_picks_the_model_by_name(prod):

@@ -113,9 +113,10 @@ def usage(prompt: int, completion: int, cached: int | None = None) -> dict:
     return out
 
 
-def serving(name: str | None) -> tuple[ModelEntry, Generator]:
-    """The model called `name` and its ready generator (404, 503 otherwise); noted for metrics."""
+async def serving(name: str | None) -> tuple[ModelEntry, Generator]:
+    """The model called `name` and its ready generator (404, 503 otherwise; a lazy model is
+    loaded first); noted for metrics."""
     st = state()
     entry = st.get(name)
     g.record.model = entry.id
-    return entry, st.generator(name)
+    return entry, await st.generator(name)

@@ -25,7 +25,7 @@ bp = Blueprint("chat", __name__)
 @bp.post("/v1/chat/completions")
 async def chat_completions():
     body = await parse_body(ChatCompletionRequest)
-    entry, gen = serving(body.model)
+    entry, gen = await serving(body.model)
     if body.tools and body.tool_choice not in (None, "none"):
         raise bad_request("tool calling is not supported yet; send tool_choice 'none'", "tools")
     if body.response_format and body.response_format.get("type", "text") != "text":

@@ -25,7 +25,7 @@ bp = Blueprint("completions", __name__)
 @bp.post("/v1/completions")
 async def completions():
     body = await parse_body(CompletionRequest)
-    entry, gen = serving(body.model)
+    entry, gen = await serving(body.model)
     if body.suffix:
         raise bad_request("suffix (insertion) is not supported by this server", "suffix")
     if body.best_of is not None and body.best_of != body.n:

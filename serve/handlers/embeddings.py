@@ -18,7 +18,7 @@ bp = Blueprint("embeddings", __name__)
 @bp.post("/v1/embeddings")
 async def embeddings():
     body = await parse_body(EmbeddingRequest)
-    _, gen = serving(body.model)
+    _, gen = await serving(body.model)
     inputs = body.input
     if isinstance(inputs, list) and len(inputs) > MAX_EMBEDDING_INPUTS and not isinstance(inputs[0], int):
         raise bad_request(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", "input")

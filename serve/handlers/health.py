@@ -36,7 +36,7 @@ async def health():
 @bp.get("/slots")
 async def slots():
     """llama.cpp's `/slots`; `?model=` picks a model (default: the first)."""
-    gen = state().generator(request.args.get("model"))
+    gen = await state().generator(request.args.get("model"))
     out = []
     for i, req in enumerate(list(gen.engine.slots)):
         out.append(

@@ -14,7 +14,7 @@ bp = Blueprint("tokenize", __name__)
 @bp.post("/tokenize")
 async def tokenize():
     body = await parse_body(TokenizeRequest)
-    tok = serving(body.model)[1].tokenizer
+    tok = (await serving(body.model))[1].tokenizer
     ids = tok.encode(body.content, add_bos=body.add_special, parse_special=body.parse_special)
     if body.with_pieces:
         return {"tokens": [{"id": t, "piece": tok.token_to_piece(t)} for t in ids]}
@@ -24,7 +24,7 @@ async def tokenize():
 @bp.post("/detokenize")
 async def detokenize():
     body = await parse_body(DetokenizeRequest)
-    _, gen = serving(body.model)
+    _, gen = await serving(body.model)
     vocab = gen.config.vocab_size
     if any(t >= vocab for t in body.tokens):
         raise bad_request(f"token ids must be in [0, {vocab})", "tokens")
@@ -34,7 +34,7 @@ async def detokenize():
 @bp.post("/apply-template")
 async def apply_template():
     body = await parse_body(ApplyTemplateRequest)
-    _, gen = serving(body.model)
+    _, gen = await serving(body.model)
     try:
         prompt = gen.render_chat([m.for_template() for m in body.messages], body.add_generation_prompt)
     except Exception as e:
