@@ -172,6 +172,10 @@ class Engine:
         req = Request(prompt_ids, params, seed, request_id or f"req-{next(self._ids)}")
         req.detok = IncrementalDetokenizer(self.tokenizer)
         req.stops = StopMatcher(params.stop)
+        try:  # the device rows are built here, on the caller's thread: a value that does not fit fails now
+            SlotSampling.from_params([params], [seed])
+        except (OverflowError, ValueError, TypeError) as e:
+            raise InvalidRequestError(f"a sampling value is out of range: {e}") from None
         return req
 
     def cancel(self, req: Request) -> None:

@@ -242,8 +242,8 @@ class EngineLoop:
                 break
             if item is not _STOP and item[0] == "submit":
                 sinks.append(item[2])
-            elif item is not _STOP and item[0] == "call":
-                item[2].set_exception(dead)
+            elif item is not _STOP and item[0] == "call" and item[2].set_running_or_notify_cancel():
+                item[2].set_exception(dead)  # a caller that already gave up has nothing to hear
         for sink in sinks:
             try:
                 sink(dead)

@@ -60,8 +60,8 @@ class SamplingParams:
             bad("temperature", f"must be between 0 and 100, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            bad("top_k", f"must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k < 2**31:
+            bad("top_k", f"must be between 0 and 2**31 - 1, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if self.max_tokens < 1:

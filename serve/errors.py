@@ -124,8 +124,11 @@ def from_validation(e: ValidationError) -> APIError:
             param += f".{part}" if param else part
     if err["type"] == "model_type" and not param:
         return bad_request("The request body must be a JSON object")
+    param = param or None
     if err["type"] == "missing":
         return bad_request(f"Missing required parameter: '{param}'.", param=param)
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+    if param is None:
+        return bad_request(f"Invalid request: {err['msg'].removeprefix('Value error, ')}.")
     return bad_request(f"Invalid value for '{param}': {err['msg']} (got {shown[:100]}).", param=param)

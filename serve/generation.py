@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from collections.abc import AsyncIterator, Sequence
 
 from llama_jax.engine import Delta, Request
 from llama_jax.generator import Generator
 from llama_jax.sampling import SamplingParams
-from serve.errors import bad_request, from_library
+from serve.errors import APIError, bad_request, from_library
 from serve.schemas import SamplingFields
 
 DEFAULT_MAX_TOKENS = 256  # the seed's default
@@ -31,6 +32,15 @@ def sampling_params(
     the context, whichever is smaller; an explicit value beyond the context is an error."""
     if max_tokens is None:
         max_tokens = max(1, min(DEFAULT_MAX_TOKENS, gen.max_seq_len - prompt_len))
+    elif prompt_len + max_tokens > gen.max_seq_len:  # before any token budget is reserved
+        raise APIError(
+            400,
+            f"This model's maximum context length is {gen.max_seq_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
         try:
@@ -75,25 +85,29 @@ class Samples:
         self._loop = gen.loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self.requests: list[Request] = []
+        if len(prompts) * n > gen.engine.max_queue:
+            raise bad_request(
+                f"{len(prompts)} prompts x n={n} is more than this server queues ({gen.engine.max_queue})",
+                "prompt" if len(prompts) > 1 else "n",
+            )
         aloop = asyncio.get_running_loop()
+        # A response whose body never starts (the client left while its headers were being
+        # sent) drops this object unread: its requests are cancelled then, not left running.
+        weakref.finalize(self, _cancel_all, self._loop, self.requests)
         try:
             for p, ids in enumerate(prompts):
-                sinks = [self._sink(aloop, p * n + j) for j in range(n)]
+                sinks = [_sink(aloop, self._queue, p * n + j) for j in range(n)]
                 self.requests += self._loop.submit_group(ids, params, sinks)
         except Exception as e:
             self.cancel()
             raise from_library(e) from e
 
-    def _sink(self, aloop: asyncio.AbstractEventLoop, index: int):
-        def put(item: Delta | BaseException) -> None:
-            if not aloop.is_closed():
-                aloop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
-
-        return put
+    @property
+    def generated(self) -> int:
+        return sum(len(r.output_ids) for r in self.requests)
 
     def cancel(self) -> None:
-        for r in self.requests:
-            self._loop.cancel(r)
+        _cancel_all(self._loop, self.requests)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Delta]]:
         left = len(self.requests)
@@ -107,6 +121,19 @@ class Samples:
                 yield index, item
         finally:
             self.cancel()
+
+
+def _sink(aloop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
+    def put(item: Delta | BaseException) -> None:
+        if not aloop.is_closed():
+            aloop.call_soon_threadsafe(queue.put_nowait, (index, item))
+
+    return put
+
+
+def _cancel_all(loop, requests: list[Request]) -> None:
+    for r in requests:
+        loop.cancel(r)
 
 
 def finite(x: float) -> float:

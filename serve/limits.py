@@ -51,6 +51,11 @@ class RateLimiter:
         return self.settings.rate_limit(key)
 
     def _bucket(self, client: str, kind: str, capacity: int, now: float) -> Bucket:
+        if len(self._buckets) > 10_000:  # forget clients whose buckets have refilled: no state lost
+            for k, old in list(self._buckets.items()):
+                old.refill(now)
+                if old.level >= old.capacity:
+                    del self._buckets[k]
         b = self._buckets.get((client, kind))
         if b is None or b.capacity != capacity:
             b = self._buckets[(client, kind)] = Bucket(capacity, capacity, now)

@@ -19,6 +19,12 @@ MAX_EMBEDDING_INPUTS = 2048
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        # OpenAI's optional fields accept an explicit null, which clients and proxies send.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
 
 class ContentPart(_Body):
     model_config = ConfigDict(extra="allow", strict=True)

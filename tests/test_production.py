@@ -74,7 +74,7 @@ max_slots = 2
 rpm = 120
 
 [rate_limits."{KEYS[3]}"]
-tpm = 600
+tpm = 400
 """
     )
     srv = Server(
@@ -211,13 +211,13 @@ def test_token_limit_reserves_then_settles_to_actual_use(prod):
     # prompt + 300 tokens were reserved while it ran; the response reports what is left after
     # the unused ones were given back.
     left = int(raw.headers["x-ratelimit-remaining-tokens"])
-    assert 600 - r.usage.total_tokens - 1 <= left <= 600
+    assert 400 - r.usage.total_tokens - 1 <= left <= 400
     with pytest.raises(openai.RateLimitError) as e:  # more than a minute's budget: never retried
-        c.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=590)
+        c.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=420)
     assert e.value.code == "rate_limit_exceeded"
-    c.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=400, temperature=0)
+    c.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=300, temperature=0)
     with pytest.raises(openai.RateLimitError) as e:
-        c.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=540)
+        c.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=340)
     assert int(e.value.response.headers["retry-after"]) >= 1
 
 

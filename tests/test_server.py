@@ -502,3 +502,36 @@ def test_seed_python_client_example(server):
     assert response.choices[0].message.content
     embeddings = client.embeddings.create(model=MODEL, input=["Hello", "world"])
     assert len(embeddings.data[0].embedding) == 576
+
+
+def test_out_of_range_sampling_values_are_400_and_the_engine_lives_on(http):
+    for extra in ({"top_k": 3_000_000_000}, {"top_k": 2**40}, {"seed": 2**80}):
+        r = http.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": FRANCE, "max_tokens": 2, **extra}
+        )
+        assert r.status_code == 400, (extra, r.text)
+        assert error_of(r)["type"] == "invalid_request_error"
+    assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_explicit_nulls_mean_defaults(http):
+    body = {
+        "model": MODEL,
+        "messages": FRANCE,
+        "max_tokens": 3,
+        "n": None,
+        "stream": None,
+        "logprobs": None,
+        "temperature": None,
+        "stop": None,
+        "stream_options": {"include_usage": None},
+        "user": None,
+    }
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1
+
+
+def test_more_prompts_than_the_queue_holds_is_a_400_not_a_retry_loop(http):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": ["hi"] * 100, "max_tokens": 1})
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt"

@@ -55,6 +55,7 @@ class RequestRecord:
     started: float = dataclasses.field(default_factory=time.monotonic)
     model: str = ""
     tokens: tuple[int, int] | None = None
+    count: Callable[[], tuple[int, int]] | None = None  # live (prompt, generated) of a generation
     reserved: int = 0
     done: bool = False
 
@@ -67,6 +68,8 @@ class RequestRecord:
             return
         self.done = True
         seconds = time.monotonic() - self.started
+        if self.count is not None and (self.tokens is None or outcome):
+            self.tokens = self.count()  # what was really generated, also when the client left
         used = sum(self.tokens) if self.tokens else 0
         self.limiter.settle(self.client, self.key, self.reserved, used)
         self.metrics.observe(self.route, status, self.model or "-", seconds)
@@ -86,14 +89,17 @@ def note_tokens(prompt: int, completion: int = 0) -> None:
     g.record.tokens = (prompt, completion)
 
 
+STREAM_STATUS = {"ok": 200, "disconnected": 499, "error": 500}  # for metrics: the HTTP status was 200
+
+
 def stream_finisher(tokens: Callable[[], tuple[int, int]]) -> Callable[[str, float], None]:
     """The end callback of a streamed response: its record finishes when the stream does."""
     g.streaming = True
     rec = g.record
+    rec.count = tokens
 
     def on_end(outcome: str, _seconds: float) -> None:
-        rec.tokens = tokens()
-        rec.finish(200, outcome)
+        rec.finish(STREAM_STATUS.get(outcome, 200), outcome)
 
     return on_end
 

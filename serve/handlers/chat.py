@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from quart import Blueprint, g
 
 from serve.errors import bad_request, from_library
@@ -32,7 +34,7 @@ async def chat_completions():
         raise bad_request("only response_format type 'text' is supported yet", "response_format")
     messages = [m.for_template() for m in body.messages]
     try:
-        ids = gen.encode_chat(messages)
+        ids = await asyncio.to_thread(gen.encode_chat, messages)  # a long prompt must not stall the loop
     except Exception as e:
         raise from_library(e) from e
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -40,6 +42,7 @@ async def chat_completions():
     params = sampling_params(body, gen, len(ids), max_tokens, top_logprobs=top)
     record().reserve(len(ids) + body.n * params.max_tokens)
     samples = Samples(gen, [ids], params, body.n)
+    record().count = lambda: (len(ids), samples.generated)
     skip = gen.engine.eos_ids | frozenset(params.stop_token_ids)
     cid, created = new_id("chatcmpl"), now()
     base = {"id": cid, "created": created, "model": body.model, "system_fingerprint": entry.fingerprint}
@@ -117,4 +120,4 @@ async def chat_completions():
             yield chunk([], usage(len(ids), counts["completion"], counts["cached"]))
         yield DONE
 
-    return sse_response(events(), g.request_id, stream_finisher(lambda: (len(ids), counts["completion"])))
+    return sse_response(events(), g.request_id, stream_finisher(lambda: (len(ids), samples.generated)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from quart import Blueprint, g
 
 from serve.errors import APIError, bad_request
@@ -33,7 +35,10 @@ async def completions():
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
     prompts = _prompts(body.prompt)
-    ids = [gen.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    # Tokenized on a worker thread: a long prompt must not stall every other request.
+    ids = await asyncio.to_thread(
+        lambda: [gen.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    )
     if any(not p for p in ids):
         raise bad_request("prompt must not be empty", "prompt")
     top = body.logprobs or 0
@@ -45,6 +50,7 @@ async def completions():
         if e.code == "context_length_exceeded":
             e.param = "prompt"
         raise
+    record().count = lambda: (sum(map(len, ids)), samples.generated)
     n_choices = len(ids) * body.n
     echoes = [(p if isinstance(p, str) else gen.tokenizer.decode(p)) if body.echo else "" for p in prompts]
     skip = gen.engine.eos_ids | frozenset(params.stop_token_ids)
@@ -113,9 +119,7 @@ async def completions():
             yield chunk([], usage(prompt_tokens, counts["completion"], counts["cached"]))
         yield DONE
 
-    return sse_response(
-        events(), g.request_id, stream_finisher(lambda: (prompt_tokens, counts["completion"]))
-    )
+    return sse_response(events(), g.request_id, stream_finisher(lambda: (prompt_tokens, samples.generated)))
 
 
 def _prompts(prompt: str | list) -> list[str | list[int]]:

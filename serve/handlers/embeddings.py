@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import numpy as np
@@ -28,7 +29,7 @@ async def embeddings():
             "dimensions",
         )
     try:
-        rows = gen.embedding_rows(inputs)
+        rows = await asyncio.to_thread(gen.embedding_rows, inputs)
         record().reserve(sum(map(len, rows)))
         vectors = await gen.aembed(rows)
     except Exception as e:
