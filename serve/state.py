@@ -181,7 +181,10 @@ class ServerState:
             now = time.monotonic()
             for entry in self.models:
                 idle = entry.spec.idle_unload_s
-                if idle > 0 and entry.status == "ok" and not entry.busy and now - entry.last_used > idle:
+                if entry.busy:
+                    entry.last_used = now  # idle time counts from the end of the last request
+                    continue
+                if idle > 0 and entry.status == "ok" and now - entry.last_used > idle:
                     async with entry.lock:
                         if (
                             entry.status == "ok"

@@ -60,7 +60,7 @@ max_slots = 2
 [[models]]
 model = "{lazy_gguf}"
 lazy = true
-idle_unload_s = 2
+idle_unload_s = 3
 max_seq_len = 256
 max_slots = 1
 
@@ -136,7 +136,7 @@ def test_lazy_model_loads_on_first_use_and_unloads_when_idle(prod):
     deadline = time.monotonic() + 30
     while status() != "unloaded" and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert status() == "unloaded"  # idle for 2 s
+    assert status() == "unloaded"  # idle for 3 s
     assert client(prod).chat.completions.create(model="lazy-tiny", **kw).usage.completion_tokens == 3
 
 
