@@ -15,6 +15,11 @@ import sys
 
 from llama_jax.errors import LlamaJaxError
 
+MESH_HELP = (
+    "tensor-parallel over devices: data=D,model=M (M devices per replica, D replicas of the slot "
+    "batch), or auto (every device on model); default: one device"
+)
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -22,8 +27,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="alias, GGUF file or Hugging Face folder (default: smollm2-135m-instruct)",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: float32 on CPU, bfloat16 on GPU/TPU",
+    )
     p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only quantization")
+    p.add_argument("--mesh", default=None, help=MESH_HELP)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -52,7 +63,12 @@ def _load(args):
     from llama_jax.generator import Generator
 
     return Generator.from_pretrained(
-        args.model, dtype=args.dtype, quantize=args.quantize, max_seq_len=args.max_seq_len, max_slots=1
+        args.model,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        max_seq_len=args.max_seq_len,
+        max_slots=1,
+        mesh=args.mesh,
     )
 
 
@@ -110,9 +126,43 @@ def cmd_generate(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    settings = serve_settings(args)
+    if args.coordinator or args.distributed:
+        from llama_jax import sharding
+
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        import jax
+
+        if jax.process_index() != 0:
+            _follow(settings)
+            return
     from serve.server import run
 
-    run(serve_settings(args))
+    run(settings)
+
+
+def _follow(settings) -> None:
+    """A process other than 0 of a multi-host server: load the same model on the same mesh,
+    then replay process 0's device steps (`lockstep.follow`); no HTTP here."""
+    from llama_jax import lockstep
+    from llama_jax.generator import Generator
+
+    specs = settings.model_specs()
+    if len(specs) != 1 or specs[0].lazy:
+        raise LlamaJaxError("a multi-host server serves exactly one model, loaded at start")
+    s = specs[0]
+    gen = Generator.from_pretrained(
+        s.model,
+        dtype=s.dtype,
+        quantize=s.quantize,
+        max_seq_len=s.max_seq_len,
+        max_slots=s.max_slots,
+        max_queue=s.max_queue,
+        chat_template=s.chat_template,
+        compilation_cache=settings.compilation_cache,
+        mesh=s.mesh,
+    )
+    lockstep.follow(gen.engine)
 
 
 def serve_settings(args):
@@ -134,6 +184,7 @@ def serve_settings(args):
         quantize=args.quantize,
         max_queue=args.max_queue,
         chat_template=args.chat_template,
+        mesh=args.mesh,
     )
     common = {k: v for k, v in common.items() if v is not None}
     models = base.models
@@ -199,8 +250,22 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-seq-len", type=int, default=None, help=f"tokens per sequence (default: {d.max_seq_len})"
     )
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto (default): float32 on CPU, bfloat16 on GPU/TPU",
+    )
     p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only quantization")
+    p.add_argument("--mesh", default=None, help=MESH_HELP)
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="several hosts: jax.distributed.initialize() with auto-detected arguments (Cloud TPU)",
+    )
+    p.add_argument("--coordinator", default=None, help="several hosts: process 0's HOST:PORT")
+    p.add_argument("--num-processes", type=int, default=None, help="several hosts: how many processes")
+    p.add_argument("--process-id", type=int, default=None, help="several hosts: this process's index")
     p.add_argument(
         "--max-queue", type=int, default=None, help=f"waiting requests before 503 (default: {d.max_queue})"
     )

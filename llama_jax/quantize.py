@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -147,8 +148,9 @@ def int8_matmul(x: jax.Array, q: jax.Array, how: str | None = None) -> jax.Array
     raise ValueError(f"unknown int8 matmul formulation {how!r}")
 
 
-def quantize_array(w: np.ndarray | jax.Array, axes: tuple[int, ...]) -> Int8Weight:
-    """Symmetric per-channel int8: scale = max|w| over `axes` / 127; `q` stored output-major."""
+def quantize_array(w: np.ndarray | jax.Array, axes: tuple[int, ...], on_host: bool = False) -> Int8Weight:
+    """Symmetric per-channel int8: scale = max|w| over `axes` / 127; `q` stored output-major.
+    `on_host`: keep numpy arrays (for a mesh to place shard by shard)."""
     w = np.asarray(w, np.float32)
     amax = np.max(np.abs(w), axis=axes, keepdims=True)
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
@@ -156,16 +158,22 @@ def quantize_array(w: np.ndarray | jax.Array, axes: tuple[int, ...]) -> Int8Weig
     axes = tuple(sorted(a % w.ndim for a in axes))
     kept = [i for i in range(w.ndim) if i not in axes]
     q = np.ascontiguousarray(np.transpose(q, kept + list(axes)))
-    return Int8Weight(jnp.asarray(q), jnp.asarray(scale), tuple(a - w.ndim for a in axes))
+    contracted = tuple(a - w.ndim for a in axes)
+    if on_host:
+        return Int8Weight(q, scale, contracted)
+    return Int8Weight(jnp.asarray(q), jnp.asarray(scale), contracted)
 
 
-def quantize_model(model: Llama, method: str = "int8") -> Llama:
-    """Replace the matmul weights and the embedding of `model` by int8 weights, in place."""
+def quantize_model(model: Llama, method: str = "int8", place: Callable | None = None) -> Llama:
+    """Replace the matmul weights and the embedding of `model` by int8 weights, in place.
+    `place(name, weight)` puts each (host) int8 weight on devices, e.g. a mesh's
+    `sharding.placer`, which splits `q` and `scale` as the float weight was."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
     targets = [(model.blocks, name) for name in ("wqkv", "wo", "w_gate_up", "w_down")]
     targets += [(model, "embed")] + ([(model, "lm_head")] if model.lm_head is not None else [])
     for owner, name in targets:
         var: nnx.Param = getattr(owner, name)
-        var.set_value(quantize_array(var.get_value(), CONTRACTED[name]))
+        w = quantize_array(var.get_value(), CONTRACTED[name], on_host=place is not None)
+        var.set_value(w if place is None else place(("blocks/" if owner is model.blocks else "") + name, w))
     return model

@@ -15,14 +15,16 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from llama_jax import sharding
 from llama_jax.config import LlamaConfig, rope_frequencies
 from llama_jax.errors import ModelLoadError
 from llama_jax.gguf import GGUFFile, hf_name
@@ -40,6 +42,14 @@ MODEL_ALIASES = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def resolve_dtype(dtype: str | None) -> str:
+    """The dtype for "auto" (or None): float32 on CPU (XLA:CPU has no fast bf16 dot), bfloat16
+    on GPU/TPU; any other name as is."""
+    if dtype in (None, "auto"):
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return dtype
+
+
 @dataclasses.dataclass
 class LoadedModel:
     name: str  # the alias or file/folder name the model answers to
@@ -48,6 +58,7 @@ class LoadedModel:
     model: Llama
     tokenizer_source: tuple[str, object]  # ("gguf", metadata dict) or ("hf", folder)
     load_seconds: float
+    mesh: Mesh | None = None  # the devices the weights are split over (None: one device)
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> tuple[str, Path]:
@@ -204,13 +215,18 @@ def pack_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], pa
     return state
 
 
-def build_model(cfg: LlamaConfig, state: dict, dtype=jnp.float32) -> Llama:
-    """An NNX `Llama` holding `state`'s arrays (cast to `dtype`, except RoPE frequencies)."""
+def build_model(cfg: LlamaConfig, state: dict, dtype=jnp.float32, place: Callable | None = None) -> Llama:
+    """An NNX `Llama` holding `state`'s arrays (cast to `dtype`, except RoPE frequencies).
+    `place(name, host_array)` puts each weight on devices instead of the default device (a
+    mesh's `sharding.placer`: shard by shard, never whole on one device)."""
     abstract = nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
 
     def cast(path, x):
-        return jnp.asarray(x, jnp.float32 if path[-1] == "inv_freq" else dtype)
+        dt = jnp.float32 if path[-1] == "inv_freq" else dtype
+        if place is not None:
+            return place("/".join(map(str, path)), np.asarray(x).astype(dt, copy=False))
+        return jnp.asarray(x, dt)
 
     pure = jax.tree_util.tree_map_with_path(lambda p, x: cast([getattr(k, "key", k) for k in p], x), state)
     nnx.replace_by_pure_dict(abs_state, pure)
@@ -268,11 +284,16 @@ def read_hf_folder(folder: Path) -> tuple[LlamaConfig, Iterator[tuple[str, np.nd
 
 
 def load_model(
-    model: str | os.PathLike | None = None, dtype: str = "float32", quantize: str | None = None
+    model: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    quantize: str | None = None,
+    mesh: Mesh | None = None,
 ) -> LoadedModel:
     """Load an alias, GGUF file or Hugging Face folder into an NNX `Llama`; `quantize="int8"`
-    stores the matmul weights and the embedding as int8 with per-channel scales."""
+    stores the matmul weights and the embedding as int8 with per-channel scales; `dtype`
+    "auto" is `resolve_dtype`'s; with a `mesh`, each weight is split over it as loaded."""
     t0 = time.perf_counter()
+    dtype = resolve_dtype(dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -288,9 +309,10 @@ def load_model(
         tensors, count = gg.tensors(cfg), len(gg.infos)
         source = ("gguf", gg.metadata)
     state = pack_tensors(cfg, _progress(tensors, count, f"loading {name}"), path)
-    model_ = build_model(cfg, state, DTYPES[dtype])
+    place = None if mesh is None else sharding.placer(mesh)
+    model_ = build_model(cfg, state, DTYPES[dtype], place)
     if quantize:
-        quantize_model(model_, quantize)
+        quantize_model(model_, quantize, place)
     seconds = time.perf_counter() - t0
     log.info(
         "loaded %s (%s, %d layers, %.0fM params, %s) in %.1f s",
@@ -301,7 +323,7 @@ def load_model(
         dtype,
         seconds,
     )
-    return LoadedModel(name, path, cfg, model_, source, seconds)
+    return LoadedModel(name, path, cfg, model_, source, seconds, mesh)
 
 
 def estimate_memory(
@@ -314,6 +336,7 @@ def estimate_memory(
     """Bytes a loaded model will hold on its device: weights plus the KV cache of its slots.
     Reads only the config (GGUF header or config.json), so it is cheap to ask before loading."""
     _, path = resolve_model_path(model)
+    dtype = resolve_dtype(dtype)
     cfg = LlamaConfig.from_hf_config(path / "config.json") if path.is_dir() else GGUFFile(path).config()
     width = 1 if quantize else jnp.dtype(DTYPES[dtype]).itemsize
     weights = cfg.num_params() * width

@@ -45,10 +45,11 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()  # extra names the model answers to
     max_slots: int = 8
     max_seq_len: int = 2048
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
     quantize: str | None = None
     max_queue: int = 256
     chat_template: str | None = None
+    mesh: str | None = None  # "data=D,model=M": tensor-parallel over devices; None: one device
     lazy: bool = False  # load on the first request instead of at start
     idle_unload_s: float = 0.0  # unload after this many idle seconds (0: never)
 
@@ -66,10 +67,11 @@ class Settings:
     aliases: tuple[str, ...] = ()
     max_slots: int = 8
     max_seq_len: int = 2048
-    dtype: str = "float32"
+    dtype: str = "auto"
     quantize: str | None = None
     max_queue: int = 256
     chat_template: str | None = None
+    mesh: str | None = None
     # Several models: when set, these replace the single model above.
     models: tuple[ModelSpec, ...] = ()
     host: str = "127.0.0.1"
@@ -181,6 +183,6 @@ def _parse(name: str, raw: str):
         raise ValueError("expected true or false")
     if isinstance(default, int):
         return int(raw)
-    if name in ("quantize", "compilation_cache") and raw.lower() in ("none", "off"):
+    if name in ("quantize", "compilation_cache", "mesh") and raw.lower() in ("none", "off"):
         return None
     return raw
