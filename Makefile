@@ -43,7 +43,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
-	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python bench/bench_engine.py --constrained
 
 # Golden reference data from Hugging Face transformers (the `reference` extra, own venv).
 golden:

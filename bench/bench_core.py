@@ -63,6 +63,18 @@ def measure(model: str | None, dtype: str, seq: int, steps: int) -> dict:
             state, out = runner.decode(state, active, 256)
             unpack(out)
         r[f"decode_b{batch}_tok_s"] = batch * steps / (time.perf_counter() - t)
+        if batch == 16:  # the cost of constrained decoding on the device, interleaved for fairness
+            mask = np.full((batch, runner.mask_words), -1, np.int32)
+            mask[0] = rng.integers(-(2**31), 2**31, runner.mask_words).astype(np.int32)  # half the vocabulary
+            spent = {"no_mask": 0.0, "one_row_masked": 0.0}
+            for _ in range(steps):
+                for name, m in (("no_mask", None), ("one_row_masked", mask)):
+                    t = time.perf_counter()
+                    state, out = runner.decode(state, active, 256, m)
+                    unpack(out)
+                    spent[name] += time.perf_counter() - t
+            for name, seconds in spent.items():
+                r[f"decode_b16_{name}_tok_s"] = batch * steps / seconds
         del state
     r.update(matmul_baseline(loaded.config, "float32" if quantize else dtype, steps))
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

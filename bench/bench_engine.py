@@ -1,11 +1,16 @@
 """Engine benchmark through the async API: concurrent streams of generated tokens.
 
     python bench/bench_engine.py [--model M] [--quantize int8] [--streams 1,4,16] [--tokens 128]
+                                 [--constrained]
 
 For each concurrency level, that many asyncio tasks each stream one request of `--tokens`
 tokens (ignore_eos, temperature 0.7) at the same time; the table reports aggregate tokens/s,
 time to first token and inter-token latency percentiles. The engine is warmed up first, so
 no compile is timed. Not a test: numbers depend on the machine.
+
+`--constrained` adds, after each level, the same level under a JSON schema (an object holding
+an array of at least 100 strings, so every stream generates `--tokens` tokens), with the
+grammar mask time per constrained token from the engine's metrics.
 """
 
 from __future__ import annotations
@@ -52,14 +57,27 @@ async def level(gen, n, sampling):
     }
 
 
+# Long enough that no stream completes it within --tokens: every stream runs to the limit, as
+# the unconstrained ones do (ignore_eos), so both rows do the same work.
+SCHEMA = {
+    "type": "object",
+    "properties": {"lines": {"type": "array", "items": {"type": "string"}, "minItems": 100}},
+    "required": ["lines"],
+}
+
+
 def main() -> None:
+    import dataclasses
+
     from llama_jax import Generator, SamplingParams
+    from llama_jax.constrain import Grammar
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--quantize", default=None)
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--constrained", action="store_true")
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",")]
     gen = Generator.from_pretrained(
@@ -72,14 +90,23 @@ def main() -> None:
     )
     sampling = SamplingParams(temperature=0.7, max_tokens=args.tokens, ignore_eos=True, seed=0)
     asyncio.run(level(gen, 1, SamplingParams(max_tokens=8, ignore_eos=True)))  # first-call effects
-    print("| streams | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
-    print("|---|---|---|---|---|---|")
+    constrained = dataclasses.replace(sampling, grammar=Grammar.json_schema(SCHEMA))
+    print(
+        "| streams | grammar | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | mask us/token |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for n in levels:
-        r = asyncio.run(level(gen, n, sampling))
-        print(
-            f"| {n} | {r['tok_s']:.1f} | {r['ttft_p50'] * 1e3:.0f} | {r['ttft_p99'] * 1e3:.0f} | "
-            f"{r['itl_p50'] * 1e3:.0f} | {r['itl_p99'] * 1e3:.0f} |"
-        )
+        for params in [sampling, constrained] if args.constrained else [sampling]:
+            before = gen.engine.metrics.snapshot()
+            r = asyncio.run(level(gen, n, params))
+            after = gen.engine.metrics.snapshot()
+            masked = after["constrained_tokens"] - before["constrained_tokens"]
+            mask_us = (after["grammar_mask_seconds"] - before["grammar_mask_seconds"]) / max(masked, 1) * 1e6
+            print(
+                f"| {n} | {'json_schema' if params.grammar else '-'} | {r['tok_s']:.1f} | "
+                f"{r['ttft_p50'] * 1e3:.0f} | {r['ttft_p99'] * 1e3:.0f} | "
+                f"{r['itl_p50'] * 1e3:.0f} | {r['itl_p99'] * 1e3:.0f} | {mask_us:.0f} |"
+            )
     gen.close()
 
 

@@ -3,6 +3,7 @@
 from llama_jax import Generator, SamplingParams
 """
 
+from llama_jax.constrain import Grammar
 from llama_jax.engine import Delta, Usage
 from llama_jax.errors import (
     ContextLengthError,
@@ -15,6 +16,7 @@ from llama_jax.errors import (
 )
 from llama_jax.generator import Completion, Generator
 from llama_jax.sampling import SamplingParams
+from llama_jax.tools import ToolCall
 
 __all__ = [
     "Completion",
@@ -22,11 +24,13 @@ __all__ = [
     "Delta",
     "EngineDeadError",
     "Generator",
+    "Grammar",
     "InvalidRequestError",
     "LlamaJaxError",
     "ModelLoadError",
     "OverloadedError",
     "SamplingParams",
     "TemplateError",
+    "ToolCall",
     "Usage",
 ]

@@ -16,6 +16,11 @@ A request's life, one `step()` at a time:
    tokens, stop strings and limits, and pushed as a `Delta` to the request; finished
    requests free their slot.
 
+Constrained requests (a `Grammar` in their sampling) carry a matcher that gives each step an
+allowed-token bitmask and consumes each sampled token. Its next mask depends on the token just
+sampled, so while such a request decodes, a step processes the previous step's tokens before
+dispatching (no overlap; on CPU the host work is a few percent of a step).
+
 The engine itself is single-threaded and synchronous; `engine_loop.EngineLoop` runs it on
 the one thread that owns the device and bridges requests to threads and asyncio.
 """
@@ -32,6 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from llama_jax.constrain import GrammarCompiler, Matcher
 from llama_jax.errors import ContextLengthError, InvalidRequestError, OverloadedError
 from llama_jax.metrics import EngineMetrics
 from llama_jax.runner import ModelRunner, unpack, unpack_top
@@ -40,6 +46,10 @@ from llama_jax.stopping import StopMatcher
 from llama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+
+CLOSE_WINDOW = 64  # a constrained request this close to its token limit looks for a way to finish
+CLOSE_MARGIN = 2  # ...and takes it when the tokens left exceed its length by no more than this
+CLOSE_RETRY = 8  # tokens before looking again when no way to finish in time was found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +105,8 @@ class Request:
     last_event: float = dataclasses.field(default_factory=time.monotonic)  # submit, then each token
     detok: IncrementalDetokenizer | None = None
     stops: StopMatcher | None = None
+    matcher: Matcher | None = None  # constrained decoding: the request's place in its grammar
+    close_retry_at: int = 0  # output length at which to look for a way to finish in time again
 
     @property
     def finished(self) -> bool:
@@ -128,6 +140,8 @@ class Engine:
         self._admissions = itertools.count()
         self._pending: tuple[object, list[tuple[int, Request]]] | None = None
         self._ids = itertools.count()
+        self.grammars = GrammarCompiler(tokenizer, runner.cfg.vocab_size)
+        self._masks = np.full((runner.max_slots, self.grammars.words), -1, np.int32)
 
     def warmup(self, progress: bool = False) -> None:
         """Compile every step shape now, so no request pays for a compile later."""
@@ -176,6 +190,8 @@ class Engine:
             SlotSampling.from_params([params], [seed])
         except (OverflowError, ValueError, TypeError) as e:
             raise InvalidRequestError(f"a sampling value is out of range: {e}") from None
+        if params.grammar is not None:
+            req.matcher = self.grammars.matcher(params.grammar)
         return req
 
     def cancel(self, req: Request) -> None:
@@ -225,17 +241,62 @@ class Engine:
             if r is not None and r.prefilled == len(r.prompt_ids) and r.output_ids
         ]
         previous, self._pending = self._pending, None
+        if previous is not None and any(r.matcher is not None for _, r in decoding):
+            self._process(*previous)  # the masks need the tokens just sampled
+            previous = None
+            decoding = [(s, r) for s, r in decoding if not r.finished]
         if decoding:
             active = np.zeros(self.runner.max_slots, bool)
             active[[s for s, _ in decoding]] = True
             longest = max(len(r.prompt_ids) + len(r.output_ids) for _, r in decoding)
             # The previous step is still unprocessed: its token is in the cache too.
             longest += previous is not None
-            self.state, out = self.runner.decode(self.state, active, min(longest, self.max_seq_len))
+            mask = self._step_masks(decoding)
+            self.state, out = self.runner.decode(self.state, active, min(longest, self.max_seq_len), mask)
             out.copy_to_host_async()
             self._pending = (out, decoding)
         if previous is not None:
             self._process(*previous)
+
+    def _step_masks(self, decoding: list[tuple[int, Request]]) -> np.ndarray | None:
+        """Allowed-token bitmasks [max_slots, W] for a decode step, None when nothing is constrained."""
+        constrained = [(r.matcher, s) for s, r in decoding if r.matcher is not None]
+        if not constrained:
+            return None
+        t0 = time.perf_counter()
+        self._masks.fill(-1)
+        self.grammars.mask_batch(constrained, self._masks)
+        for s, r in decoding:
+            if r.matcher is not None:
+                self._close_in_time(r, self._masks[s])
+        self.metrics.grammar_mask_seconds += time.perf_counter() - t0
+        self.metrics.constrained_tokens += len(constrained)
+        return self._masks
+
+    def _close_in_time(self, req: Request, mask: np.ndarray) -> None:
+        """Budget-aware completion: when the tokens left are barely enough to complete the
+        grammar (close the JSON), force the shortest completion found, one token per step, so
+        constrained output is whole instead of cut off by max_tokens. A complete output that
+        could go on (another tool call) ends when one more item might not fit."""
+        left = min(req.params.max_tokens, self.max_seq_len - len(req.prompt_ids)) - len(req.output_ids)
+        m = req.matcher
+        if m.accepting:
+            if left > m.whole_cost + CLOSE_MARGIN:
+                return
+            path = [t for t in self.eos_ids if mask[t >> 5] >> (t & 31) & 1][:1]
+        else:
+            if left > CLOSE_WINDOW or len(req.output_ids) < req.close_retry_at:
+                return
+            path = m.closing_path(left, self.grammars.closers)
+            if path is None:  # no way to finish in time found: look again a few tokens later
+                req.close_retry_at = len(req.output_ids) + CLOSE_RETRY
+                return
+            if len(path) + CLOSE_MARGIN < left:
+                return
+        if not path:
+            return
+        mask.fill(0)
+        mask[path[0] >> 5] = np.int32(np.uint32(1 << (path[0] & 31)).view(np.int32))
 
     def make_group(
         self, prompt_ids: Sequence[int], params: SamplingParams, n: int, request_id: str | None = None
@@ -288,7 +349,15 @@ class Engine:
         start = req.prefilled
         chunk = req.prompt_ids[start : start + self.runner.max_prefill_chunk]
         row = SlotSampling.from_params([req.params], [req.seed])
-        self.state, out = self.runner.prefill(self.state, np.asarray(chunk, np.int32), slot, start, row)
+        last = start + len(chunk) == len(req.prompt_ids)
+        mask = None
+        if last and req.matcher is not None:
+            t0 = time.perf_counter()
+            mask = req.matcher.mask()[None]
+            self._close_in_time(req, mask[0])
+            self.metrics.grammar_mask_seconds += time.perf_counter() - t0
+            self.metrics.constrained_tokens += 1
+        self.state, out = self.runner.prefill(self.state, np.asarray(chunk, np.int32), slot, start, row, mask)
         req.prefilled += len(chunk)
         if req.prefilled == len(req.prompt_ids):
             self._accept(req, _token(np.asarray(out), 0, req.params.top_logprobs))
@@ -309,11 +378,15 @@ class Engine:
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
         p = req.params
+        if req.matcher is not None and not req.matcher.advance(token):
+            log.error("request %s: token %d broke its grammar: %s", req.id, token, req.matcher.error)
+            self._finish(req, "stop", token=tok)
+            return
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             self._finish(req, "stop", token=tok)
             return
         text = req.stops.feed(req.detok.add(token))
-        if req.stops.stopped:
+        if req.stops.stopped or (req.matcher is not None and req.matcher.done):
             self._emit(req, text, tok)
             self._finish(req, "stop")
             return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
 import threading
@@ -20,16 +21,32 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from jax.sharding import Mesh
 
+from llama_jax import lockstep
 from llama_jax.chat_template import ChatTemplate
+from llama_jax.constrain import Grammar
 from llama_jax.engine import Delta, Engine, Request, Usage
 from llama_jax.engine_loop import EngineLoop
 from llama_jax.errors import ContextLengthError, InvalidRequestError
 from llama_jax.runner import ModelRunner
 from llama_jax.sampling import SamplingParams
+from llama_jax.sharding import describe, make_mesh
 from llama_jax.tokenizer import Tokenizer
+from llama_jax.tools import (
+    ToolCall,
+    ToolCallStream,
+    builtin_messages,
+    check_tools,
+    chosen_tools,
+    template_knows_tools,
+    template_messages,
+    tool_grammar,
+)
 from llama_jax.weights import LoadedModel, load_model
 from llama_jax.xla_cache import enable_compilation_cache
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +56,25 @@ class Completion:
     finish_reason: str
     usage: Usage
     logprobs: list[float]
+    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedChat:
+    """A chat request made ready for the engine: its prompt ids, the grammar its output must
+    follow (from a forced tool choice or `response_format`), and how to read calls out of it."""
+
+    prompt_ids: list[int]
+    grammar: Grammar | None
+    tool_mode: str  # "none", "auto" or "required"
+    tool_names: frozenset[str]  # the tools the output may call
+
+    def sampling(self, sampling: SamplingParams) -> SamplingParams:
+        return sampling if self.grammar is None else dataclasses.replace(sampling, grammar=self.grammar)
+
+    def tool_stream(self) -> ToolCallStream | None:
+        """A parser of calls in the output; None when calls are off."""
+        return None if self.tool_mode == "none" else ToolCallStream(set(self.tool_names))
 
 
 class Generator:
@@ -57,7 +93,10 @@ class Generator:
         self.tokenizer = tokenizer
         self.template = template
         self.max_seq_len = max_seq_len
-        self.runner = ModelRunner(loaded.model, max_slots=max_slots, max_seq_len=max_seq_len)
+        # Several processes (jax.distributed): process 0's device calls are broadcast to the rest.
+        self.runner = lockstep.for_process(
+            ModelRunner(loaded.model, max_slots=max_slots, max_seq_len=max_seq_len, mesh=loaded.mesh)
+        )
         self.engine = Engine(self.runner, tokenizer, eos_ids=loaded.config.eos_ids, max_queue=max_queue)
         self._loop: EngineLoop | None = None
 
@@ -78,23 +117,29 @@ class Generator:
         cls,
         model: str | os.PathLike | None = None,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         quantize: str | None = None,
         max_seq_len: int = 2048,
         max_slots: int = 8,
         max_queue: int = 256,
         chat_template: str | None = None,
         compilation_cache: str | None = "default",
+        mesh: str | Mesh | None = None,
     ) -> Generator:
         """Load an alias (default: smollm2-135m-instruct), a GGUF file or a Hugging Face folder.
 
         `quantize="int8"` stores weights as int8 with per-channel scales (4x fewer bytes than
         float32). `max_seq_len` (tokens per sequence) and `max_slots` (sequences decoded together) fix the
         KV cache's size; `chat_template` overrides the model's (a builtin name or Jinja source).
+        `dtype="auto"`: float32 on CPU, bfloat16 on GPU/TPU. `mesh="data=D,model=M"` (or a
+        `jax.sharding.Mesh`) runs tensor-parallel over M devices with D replicas of the slot
+        batch (`max_slots` a multiple of D); None: one device.
         """
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache == "default" else compilation_cache)
-        loaded = load_model(model, dtype=dtype, quantize=quantize)
+        mesh = make_mesh(mesh)
+        log.info("%s", describe(mesh))
+        loaded = load_model(model, dtype=dtype, quantize=quantize, mesh=mesh)
         kind, source = loaded.tokenizer_source
         if kind == "gguf":
             tokenizer = Tokenizer.from_gguf_metadata(source, loaded.path)
@@ -113,17 +158,56 @@ class Generator:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text. Tools (OpenAI function tools) go to a template that knows them, and
+        otherwise into a system message in the built-in format (`llama_jax.tools`)."""
+        tools = check_tools(tools) or None
+        if template_knows_tools(self.template.source):
+            messages = template_messages(messages)
+        else:
+            messages, tools = builtin_messages(messages, tools or []), None
         return self.template.render(
-            list(messages),
+            messages,
             add_generation_prompt=add_generation_prompt,
+            tools=tools,
             bos_token=self.tokenizer.bos_token,
             eos_token=self.tokenizer.eos_token,
         )
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
         # The template writes BOS itself where the model wants one.
-        return self.tokenizer.encode(self.render_chat(messages), add_bos=False)
+        return self.tokenizer.encode(self.render_chat(messages, tools=tools), add_bos=False)
+
+    def prepare_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+    ) -> PreparedChat:
+        """Validate the tools and output format of a chat and render its prompt. With
+        `tool_choice` "required" or a named function the output is constrained to calls of the
+        allowed tools; with "auto" the model may answer or call (calls are parsed); with "none"
+        the tools stay in the prompt but the output is plain content."""
+        checked = check_tools(tools)
+        mode, allowed = chosen_tools(checked, tool_choice)
+        grammar = Grammar.from_response_format(response_format)
+        if mode == "required":
+            grammar = tool_grammar(allowed, parallel_tool_calls)
+        if grammar is not None:
+            self.engine.grammars.matcher(grammar)  # an invalid schema fails here, before any work
+        ids = self.encode_chat(messages, checked)  # "none" keeps them in view, as OpenAI does
+        names = frozenset(t["function"]["name"] for t in allowed) if mode != "none" else frozenset()
+        return PreparedChat(ids, grammar, mode, names)
 
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -206,9 +290,35 @@ class Generator:
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 
     def chat(
-        self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        sampling: SamplingParams | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
     ) -> Completion:
-        return self.generate([self.encode_chat(messages)], sampling)[0]
+        """One assistant turn. With `tools`, calls the model makes are in `tool_calls` (and
+        `finish_reason` is "tool_calls"); `response_format` constrains the text (OpenAI's
+        json_object / json_schema)."""
+        prep = self.prepare_chat(
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            parallel_tool_calls=parallel_tool_calls,
+        )
+        out = self.generate([prep.prompt_ids], prep.sampling(sampling or SamplingParams()))[0]
+        parser = prep.tool_stream()
+        if parser is None:
+            return out
+        parser.feed(out.text)
+        parser.finish()
+        if not parser.calls:
+            return out
+        reason = "tool_calls" if out.finish_reason == "stop" else out.finish_reason
+        return dataclasses.replace(out, text=parser.content, finish_reason=reason, tool_calls=parser.calls)
 
     def chat_stream(
         self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None

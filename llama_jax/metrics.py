@@ -38,6 +38,8 @@ class EngineMetrics:
     cached_prompt_tokens: int = 0
     generated_tokens: int = 0
     prefix_cache_hits: int = 0
+    constrained_tokens: int = 0  # tokens sampled under a grammar
+    grammar_mask_seconds: float = 0.0  # host time spent computing their allowed-token masks
     ttft: Histogram = dataclasses.field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     itl: Histogram = dataclasses.field(default_factory=lambda: Histogram(ITL_BUCKETS))
 
@@ -49,6 +51,8 @@ class EngineMetrics:
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "generated_tokens": self.generated_tokens,
             "prefix_cache_hits": self.prefix_cache_hits,
+            "constrained_tokens": self.constrained_tokens,
+            "grammar_mask_seconds": self.grammar_mask_seconds,
             "ttft": {
                 "bounds": self.ttft.bounds,
                 "counts": list(self.ttft.counts),

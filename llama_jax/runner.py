@@ -7,10 +7,11 @@ functions are pure; what is static (and so compiled once per value) is only:
 - `C`, how many cache positions a step attends over (`context_buckets`; 0 for a chunk that
   starts a sequence), so a short conversation does not read the whole cache.
 
-Everything per request (slot, start, true length, sampling values, seeds) is a traced array,
-so new requests never compile. Prefill writes straight into its slot (a fused prefill+insert:
-with prefix reuse and chunked prefill, a chunk must attend over what the slot already holds),
-and the decode state is donated, so the cache is updated in place.
+Everything per request (slot, start, true length, sampling values, seeds, the allowed-token
+bitmask of constrained decoding) is a traced array, so new requests never compile. Prefill
+writes straight into its slot (a fused prefill+insert: with prefix reuse and chunked prefill,
+a chunk must attend over what the slot already holds), and the decode state is donated, so
+the cache is updated in place.
 
 Outputs are packed into one int32 array per call (token, logprob and the top-20 alternatives),
 so the host pays one transfer per step.
@@ -26,11 +27,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from llama_jax import cache as kv
+from llama_jax import sharding
 from llama_jax.cache import DecodeState
 from llama_jax.model import Llama
-from llama_jax.sampling import SamplingParams, SlotSampling, adjust_logits, sample, top_logprobs
+from llama_jax.sampling import (
+    SamplingParams,
+    SlotSampling,
+    adjust_logits,
+    apply_mask,
+    mask_words,
+    sample,
+    top_logprobs,
+)
 
 
 def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -83,7 +94,10 @@ class ModelRunner:
         max_prefill_chunk: int = 512,
         min_prefill_bucket: int = 16,
         min_context_bucket: int = 128,
+        mesh: Mesh | None = None,
     ):
+        """`mesh`: run tensor-parallel over a `data` x `model` mesh (`sharding.py`); None: one
+        device, no declared shardings."""
         self.cfg = model.cfg
         self.dtype = model.dtype
         self.max_slots = max_slots
@@ -92,29 +106,61 @@ class ModelRunner:
             min(min_prefill_bucket, max_prefill_chunk), min(max_prefill_chunk, max_seq_len)
         )
         self.context_buckets = pow2_buckets(min(min_context_bucket, max_seq_len), max_seq_len)
-        self.batch_buckets = pow2_buckets(1, max_slots)
+        # Under a mesh, a decode batch smaller than the data axis would leave replicas idle.
+        self.batch_buckets = pow2_buckets(min(mesh.shape["data"] if mesh else 1, max_slots), max_slots)
         # Flatten the NNX state once: per-call traversal of Variables costs milliseconds.
         self._graphdef, state = nnx.split(model)
         self._leaves, self._treedef = jax.tree.flatten(state)
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("context",), donate_argnames=("state",))
-        self._decode = jax.jit(
-            self._decode_impl, static_argnames=("context", "batch"), donate_argnames=("state",)
+        self._shard = None
+        if mesh is not None:
+            leaf_shardings = jax.tree.leaves(sharding.state_shardings(state, mesh))
+            self._leaves = [jax.device_put(x, s) for x, s in zip(self._leaves, leaf_shardings, strict=True)]
+            states = sharding.decode_state_shardings(jax.eval_shape(self._new_state), mesh)
+            self._shard = sharding.JitShardings(mesh, leaf_shardings, states)
+            self._init_sharded = jax.jit(self._new_state, out_shardings=states)
+        jit = functools.partial(sharding.jit, shardings=self._shard)
+        self._prefill = jit(
+            self._prefill_impl, "state,packed", static_argnames=("context",), donate_argnames=("state",)
         )
-        self._embed = jax.jit(self._embed_impl)
-        self._copy_slot = jax.jit(self._copy_slot_impl, donate_argnames=("state",))
+        self._decode = jit(
+            self._decode_impl,
+            "state,packed",
+            static_argnames=("context", "batch"),
+            donate_argnames=("state",),
+        )
+        self._embed = jit(self._embed_impl, "packed")
+        # Unconstrained steps pass these device-resident all-allowed bitmasks: no transfer.
+        self.mask_words = mask_words(self.cfg.vocab_size)
+        self.no_mask = jnp.full((max_slots, self.mask_words), -1, jnp.int32)
+        self._no_mask_row = self.no_mask[:1]
+        self._copy_slot = jit(self._copy_slot_impl, "state", donate_argnames=("state",))
+        if self._shard is not None:
+            self.no_mask = jax.device_put(self.no_mask, self._shard.replicated)
+            self._no_mask_row = jax.device_put(self._no_mask_row, self._shard.replicated)
 
     def _model(self, leaves) -> Llama:
         return nnx.merge(self._graphdef, jax.tree.unflatten(self._treedef, leaves))
 
-    def init_state(self) -> DecodeState:
+    def _whole_vocab(self, logits: jax.Array) -> jax.Array:
+        """Under a mesh, gather vocabulary-sharded logits [B, V] once, so sampling (sorts,
+        cumulative sums, penalties) runs on whole rows instead of in dozens of collectives."""
+        return logits if self._shard is None else self._shard.whole_rows(logits)
+
+    def _new_state(self) -> DecodeState:
         return kv.init_state(self.cfg, self.max_slots, self.max_seq_len, self.dtype)
+
+    def init_state(self) -> DecodeState:
+        if self._shard is None:
+            return self._new_state()
+        return self._init_sharded()  # zeros made in place, shard by shard
 
     # -- jitted bodies -------------------------------------------------------------------------
 
     def _prefill_impl(
-        self, leaves, state: DecodeState, tokens, slot, start, true_len, row: SlotSampling, *, context
+        self, leaves, state: DecodeState, tokens, slot, start, true_len, row: SlotSampling, mask, *, context
     ):
-        """tokens [1,T] at positions start..start+T of `slot`; samples the token after true_len."""
+        """tokens [1,T] at positions start..start+T of `slot`; samples the token after true_len
+        among those allowed by mask [1, W]."""
         model = self._model(leaves)
         T = tokens.shape[1]
         positions = start + jnp.arange(T, dtype=jnp.int32)[None]
@@ -127,9 +173,9 @@ class ModelRunner:
         last = jax.lax.dynamic_index_in_dim(h[0], true_len - 1, keepdims=True)  # [1, D]
         end = start + true_len
         history = state.history.at[slot, start + jnp.arange(T)].set(tokens[0], mode="drop")
-        logits = model.logits(last)
+        logits = self._whole_vocab(model.logits(last))
         row_history = jax.lax.dynamic_index_in_dim(history, slot, keepdims=True)
-        logits = adjust_logits(logits, row, row_history, end[None], end[None])
+        logits = apply_mask(adjust_logits(logits, row, row_history, end[None], end[None]), mask)
         token, logprob = sample(logits, row, end[None])
         sampling = jax.tree.map(lambda all_, r: all_.at[slot].set(r[0]), state.sampling, row)
         new_state = DecodeState(
@@ -143,18 +189,20 @@ class ModelRunner:
         )
         return new_state, pack(token, logprob, top_logprobs(logits, row))
 
-    def _decode_impl(self, leaves, state: DecodeState, active, *, context, batch):
+    def _decode_impl(self, leaves, state: DecodeState, active, mask, *, context, batch):
         """One token for each of the first `batch` slots (static: a power-of-two bucket, so a
-        lone stream does not pay for every slot); inactive ones compute but change nothing."""
+        lone stream does not pay for every slot); inactive ones compute but change nothing.
+        mask [max_slots, W]: each slot's allowed tokens (all ones when unconstrained)."""
         model = self._model(leaves)
         b = batch
         active, lengths, tokens = active[:b], state.lengths[:b], state.tokens[:b]
         sampling = jax.tree.map(lambda a: a[:b], state.sampling)
         h, nk, nv = model.hidden(tokens[:, None], lengths[:, None], state.k, state.v, lengths, context, b)
-        logits = model.logits(h[:, 0])
+        logits = self._whole_vocab(model.logits(h[:, 0]))
         write_at = jnp.where(active, lengths, state.max_seq_len)
         history = state.history.at[jnp.arange(b), write_at].set(tokens, mode="drop")
         logits = adjust_logits(logits, sampling, history[:b], state.prompt_len[:b], lengths + 1)
+        logits = apply_mask(logits, mask[:b])
         token, logprob = sample(logits, sampling, lengths + 1)
         new_state = DecodeState(
             k=kv.write_step(state.k, nk, write_at),
@@ -198,26 +246,39 @@ class ModelRunner:
         slot: int,
         start: int,
         row: SlotSampling,
+        mask: np.ndarray | None = None,
     ) -> tuple[DecodeState, jax.Array]:
-        """Prefill one chunk (<= the largest prefill bucket) of a slot's prompt at `start`."""
+        """Prefill one chunk (<= the largest prefill bucket) of a slot's prompt at `start`;
+        `mask` [1, W] constrains the token sampled after the prompt's last chunk."""
         n = len(chunk)
         T = pick(self.prefill_buckets, n)
         tokens = np.zeros((1, T), np.int32)
         tokens[0, :n] = chunk
         context = 0 if start == 0 else pick(self.context_buckets, start)
+        mask = self._no_mask_row if mask is None else mask
         return self._prefill(
-            self._leaves, state, tokens, np.int32(slot), np.int32(start), np.int32(n), row, context=context
+            self._leaves,
+            state,
+            tokens,
+            np.int32(slot),
+            np.int32(start),
+            np.int32(n),
+            row,
+            mask,
+            context=context,
         )
 
     def decode(
-        self, state: DecodeState, active: np.ndarray, max_length: int
+        self, state: DecodeState, active: np.ndarray, max_length: int, mask: np.ndarray | None = None
     ) -> tuple[DecodeState, jax.Array]:
         """One decode step; `max_length` bounds the valid positions of every active slot. The
-        output has a row for each slot up to the highest active one (rounded up to a bucket)."""
+        output has a row for each slot up to the highest active one (rounded up to a bucket).
+        `mask` [max_slots, W]: allowed-token bitmasks, None when no slot is constrained."""
         active = np.asarray(active, bool)
         context = pick(self.context_buckets, max(max_length, 1))
         batch = pick(self.batch_buckets, int(np.flatnonzero(active).max(initial=0)) + 1)
-        return self._decode(self._leaves, state, active, context=context, batch=batch)
+        mask = self.no_mask if mask is None else mask
+        return self._decode(self._leaves, state, active, mask, context=context, batch=batch)
 
     def embed(self, rows: list[list[int]], max_batch: int = 16) -> np.ndarray:
         """Embeddings [len(rows), D] (float32, L2-normalized), batched by padded length."""
@@ -259,9 +320,17 @@ class ModelRunner:
             if kind == "prefill":
                 tokens = np.zeros((1, t), np.int32)
                 state, out = self._prefill(
-                    self._leaves, state, tokens, np.int32(0), np.int32(c), np.int32(1), row, context=c
+                    self._leaves,
+                    state,
+                    tokens,
+                    np.int32(0),
+                    np.int32(c),
+                    np.int32(1),
+                    row,
+                    self._no_mask_row,
+                    context=c,
                 )
             else:
-                state, out = self._decode(self._leaves, state, active, context=c, batch=t)
+                state, out = self._decode(self._leaves, state, active, self.no_mask, context=c, batch=t)
             out.block_until_ready()
         return state

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from llama_jax.constrain import Grammar
 
 CANDIDATES = 64  # logits examined for top-k / top-p before falling back to bisection
 BLOCK = 256  # tokens per block in the two-level inverse-CDF draw
@@ -51,6 +55,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated text
     repetition_penalty: float = 1.0  # HF/llama.cpp: divides (or multiplies) logits of prompt+output tokens
     logit_bias: Mapping[int, float] = dataclasses.field(default_factory=dict)  # token id -> added bias
+    grammar: Grammar | None = None  # constrained decoding: what the output must match
 
     def __post_init__(self):
         def bad(param, msg):
@@ -175,6 +180,30 @@ def adjust_logits(
 
     on = (s.presence != 0) | (s.frequency != 0) | (s.repetition != 1)
     return jax.lax.cond(jnp.any(on), penalize, lambda: logits)
+
+
+MASK_BITS = 32  # tokens per word of an allowed-token bitmask
+_MASKED = -1e30  # finite, so the top-p bisection and logsumexp stay well defined
+
+
+def mask_words(vocab: int) -> int:
+    """Words of an allowed-token bitmask for a vocabulary of `vocab` tokens."""
+    return -(-vocab // MASK_BITS)
+
+
+def apply_mask(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Constrained decoding: mask [B, W] int32 has bit t % 32 of word t // 32 set when token t
+    is allowed (llguidance's and xgrammar's layout); a row of all ones (-1) is unconstrained.
+    Disallowed logits become a huge negative value, so they are never sampled and their
+    logprobs are floored. Skipped by `lax.cond` when no row is constrained."""
+    B, V = logits.shape
+
+    def masked():
+        bits = (mask[:, :, None] >> jnp.arange(MASK_BITS, dtype=jnp.int32)) & 1  # [B, W, 32]
+        allowed = bits.reshape(B, -1)[:, :V].astype(bool)
+        return jnp.where(allowed, logits, _MASKED)
+
+    return jax.lax.cond(jnp.any(mask != -1), masked, lambda: logits)
 
 
 def seed_key(seed: int) -> np.ndarray:

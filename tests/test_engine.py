@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from tiny import gguf_metadata, random_tensors, tiny_config
 
+from llama_jax.constrain import Grammar
 from llama_jax.engine import Engine
 from llama_jax.errors import ContextLengthError, InvalidRequestError, OverloadedError
 from llama_jax.runner import ModelRunner
@@ -140,6 +141,7 @@ def test_steady_state_has_no_compiles(engine, rng):
                 repetition_penalty=float(rng.choice([1.0, 1.2])),
                 logit_bias={int(rng.integers(3, 250)): 5.0} if i % 4 == 0 else {},
                 ignore_eos=bool(i % 2),
+                grammar=[None, Grammar.regex("[a-z ]{1,30}"), Grammar.json_object()][i % 3 if i % 2 else 0],
             )
         )
     with CompileCounter() as c:

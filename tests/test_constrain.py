@@ -1,0 +1,216 @@
+"""Constrained decoding: grammars from requests, the bitmask applied on device, matchers driven by
+the engine (tiny model), budget-aware completion, and output that always matches its grammar."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny import gguf_metadata, random_tensors, tiny_config
+
+from llama_jax.constrain import Grammar, GrammarCompiler, closed_objects
+from llama_jax.engine import Engine
+from llama_jax.errors import InvalidRequestError
+from llama_jax.runner import ModelRunner
+from llama_jax.sampling import SamplingParams, SlotSampling, apply_mask, mask_words, sample
+from llama_jax.tokenizer import Tokenizer
+from llama_jax.weights import build_model, pack_tensors
+
+
+@pytest.fixture(scope="module")
+def parts():
+    cfg = tiny_config()
+    model = build_model(cfg, pack_tensors(cfg, random_tensors(cfg).items(), "tiny"))
+    tokenizer = Tokenizer.from_gguf_metadata(gguf_metadata(cfg), "tiny")
+    return ModelRunner(model, max_slots=4, max_seq_len=128, max_prefill_chunk=32), tokenizer
+
+
+@pytest.fixture
+def engine(parts):
+    runner, tokenizer = parts
+    return Engine(runner, tokenizer, eos_ids=(2,), max_queue=16)
+
+
+def run(engine, reqs, max_steps=3000):
+    for _ in range(max_steps):
+        if all(r.finished for r in reqs):
+            return reqs
+        engine.step()
+    raise AssertionError("requests did not finish")
+
+
+def bitmask(allowed: list[int], vocab: int) -> np.ndarray:
+    out = np.zeros(mask_words(vocab), np.uint32)
+    for t in allowed:
+        out[t >> 5] |= np.uint32(1 << (t & 31))
+    return out.view(np.int32)
+
+
+# -- the device side --------------------------------------------------------------------------
+
+
+def test_masked_tokens_are_never_sampled_under_any_filter():
+    V = 100
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, V)) * 3, jnp.float32)
+    allowed = [3, 17, 64, 99]
+    mask = jnp.asarray(bitmask(allowed, V))[None]
+    for params in (
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.5),
+        SamplingParams(top_p=0.5),
+        SamplingParams(top_k=80),  # beyond the candidates: the bisection path
+        SamplingParams(top_p=0.999, top_k=70),
+        SamplingParams(min_p=0.2),
+    ):
+        s = jax.tree.map(jnp.asarray, SlotSampling.from_params([params], [7]))
+        masked = apply_mask(logits, mask)
+        toks = jax.vmap(lambda p, s=s, masked=masked: sample(masked, s, p[None])[0][0])(jnp.arange(300))
+        assert set(np.asarray(toks).tolist()) <= set(allowed), params
+
+
+def test_an_all_ones_mask_changes_nothing():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(3, 70)), jnp.float32)
+    full = jnp.full((3, mask_words(70)), -1, jnp.int32)
+    np.testing.assert_array_equal(np.asarray(apply_mask(logits, full)), np.asarray(logits))
+
+
+def test_rows_are_masked_independently_and_bits_map_to_token_ids():
+    V = 70
+    logits = jnp.zeros((2, V), jnp.float32)
+    mask = jnp.asarray(np.stack([bitmask([0, 31, 32, 69], V), np.full(mask_words(V), -1, np.int32)]))
+    out = np.asarray(apply_mask(logits, mask))
+    assert sorted(np.flatnonzero(out[0] == 0).tolist()) == [0, 31, 32, 69]
+    assert (out[1] == 0).all()
+
+
+# -- grammars from requests -------------------------------------------------------------------
+
+
+def test_response_format_gives_grammars_and_clear_errors():
+    assert Grammar.from_response_format(None) is None
+    assert Grammar.from_response_format({"type": "text"}) is None
+    assert Grammar.from_response_format({"type": "json_object"}) == Grammar.json_object()
+    g = Grammar.from_response_format(
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    )
+    assert g.kind == "json_schema"
+    for bad, param in [
+        ({"type": "yaml"}, "response_format.type"),
+        ({"type": "json_schema"}, "response_format.json_schema"),
+        ({"type": "json_schema", "json_schema": {"schema": {}}}, "response_format.json_schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+            "response_format.json_schema.schema",
+        ),
+    ]:
+        with pytest.raises(InvalidRequestError) as e:
+            Grammar.from_response_format(bad)
+        assert e.value.param == param
+
+
+def test_invalid_schemas_and_grammars_name_the_problem(parts):
+    compiler = GrammarCompiler(parts[1], parts[0].cfg.vocab_size)
+    for grammar, words in [
+        (Grammar.json_schema({"type": "objekt"}), "objekt"),
+        (Grammar.json_schema({"type": "string", "pattern": "[unclosed"}), "invalid JSON schema"),
+        (Grammar.lark("start: nothing_defined"), "nothing_defined"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=words):
+            compiler.matcher(grammar)
+
+
+def test_objects_listing_properties_are_closed_unless_they_say_otherwise():
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "object", "properties": {"b": {}}}, "c": {"const": {"properties": {}}}},
+        "items": [{"properties": {}}],
+    }
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["c"] == {"const": {"properties": {}}}  # a value, not a schema
+    assert closed["items"][0]["additionalProperties"] is False
+    assert closed_objects({"properties": {}, "additionalProperties": True})["additionalProperties"] is True
+
+
+# -- through the engine -----------------------------------------------------------------------
+
+PATTERN = "(yes|no), [a-z]{2,6}!"
+
+
+def test_constrained_output_matches_its_regex_at_any_temperature(engine):
+    import re
+
+    reqs = [
+        engine.submit(
+            [5, 6, 7, 8], SamplingParams(temperature=t, seed=i, max_tokens=40, grammar=Grammar.regex(PATTERN))
+        )
+        for i, t in enumerate([0.0, 1.0, 1.0, 2.0])
+    ]
+    run(engine, reqs)
+    for r in reqs:
+        assert re.fullmatch(PATTERN, r.text), r.text
+        assert r.finish_reason == "stop"
+
+
+def test_unconstrained_neighbours_are_unaffected(engine, parts):
+    prompt = [9, 10, 11, 12, 13]
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
+    alone = run(engine, [engine.submit(prompt, params)])[0].output_ids
+    fresh = Engine(parts[0], parts[1], eos_ids=(2,), max_queue=16)
+    reqs = [
+        fresh.submit([20, 21], SamplingParams(temperature=1.0, max_tokens=30, grammar=Grammar.json_object())),
+        fresh.submit(prompt, params),
+        fresh.submit(
+            [22, 23], SamplingParams(temperature=1.0, max_tokens=30, grammar=Grammar.regex("[0-9]+"))
+        ),
+    ]
+    run(fresh, reqs)
+    assert reqs[1].output_ids == alone
+
+
+def test_json_is_completed_within_max_tokens(engine):
+    """A random model rambles; the budget-aware completion still closes every object in time."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "kind": {"enum": ["a", "b"]},
+        },
+        "required": ["name", "tags", "kind"],
+    }
+    reqs = []
+    for i, grammar in enumerate([Grammar.json_object(), Grammar.json_schema(schema)]):
+        shortest = engine.grammars.matcher(grammar).closing_path(200, engine.grammars.closers)
+        for j, extra in enumerate([1, 4, 12, 30]):
+            params = SamplingParams(
+                temperature=1.5, seed=j, max_tokens=len(shortest) + extra, grammar=grammar
+            )
+            reqs.append(engine.submit([30 + i, 31 + j], params))
+    run(engine, reqs[:4])
+    run(engine, reqs[4:])
+    for r in reqs:
+        assert len(r.output_ids) <= r.params.max_tokens
+        value = json.loads(r.text)
+        assert isinstance(value, dict)
+        if r.params.grammar.kind == "json_schema":
+            assert set(value) == {"name", "tags", "kind"} and value["kind"] in ("a", "b") and value["tags"]
+
+
+def test_samples_of_a_group_each_follow_the_grammar(engine):
+    group = engine.make_group(
+        [40, 41, 42],
+        SamplingParams(temperature=1.0, seed=5, max_tokens=30, grammar=Grammar.regex(PATTERN)),
+        3,
+    )
+    for r in group:
+        engine.enqueue(r)
+    run(engine, group)
+    import re
+
+    assert all(re.fullmatch(PATTERN, r.text) for r in group)
+    assert len({r.text for r in group}) > 1  # separate matchers, separate samples
