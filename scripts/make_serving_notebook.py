@@ -35,7 +35,9 @@ cells = [
         "    time.sleep(0.5)\n"
         'print(httpx.get(base + "/health").json())'
     ),
-    new_markdown_cell("## Chat with the official client\nAny API key works while the server has none configured."),
+    new_markdown_cell(
+        "## Chat with the official client\nAny API key works while the server has none configured."
+    ),
     new_code_cell(
         "from openai import OpenAI\n\n"
         'client = OpenAI(api_key="not-needed", base_url=base + "/v1")\n'
@@ -46,7 +48,9 @@ cells = [
         "print(model, '->', response.choices[0].message.content)\n"
         "print(response.usage)"
     ),
-    new_markdown_cell("## Streaming\nTokens arrive as server-sent events; the client yields one chunk per delta."),
+    new_markdown_cell(
+        "## Streaming\nTokens arrive as server-sent events; the client yields one chunk per delta."
+    ),
     new_code_cell(
         "stream = client.chat.completions.create(\n"
         "    model=model,\n"
@@ -91,12 +95,58 @@ cells = [
         "for score, s in sorted(zip(vectors @ q, sentences), reverse=True)[:3]:\n"
         '    print(f"{score:.3f}  {s}")'
     ),
+    new_markdown_cell(
+        "## Function calling: the tool loop\n"
+        'With `tool_choice="required"` (or a named function) the call is generated under a grammar of the '
+        "tools' parameter schemas, so its arguments always parse and validate, even from a 135M model. "
+        "The client runs the tool and sends the result back in a `tool` message; the model then answers."
+    ),
+    new_code_cell(
+        "import json\n\n"
+        'def get_weather(city: str, unit: str = "celsius") -> dict:\n'
+        '    return {"city": city, "temperature": 21, "unit": unit, "sky": "sunny"}\n\n'
+        'tools = [{"type": "function", "function": {\n'
+        '    "name": "get_weather", "description": "Current weather in a city",\n'
+        '    "parameters": {"type": "object", "required": ["city", "unit"], "properties": {\n'
+        '        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}}}]\n'
+        'messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]\n'
+        "reply = client.chat.completions.create(model=model, messages=messages, tools=tools,\n"
+        '                                       tool_choice="required", parallel_tool_calls=False, temperature=0)\n'
+        "calls = reply.choices[0].message.tool_calls\n"
+        "print(reply.choices[0].finish_reason, [(c.function.name, c.function.arguments) for c in calls])\n"
+        "messages.append(reply.choices[0].message)\n"
+        "for call in calls:\n"
+        "    result = get_weather(**json.loads(call.function.arguments))\n"
+        '    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})\n'
+        "final = client.chat.completions.create(model=model, messages=messages, tools=tools,\n"
+        '                                       tool_choice="none", temperature=0, max_tokens=60)\n'
+        "print(final.choices[0].message.content)"
+    ),
+    new_markdown_cell(
+        "## Structured output\n"
+        "`response_format` with a JSON schema: the reply is valid JSON matching the schema at any temperature."
+    ),
+    new_code_cell(
+        'schema = {"type": "object", "required": ["name", "population", "continent"], "properties": {\n'
+        '    "name": {"type": "string", "maxLength": 40},\n'
+        '    "population": {"type": "integer", "minimum": 0},\n'
+        '    "continent": {"enum": ["Africa", "America", "Asia", "Europe", "Oceania"]}}}\n'
+        "for seed in range(3):\n"
+        "    r = client.chat.completions.create(\n"
+        "        model=model, temperature=1.0, seed=seed, max_tokens=60,\n"
+        '        messages=[{"role": "user", "content": "Invent a city and describe it in JSON."}],\n'
+        '        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},\n'
+        "    )\n"
+        "    print(json.loads(r.choices[0].message.content))"
+    ),
     new_markdown_cell("## Stop the server"),
     new_code_cell("server.terminate()\nserver.wait(30)"),
 ]
 
 nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}})
 path = Path(__file__).resolve().parent.parent / "notebooks" / "serving.ipynb"
-NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+).execute()
 nbformat.write(nb, path)
 print("wrote", path)

@@ -12,7 +12,7 @@ import hmac
 
 from serve.errors import APIError
 
-OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico"})
+OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico", "/openapi.json", "/docs"})  # no secrets in these
 
 
 def protected(path: str) -> bool:

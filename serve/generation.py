@@ -43,10 +43,9 @@ def sampling_params(
         )
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
-        try:
-            tok = int(key)
-        except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if not key.isascii() or not key.isdigit():  # int() would also take "+5", " 7 ", "1_000", "٣"
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        tok = int(key)
         if not 0 <= tok < gen.config.vocab_size:
             raise bad_request(f"logit_bias token id {tok} is outside the vocabulary", "logit_bias")
         bias[tok] = value

@@ -62,6 +62,11 @@ class _EngineCollector:
             ),
             "generated_tokens": ("llama_jax_generated_tokens", "Tokens generated"),
             "prefix_cache_hits": ("llama_jax_prefix_cache_hits", "Requests that reused a cached prefix"),
+            "constrained_tokens": ("llama_jax_constrained_tokens", "Tokens sampled under a grammar"),
+            "grammar_mask_seconds": (
+                "llama_jax_grammar_mask_seconds",
+                "Host time computing allowed-token masks for constrained decoding",
+            ),
             "requests_submitted": ("llama_jax_engine_requests", "Requests submitted to the engine"),
         }
         families = {k: CounterMetricFamily(n, h, labels=["model"]) for k, (n, h) in counters.items()}

@@ -59,3 +59,18 @@ def test_curl_example_runs(server, doc, command):
         assert not (isinstance(parsed, dict) and "error" in parsed), body[:500]
     else:
         assert "/metrics" in command and "llama_jax_" in body  # Prometheus text
+
+
+def test_readme_client_examples_run(server, tmp_path):
+    """The README's `openai` client snippets, in order, as one script against the live server:
+    streaming, embeddings and the tool-call loop."""
+    import sys
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    client_blocks = [b for b in blocks if "OpenAI(" in b or "client." in b]
+    assert any("tool_calls" in b for b in client_blocks)
+    script = re.sub(r"(127\.0\.0\.1|localhost):8080", f"127.0.0.1:{server.port}", "\n".join(client_blocks))
+    (tmp_path / "readme.py").write_text(script)
+    out = subprocess.run([sys.executable, "readme.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip()

@@ -1,12 +1,15 @@
-"""`POST /v1/chat/completions`: chat through the model's template, streamed or not."""
+"""`POST /v1/chat/completions`: chat through the model's template, streamed or not, with
+tools (calls parsed from the output, or forced by a grammar) and `response_format`."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from quart import Blueprint, g
 
-from serve.errors import bad_request, from_library
+from llama_jax.tools import ToolCallStream
+from serve.errors import from_library
 from serve.generation import Samples, chat_logprobs, sampling_params
 from serve.handlers import (
     new_id,
@@ -28,18 +31,24 @@ bp = Blueprint("chat", __name__)
 async def chat_completions():
     body = await parse_body(ChatCompletionRequest)
     entry, gen = await serving(body.model)
-    if body.tools and body.tool_choice not in (None, "none"):
-        raise bad_request("tool calling is not supported yet; send tool_choice 'none'", "tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format type 'text' is supported yet", "response_format")
     messages = [m.for_template() for m in body.messages]
-    try:
-        ids = await asyncio.to_thread(gen.encode_chat, messages)  # a long prompt must not stall the loop
+    try:  # rendering, tokenizing and compiling a grammar must not stall the event loop
+        prep = await asyncio.to_thread(
+            functools.partial(
+                gen.prepare_chat,
+                messages,
+                tools=body.tools,
+                tool_choice=body.tool_choice,
+                response_format=body.response_format,
+                parallel_tool_calls=body.parallel_tool_calls,
+            )
+        )
     except Exception as e:
         raise from_library(e) from e
+    ids = prep.prompt_ids
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else 0
-    params = sampling_params(body, gen, len(ids), max_tokens, top_logprobs=top)
+    params = prep.sampling(sampling_params(body, gen, len(ids), max_tokens, top_logprobs=top))
     record().reserve(len(ids) + body.n * params.max_tokens)
     samples = Samples(gen, [ids], params, body.n)
     record().count = lambda: (len(ids), samples.generated)
@@ -48,6 +57,7 @@ async def chat_completions():
     base = {"id": cid, "created": created, "model": body.model, "system_fingerprint": entry.fingerprint}
 
     if not body.stream:
+        parsers = [prep.tool_stream() for _ in range(body.n)]
         texts = [""] * body.n
         reasons: list[str | None] = [None] * body.n
         lps: list[list[dict]] = [[] for _ in range(body.n)]
@@ -69,9 +79,8 @@ async def chat_completions():
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                    **_message(texts[i], reasons[i], parsers[i]),
                     "logprobs": {"content": lps[i], "refusal": None} if body.logprobs else None,
-                    "finish_reason": reasons[i],
                 }
                 for i in range(body.n)
             ],
@@ -85,6 +94,36 @@ async def chat_completions():
         # OpenAI sends `usage` (null but on the last chunk) only when it was asked for.
         extra = {"usage": use} if include_usage else {}
         return event({**base, "object": "chat.completion.chunk", "choices": choices, **extra})
+
+    parsers = [prep.tool_stream() for _ in range(body.n)]
+
+    def pieces(i: int, text: str, entries: list, finish: bool = False) -> list[dict]:
+        """Choice deltas for new text: content, or tool-call deltas when the text holds calls."""
+        parser = parsers[i]
+        if parser is None:
+            found = [("content", text)] if text or entries else []
+        else:
+            found = parser.feed(text) + (parser.finish() if finish else [])
+        out = []
+        for piece in found:
+            delta = (
+                {"content": piece[1]}
+                if piece[0] == "content"
+                else {"tool_calls": [{"index": piece[1], **piece[2]}]}
+            )
+            out.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
+        if out and body.logprobs:
+            out[0]["logprobs"] = {"content": entries, "refusal": None}
+        elif entries:  # logprobs of tokens whose text is held back (a possible call) still go out
+            out.append(
+                {
+                    "index": i,
+                    "delta": {},
+                    "logprobs": {"content": entries, "refusal": None},
+                    "finish_reason": None,
+                }
+            )
+        return out
 
     async def events():
         for i in range(body.n):
@@ -100,24 +139,33 @@ async def chat_completions():
             )
         async for i, d in samples:
             entries = chat_logprobs(gen, d, skip) if body.logprobs else []
-            if d.text or entries:
-                yield chunk(
-                    [
-                        {
-                            "index": i,
-                            "delta": {"content": d.text},
-                            "logprobs": {"content": entries, "refusal": None} if body.logprobs else None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
+            for choice in pieces(i, d.text, entries, finish=d.finish_reason is not None):
+                yield chunk([choice])
             if d.finish_reason is not None:
                 counts["completion"] += d.usage.completion_tokens
                 if i == 0:
                     counts["cached"] = d.usage.cached_tokens
-                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason}])
+                reason = _reason(d.finish_reason, parsers[i])
+                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
         if include_usage:
             yield chunk([], usage(len(ids), counts["completion"], counts["cached"]))
         yield DONE
 
     return sse_response(events(), g.request_id, stream_finisher(lambda: (len(ids), samples.generated)))
+
+
+def _reason(reason: str | None, parser: ToolCallStream | None) -> str | None:
+    """OpenAI says "tool_calls" when a turn that ended normally made calls."""
+    return "tool_calls" if reason == "stop" and parser is not None and parser.calls else reason
+
+
+def _message(text: str, reason: str | None, parser: ToolCallStream | None) -> dict:
+    """A choice's message and finish reason; calls found in the text become `tool_calls`."""
+    message: dict = {"role": "assistant", "content": text, "refusal": None}
+    if parser is not None:
+        parser.feed(text)
+        parser.finish()
+        if parser.calls:
+            message["content"] = parser.content or None
+            message["tool_calls"] = [c.to_openai() for c in parser.calls]
+    return {"message": message, "finish_reason": _reason(reason, parser)}
