@@ -4,8 +4,10 @@ Owns rendering Jinja chat templates (from the model file, or an operator's overr
 Hugging Face does (`trim_blocks`, `lstrip_blocks`, `raise_exception`, `strftime_now`, a `tojson`
 that does not HTML-escape, `{% generation %}`), and the built-in `chatml`, `llama2` and `llama3`
 templates. A template is untrusted input: it runs in Jinja's immutable sandbox, and its output
-size, the strings it builds and its running time are capped (checked at every call, attribute
-access and output chunk; a loop that does none of these is not interrupted). Every failure is a
+size, the strings it builds (each, and all of them together) and its running time are capped
+(checked at every call, attribute access and output chunk; a loop that does none of these is not
+interrupted). Operations that repeat an argument (`*`, `replace`, `join`, `indent`, `wordwrap`,
+`expandtabs`, format widths, `**`) are refused before they allocate. Every failure is a
 `TemplateError`. Tokenizing the result is tokenizer.py's job.
 """
 
@@ -30,6 +32,9 @@ from llama_jax.errors import InvalidRequestError, TemplateError
 
 MAX_OUTPUT_CHARS = 1_000_000
 MAX_SECONDS = 5.0
+MAX_BUILT_CHARS = 16 * MAX_OUTPUT_CHARS  # all the strings and lists one render may build, together
+MAX_POWER_BITS = 1 << 14  # `9 ** 64 ** ...`: the size of an integer a render may compute
+MAX_JSON_INDENT = 32
 
 BUILTIN_TEMPLATES = {
     "chatml": (
@@ -69,6 +74,9 @@ BUILTIN_TEMPLATES = {
 _deadline: contextvars.ContextVar[float] = contextvars.ContextVar(
     "chat_template_deadline", default=float("inf")
 )
+_budget: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "chat_template_built", default=None
+)
 
 
 def _check_deadline() -> None:
@@ -80,6 +88,65 @@ def _check_size(value: Any) -> Any:
     if isinstance(value, str | bytes | list | tuple | dict) and len(value) > MAX_OUTPUT_CHARS:
         raise TemplateError(f"chat template built a value of {len(value)} items (limit {MAX_OUTPUT_CHARS})")
     return value
+
+
+def _built(value: Any) -> Any:
+    """Count a new value (result of an operator, call or filter) against the render's budget:
+    many values under the size cap, kept in a list, must not add up to gigabytes either."""
+    _check_size(value)
+    if isinstance(value, str | bytes | list | tuple | dict):
+        budget = _budget.get()
+        if budget is None:  # outside a render
+            return value
+        budget[0] += len(value)
+        if budget[0] > MAX_BUILT_CHARS:
+            raise TemplateError(f"chat template built more than {MAX_BUILT_CHARS} characters in all")
+    return value
+
+
+def _check_result_size(size: int, what: str) -> None:
+    """Refuse an operation whose result would be too large, before it allocates."""
+    if size > MAX_OUTPUT_CHARS:
+        raise TemplateError(f"chat template {what} would build {size} items (limit {MAX_OUTPUT_CHARS})")
+
+
+def _sized(value: Any) -> int:
+    try:
+        return len(value)
+    except TypeError:  # an iterator: each of its items passes the checks as it is made
+        return 0
+
+
+def _check_amplifier(name: str, value: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Size bounds for the filters and `str` methods that repeat one argument many times."""
+    n = _sized(value)
+    if name == "replace" and isinstance(value, str) and len(args) >= 2:
+        old, new = str(args[0]), str(args[1])
+        if len(new) > len(old):
+            times = (value.count(old) if old else n + 1) if n else 1
+            _check_result_size(n + times * (len(new) - len(old)), "replace")
+    elif name == "join":  # the filter: `items | join(sep)`
+        _check_result_size(len(str(args[0] if args else kwargs.get("d", ""))) * n, "join")
+    elif name == "str.join" and args:  # the method: `sep.join(items)`
+        _check_result_size(n * _sized(args[0]), "join")
+    elif name == "expandtabs" and isinstance(value, str):
+        width = args[0] if args else kwargs.get("tabsize", 8)
+        _check_result_size(n + value.count("\t") * (width if isinstance(width, int) else 8), "expandtabs")
+    elif name == "indent" and isinstance(value, str):
+        width = args[0] if args else kwargs.get("width", 4)
+        per_line = len(width) if isinstance(width, str) else width if isinstance(width, int) else 4
+        _check_result_size(n + (value.count("\n") + 1) * per_line, "indent")
+    elif name == "wordwrap" and isinstance(value, str):
+        wrap = (args[2] if len(args) > 2 else kwargs.get("wrapstring")) or "\n"
+        width = args[0] if args else kwargs.get("width", 79)
+        lines = n // max(1, width if isinstance(width, int) else 79) + value.count("\n") + 1
+        _check_result_size(n + lines * len(str(wrap)), "wordwrap")
+    elif name == "tojson":
+        indent = args[1] if len(args) > 1 else kwargs.get("indent")
+        if isinstance(indent, int) and indent > MAX_JSON_INDENT:
+            raise TemplateError(
+                f"chat template asked tojson for an indent of {indent} (limit {MAX_JSON_INDENT})"
+            )
 
 
 def _check_ints(args: Sequence[Any]) -> None:
@@ -103,9 +170,10 @@ def _check_format(fmt: str, braces: bool) -> None:
     else:
         numbers = [n for m in _PERCENT_SPEC.finditer(fmt) for n in m.groups() if n]
     _check_ints([int(n) for n in numbers])
+    _check_ints([sum(int(n) for n in numbers)])  # the widths together, not only each one
 
 
-def _capped_filter(fn):
+def _capped_filter(name: str, fn):
     # The filter's value (after jinja's context/environment argument, if it takes one) may be
     # any size; the arguments after it are widths and counts.
     skip = 2 if hasattr(fn, "jinja_pass_arg") else 1
@@ -113,7 +181,11 @@ def _capped_filter(fn):
     @functools.wraps(fn)  # keeps jinja's pass_context / pass_environment mark
     def wrapper(*args, **kwargs):
         _check_ints([*args[skip:], *kwargs.values()])
-        return _check_size(fn(*args, **kwargs))
+        if len(args) >= skip:
+            if name == "join":  # an iterator's length is known only once drained
+                args = (*args[: skip - 1], list(args[skip - 1]), *args[skip:])
+            _check_amplifier(name, args[skip - 1], args[skip:], kwargs)
+        return _built(fn(*args, **kwargs))
 
     return wrapper
 
@@ -131,21 +203,33 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context, operator, left, right):
         _check_deadline()
-        if operator == "**" and isinstance(right, int) and right > 64:
+        if (
+            operator == "**"
+            and isinstance(right, int)
+            and (right > 64 or (isinstance(left, int) and left.bit_length() * right > MAX_POWER_BITS))
+        ):
             raise TemplateError(f"chat template raised a number to the power {right}")
         if operator == "*":
             _check_ints([left, right])
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(times, int) and not isinstance(seq, int | float):
+                    _check_result_size(_sized(seq) * times, "repetition")
         if operator == "%" and isinstance(left, str):
             _check_format(left, braces=False)
-        return _check_size(super().call_binop(context, operator, left, right))
+        return _built(super().call_binop(context, operator, left, right))
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
         _check_deadline()
         for a in [*args, *kwargs.values()]:
             _check_size(a)
-        if isinstance(getattr(__obj, "__self__", None), str):  # 'x'.center(n), 'x'.zfill(n)
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):  # 'x'.center(n), 'x'.zfill(n), 'x'.replace(a, b), ...
             _check_ints([*args, *kwargs.values()])
-        return _check_size(super().call(__context, __obj, *args, **kwargs))
+            name = getattr(__obj, "__name__", "")
+            if name == "join" and args:
+                args = (list(args[0]), *args[1:])  # an iterator's length is known only once drained
+            _check_amplifier("str.join" if name == "join" else name, owner, args, kwargs)
+        return _built(super().call(__context, __obj, *args, **kwargs))
 
     def wrap_str_format(self, value):
         wrapped = super().wrap_str_format(value)
@@ -196,7 +280,8 @@ def _strftime_now(fmt: str) -> str:
 def _make_environment() -> _Sandbox:
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters.update(tojson=_tojson, format=_format_filter)
-    env.filters = {name: _capped_filter(f) for name, f in env.filters.items()}
+    env.filters = {name: _capped_filter(name, f) for name, f in env.filters.items()}
+    del env.globals["lipsum"]  # random text of any length, and no chat template uses it
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -294,6 +379,7 @@ class ChatTemplate:
             "tools": tools,
         }
         token = _deadline.set(time.monotonic() + MAX_SECONDS)
+        built = _budget.set([0])
         chunks: list[str] = []
         size = 0
         try:
@@ -311,6 +397,7 @@ class ChatTemplate:
             raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
         finally:
             _deadline.reset(token)
+            _budget.reset(built)
         return "".join(chunks)
 
     def _normalize(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ naming the file; nothing is allocated beyond what the file's own bytes justify.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import mmap
@@ -55,6 +56,7 @@ _NUMPY = {
 }
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 8
+_MAX_NESTING = 8  # arrays of arrays of ...
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -132,7 +134,7 @@ class _Cursor:
         raw = self.take(self.scalar("<Q"))
         return bytes(raw).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
@@ -149,11 +151,13 @@ class _Cursor:
                     raise ModelLoadError(self.path, f"array of {count} strings runs past the end of the file")
                 return [self.string() for _ in range(count)]
             if etype == _ARRAY:
-                if count > len(self.buf) - self.pos:
+                if depth >= _MAX_NESTING:  # llama.cpp writes none; Python's stack would overflow
+                    raise ModelLoadError(self.path, f"metadata arrays nested more than {_MAX_NESTING} deep")
+                if count * 12 > len(self.buf) - self.pos:  # every array costs its type and count
                     raise ModelLoadError(
                         self.path, f"nested array of {count} items runs past the end of the file"
                     )
-                return [self.value(_ARRAY) for _ in range(count)]
+                return [self.value(_ARRAY, depth + 1) for _ in range(count)]
             raise ModelLoadError(self.path, f"unknown array element type {etype}")
         raise ModelLoadError(self.path, f"unknown metadata value type {vtype}")
 
@@ -170,7 +174,12 @@ class GGUFFile:
             if size < 24:
                 raise ModelLoadError(self.path, f"not a GGUF file: only {size} bytes")
             self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self.metadata, self.infos = self._parse()
+        try:
+            self.metadata, self.infos = self._parse()
+        except BaseException:
+            with contextlib.suppress(BufferError):  # a view still held by the traceback: GC closes it
+                self._buf.close()
+            raise
 
     def _parse(self) -> tuple[dict[str, Any], list[TensorInfo]]:
         import gguf

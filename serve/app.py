@@ -23,6 +23,7 @@ from serve.handlers import (
     RequestRecord,
     chat,
     completions,
+    docs,
     embeddings,
     health,
     models,
@@ -55,7 +56,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     limiter = RateLimiter(settings)
     metrics = ServerMetrics(st, limiter.rejections)
     app.extensions["llama_jax"] = st
-    for module in (health, models, chat, completions, embeddings, tokenize):
+    for module in (health, models, chat, completions, embeddings, tokenize, docs):
         app.register_blueprint(module.bp)
     if settings.webui:
         app.register_blueprint(webui.bp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
@@ -16,6 +17,7 @@ from hypercorn.config import Config
 from llama_jax.weights import resolve_model_path
 from serve.app import create_app
 from serve.settings import Settings
+from serve.state import EXIT_ENGINE_FAILED, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,12 @@ def run(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        state.request_exit = stop.set  # an engine failure stops the server gracefully
         log.info("listening on http://%s:%d", settings.host, settings.port)
         await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)
 
+    state: ServerState = app.extensions["llama_jax"]
     asyncio.run(main())
+    if state.failed is not None:
+        log.critical("exiting with status %d after an engine failure", EXIT_ENGINE_FAILED)
+        sys.exit(EXIT_ENGINE_FAILED)

@@ -15,7 +15,9 @@ import asyncio
 import gc
 import hashlib
 import logging
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from llama_jax.generator import Generator
@@ -24,6 +26,10 @@ from serve.errors import APIError, model_not_found, unavailable
 from serve.settings import ModelSpec, Settings
 
 log = logging.getLogger(__name__)
+
+EXIT_ENGINE_FAILED = 3  # the process's exit status after an engine failure (docs/troubleshooting.md)
+FAILURE_GRACE_S = 3.0  # after a failure: time for the failed requests' errors to reach their clients
+FAILURE_DRAIN_S = 10.0  # ... then for other models' running requests to finish
 
 
 class ModelEntry:
@@ -56,6 +62,7 @@ class ModelEntry:
                 max_queue=s.max_queue,
                 chat_template=s.chat_template,
                 compilation_cache=compilation_cache,
+                mesh=s.mesh,
             )
             log.info("loaded %s from %s in %.1f s", self.id, gen.loaded.path, time.monotonic() - t0)
             if warmup:
@@ -71,7 +78,7 @@ class ModelEntry:
         log.info(
             "serving %s (%s%s) on %d slots of %d tokens",
             ", ".join(self.names),
-            s.dtype,
+            gen.loaded.model.dtype.__name__,
             ", int8" if s.quantize else "",
             s.max_slots,
             gen.max_seq_len,
@@ -128,6 +135,10 @@ class ServerState:
                 self.by_name[name] = entry
             self.models.append(entry)
         self.draining = False  # set on shutdown: new generations get 503
+        self.failed: str | None = None  # why an engine stopped; the process then exits
+        # How to stop serving after an engine failure: `llama-jax serve` sets its own graceful
+        # shutdown (and exits with EXIT_ENGINE_FAILED); under bare hypercorn the process exits.
+        self.request_exit: Callable[[], None] | None = None
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -138,7 +149,7 @@ class ServerState:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._load_all())]
+        self._tasks = [loop.create_task(self._load_all()), loop.create_task(self._watch_engines())]
         if any(m.spec.idle_unload_s > 0 for m in self.models):
             self._tasks.append(loop.create_task(self._unload_idle()))
 
@@ -192,6 +203,38 @@ class ServerState:
                             and time.monotonic() - entry.last_used > idle
                         ):
                             await asyncio.to_thread(entry.unload)
+
+    async def _watch_engines(self, every: float = 0.25) -> None:
+        """Exit when an engine thread dies, so that a supervisor restarts the process.
+
+        The dead engine has already failed its requests (each client got an error object) and
+        `/health` says `error`; a fresh process is the one state known to be good (the device
+        may hold a half-donated cache). The process waits `FAILURE_GRACE_S` so those errors
+        reach their clients, up to `FAILURE_DRAIN_S` for other models' running requests, then
+        exits with status `EXIT_ENGINE_FAILED`."""
+        while self.failed is None:
+            await asyncio.sleep(every)
+            for entry in self.models:
+                gen = entry.generator
+                # The error, not a stopped thread: a loop stopped on purpose (unload, close, a
+                # follower process of a multi-host mesh) is no failure.
+                if entry.status == "ok" and gen is not None and gen.loop.error is not None:
+                    if self.draining:  # a normal shutdown stops the engines itself
+                        return
+                    self.failed = f"{entry.id}: {gen.loop.error!r}"
+                    break
+        log.critical("the inference engine of %s stopped; exiting for a restart", self.failed)
+        await asyncio.sleep(FAILURE_GRACE_S)
+        self.draining = True
+        deadline = time.monotonic() + FAILURE_DRAIN_S
+        while any(m.busy for m in self.models if m.healthy) and time.monotonic() < deadline:
+            await asyncio.sleep(every)
+        if self.request_exit is not None:
+            self.request_exit()
+            return
+        log.critical("exiting with status %d after an engine failure", EXIT_ENGINE_FAILED)
+        logging.shutdown()
+        os._exit(EXIT_ENGINE_FAILED)  # bare hypercorn offers an app no way to stop it
 
     async def close(self) -> None:
         self.draining = True

@@ -1,0 +1,137 @@
+"""An engine-thread fault in a real server (serve/state.py's watchdog): the requests in flight
+fail with OpenAI error objects, `/health` turns unhealthy, and the process exits with status
+EXIT_ENGINE_FAILED for its supervisor to restart (both under bare hypercorn and under
+`llama-jax serve`'s own hypercorn)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve.state import EXIT_ENGINE_FAILED
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {
+    "LLAMA_JAX_MAX_SEQ_LEN": "512",
+    "LLAMA_JAX_MAX_SLOTS": "4",
+    "LLAMA_JAX_WARMUP": "0",
+}
+CHAT = {
+    "model": "smollm2-135m-instruct",
+    "messages": [{"role": "user", "content": "Tell me a long story."}],
+    "max_tokens": 300,
+    "ignore_eos": True,
+}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, env={**os.environ, **env}, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(log.read_text()[-3000:])
+
+
+def _inject_and_check(url: str, proc: subprocess.Popen, trigger: Path, log: Path) -> None:
+    """Two streams and one plain request in flight, then the fault: each gets an error."""
+    started = threading.Barrier(3)
+    results: dict[str, object] = {}
+
+    def stream(name: str) -> None:
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60
+        ) as r:
+            events = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    if len(events) == 3:
+                        started.wait(30)
+            results[name] = (r.status_code, events)
+
+    def plain() -> None:
+        results["plain"] = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60)
+
+    threads = [threading.Thread(target=stream, args=(f"s{i}",)) for i in range(2)]
+    threads.append(threading.Thread(target=plain))
+    for t in threads:
+        t.start()
+    started.wait(60)  # both streams are producing tokens (the plain request is in a slot too)
+    trigger.touch()
+    for t in threads:
+        t.join(60)
+    health = httpx.get(url + "/health", timeout=5)
+    assert health.status_code == 503 and health.json()["status"] in ("error", "shutting_down")
+    for name in ("s0", "s1"):
+        status, events = results[name]
+        assert status == 200 and events[-1] != "[DONE]", events[-3:]
+        error = json.loads(events[-1])["error"]
+        assert error["type"] == "server_error" and "restart" in error["message"], error
+    plain = results["plain"]
+    assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error", plain.text
+    assert proc.wait(30) == EXIT_ENGINE_FAILED, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "injected engine fault" in text and "exiting for a restart" in text
+
+
+def test_engine_fault_under_bare_hypercorn_fails_requests_then_exits_for_a_restart(tmp_path):
+    port, trigger, log = _free_port(), tmp_path / "fault", tmp_path / "server.log"
+    env = {**ENV, "LLAMA_JAX_TEST_FAULT_FILE": str(trigger), "PYTHONPATH": str(ROOT / "tests")}
+    proc = _start(
+        # `--workers 0`: serve in this process. With worker processes, hypercorn 0.18's parent
+        # exits 0 whatever its worker's status (docs/troubleshooting.md).
+        [sys.executable, "-m", "hypercorn", "fault_app:app", "--workers", "0", "--bind", f"127.0.0.1:{port}"],
+        env,
+        log,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc, log)
+        _inject_and_check(url, proc, trigger, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_engine_fault_under_llama_jax_serve_stops_gracefully_and_exits_for_a_restart(tmp_path):
+    port, trigger, log = _free_port(), tmp_path / "fault", tmp_path / "server.log"
+    env = {"LLAMA_JAX_TEST_FAULT_FILE": str(trigger), "PYTHONPATH": str(ROOT / "tests")}
+    code = "import sys, fault_app; from llama_jax.cli import main; sys.exit(main())"
+    args = ["serve", "--port", str(port), "--max-seq-len", "512", "--max-slots", "4", "--no-warmup"]
+    proc = _start([sys.executable, "-c", code, *args], env, log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc, log)
+        _inject_and_check(url, proc, trigger, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
