@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_WINDOW = 64  # a constrained request this close to its token limit looks for a way to finish
 CLOSE_MARGIN = 2  # ...and takes it when the tokens left exceed its length by no more than this
-CLOSE_RETRY = 8  # tokens before looking again when no way to finish in time was found
+CLOSE_RETRY = 4  # tokens before looking again when no way to finish in time was found (doubling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +107,7 @@ class Request:
     stops: StopMatcher | None = None
     matcher: Matcher | None = None  # constrained decoding: the request's place in its grammar
     close_retry_at: int = 0  # output length at which to look for a way to finish in time again
+    close_failures: int = 0  # searches for a way to finish in time that found none
 
     @property
     def finished(self) -> bool:
@@ -288,8 +289,9 @@ class Engine:
             if left > CLOSE_WINDOW or len(req.output_ids) < req.close_retry_at:
                 return
             path = m.closing_path(left, self.grammars.closers)
-            if path is None:  # no way to finish in time found: look again a few tokens later
-                req.close_retry_at = len(req.output_ids) + CLOSE_RETRY
+            if path is None:  # no way to finish in time found: look again later, less and less often
+                req.close_retry_at = len(req.output_ids) + (CLOSE_RETRY << req.close_failures)
+                req.close_failures += 1
                 return
             if len(path) + CLOSE_MARGIN < left:
                 return
