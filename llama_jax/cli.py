@@ -145,24 +145,12 @@ def _follow(settings) -> None:
     """A process other than 0 of a multi-host server: load the same model on the same mesh,
     then replay process 0's device steps (`lockstep.follow`); no HTTP here."""
     from llama_jax import lockstep
-    from llama_jax.generator import Generator
+    from serve.state import open_generator
 
     specs = settings.model_specs()
     if len(specs) != 1 or specs[0].lazy:
         raise LlamaJaxError("a multi-host server serves exactly one model, loaded at start")
-    s = specs[0]
-    gen = Generator.from_pretrained(
-        s.model,
-        dtype=s.dtype,
-        quantize=s.quantize,
-        max_seq_len=s.max_seq_len,
-        max_slots=s.max_slots,
-        max_queue=s.max_queue,
-        chat_template=s.chat_template,
-        compilation_cache=settings.compilation_cache,
-        mesh=s.mesh,
-    )
-    lockstep.follow(gen.engine)
+    lockstep.follow(open_generator(specs[0], settings.compilation_cache).engine)
 
 
 def serve_settings(args):

@@ -32,6 +32,21 @@ FAILURE_GRACE_S = 3.0  # after a failure: time for the failed requests' errors t
 FAILURE_DRAIN_S = 10.0  # ... then for other models' running requests to finish
 
 
+def open_generator(spec: ModelSpec, compilation_cache: str | None) -> Generator:
+    """Load the model a spec names, with its engine sized and placed as the spec says."""
+    return Generator.from_pretrained(
+        spec.model,
+        dtype=spec.dtype,
+        quantize=spec.quantize,
+        max_seq_len=spec.max_seq_len,
+        max_slots=spec.max_slots,
+        max_queue=spec.max_queue,
+        chat_template=spec.chat_template,
+        compilation_cache=compilation_cache,
+        mesh=spec.mesh,
+    )
+
+
 class ModelEntry:
     """One served model: its spec, names, load status and generator."""
 
@@ -53,17 +68,7 @@ class ModelEntry:
         s = self.spec
         t0 = time.monotonic()
         try:
-            gen = Generator.from_pretrained(
-                s.model,
-                dtype=s.dtype,
-                quantize=s.quantize,
-                max_seq_len=s.max_seq_len,
-                max_slots=s.max_slots,
-                max_queue=s.max_queue,
-                chat_template=s.chat_template,
-                compilation_cache=compilation_cache,
-                mesh=s.mesh,
-            )
+            gen = open_generator(s, compilation_cache)
             log.info("loaded %s from %s in %.1f s", self.id, gen.loaded.path, time.monotonic() - t0)
             if warmup:
                 t1 = time.monotonic()
