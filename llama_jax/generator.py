@@ -125,6 +125,7 @@ class Generator:
         chat_template: str | None = None,
         compilation_cache: str | None = "default",
         mesh: str | Mesh | None = None,
+        kernels: bool | None = None,
     ) -> Generator:
         """Load an alias (default: smollm2-135m-instruct), a GGUF file or a Hugging Face folder.
 
@@ -133,13 +134,15 @@ class Generator:
         KV cache's size; `chat_template` overrides the model's (a builtin name or Jinja source).
         `dtype="auto"`: float32 on CPU, bfloat16 on GPU/TPU. `mesh="data=D,model=M"` (or a
         `jax.sharding.Mesh`) runs tensor-parallel over M devices with D replicas of the slot
-        batch (`max_slots` a multiple of D); None: one device.
+        batch (`max_slots` a multiple of D); None: one device. `kernels`: the hand-written CPU
+        decode kernels (`cpu_kernels.py`); None uses them on the CPU backend when they build
+        (`LLAMA_JAX_CPU_KERNELS=0` turns them off).
         """
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache == "default" else compilation_cache)
         mesh = make_mesh(mesh)
         log.info("%s", describe(mesh))
-        loaded = load_model(model, dtype=dtype, quantize=quantize, mesh=mesh)
+        loaded = load_model(model, dtype=dtype, quantize=quantize, mesh=mesh, kernels=kernels)
         kind, source = loaded.tokenizer_source
         if kind == "gguf":
             tokenizer = Tokenizer.from_gguf_metadata(source, loaded.path)

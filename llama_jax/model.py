@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama_jax import cpu_kernels
 from llama_jax.config import LlamaConfig, rope_frequencies
 
 
@@ -91,13 +92,31 @@ class Blocks(nnx.Module):
         self.w_down = nnx.Param(init(rngs.params(), (L, F, D), dtype))
 
     def __call__(
-        self, cfg: LlamaConfig, x, positions, inv_freq, k_cache, v_cache, ctx_len, context=None, rows=None
+        self,
+        cfg: LlamaConfig,
+        x,
+        positions,
+        inv_freq,
+        k_cache,
+        v_cache,
+        ctx_len,
+        context=None,
+        rows=None,
+        kernels=False,
+        valid=None,
     ):
         """x [B,T,D] -> (x [B,T,D], new_k [L,B,T,K,H], new_v [L,B,T,K,H]).
 
         With `context` (static), only the first `context` cache positions are attended to, and
         with `rows` (static) only the first `rows` slots; the slices are taken per layer inside
         the scan, so the whole-cache view is never copied.
+
+        With `kernels` (the CPU kernels of `cpu_kernels.py`, on for a packed model), packed
+        weights and, for one new token per row, the whole cache stay out of the scan's
+        sliced inputs: the kernels get the layer index and read that layer in place, and
+        attention reads each row's `ctx_len` valid positions (`context` does not matter).
+        `valid` (traced, kernels only): the kernels' matmuls compute only the first `valid`
+        of the B*T token rows (a padded prefill chunk's true length).
         """
         G = cfg.group
         weights = {
@@ -110,10 +129,17 @@ class Blocks(nnx.Module):
         }
         if self.bqkv is not None:
             weights["bqkv"] = self.bqkv.get_value()
-        xs = (weights, k_cache, v_cache)
+        packed = {n: w for n, w in weights.items() if isinstance(w, cpu_kernels.PackedWeight)}
+        scanned = {n: w for n, w in weights.items() if n not in packed}
+        attend_kernel = kernels and k_cache is not None and x.shape[1] == 1
+        if attend_kernel:
+            xs = (scanned, None, None, jnp.arange(cfg.n_layers, dtype=jnp.int32))
+        else:
+            xs = (scanned, k_cache, v_cache, jnp.arange(cfg.n_layers, dtype=jnp.int32))
 
         def layer(x, xs):
-            w, k_ctx, v_ctx = xs
+            w, k_ctx, v_ctx, i = xs
+            w = {**w, **{n: p.at(i, valid) for n, p in packed.items()}}
             if context is not None and k_ctx is not None:
                 k_ctx, v_ctx = k_ctx[:rows, :context], v_ctx[:rows, :context]
             h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
@@ -123,7 +149,10 @@ class Blocks(nnx.Module):
             q = rope(qkv[..., :G, :], positions, inv_freq)
             k = rope(qkv[..., G, :], positions, inv_freq)
             v = qkv[..., G + 1, :]
-            o = attend(q, k, v, k_ctx, v_ctx, ctx_len)
+            if attend_kernel:
+                o = cpu_kernels.attend(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, i, ctx_len)[:, None]
+            else:
+                o = attend(q, k, v, k_ctx, v_ctx, ctx_len)
             x = x + dense(o, w["wo"], "BTKGH,KGHD->BTD")
             h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
             gu = dense(h, w["w_gate_up"], "BTD,DCF->BTCF")
@@ -150,20 +179,34 @@ class Llama(nnx.Module):
             else nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
         )
         self.inv_freq = Buffer(jnp.asarray(rope_frequencies(cfg), jnp.float32))
+        self.kernels = False  # the CPU kernel path; `cpu_kernels.pack_model` turns it on
 
-    def hidden(self, tokens, positions, k_cache=None, v_cache=None, ctx_len=None, context=None, rows=None):
+    def hidden(
+        self, tokens, positions, k_cache=None, v_cache=None, ctx_len=None, context=None, rows=None, valid=None
+    ):
         """Final-norm hidden states [B,T,D] and the chunk's K/V rows [L,B,T,K,H] each.
 
         tokens, positions: [B,T]; k_cache, v_cache: [L,B,C,K,H] views (or None when the chunk
         starts at position 0); ctx_len [B]: valid cached positions; context (static): attend
         over only the first `context` positions of the cache views; rows (static): the batch is
-        the cache views' first `rows` slots.
+        the cache views' first `rows` slots; valid (traced): how many of the B*T token rows
+        are real (the rest is padding the CPU kernels skip; None: all).
         """
         x = embed_lookup(self.embed.get_value(), tokens).astype(self.dtype)
         if ctx_len is None:
             ctx_len = jnp.zeros(tokens.shape[:1], jnp.int32)
         x, new_k, new_v = self.blocks(
-            self.cfg, x, positions, self.inv_freq.get_value(), k_cache, v_cache, ctx_len, context, rows
+            self.cfg,
+            x,
+            positions,
+            self.inv_freq.get_value(),
+            k_cache,
+            v_cache,
+            ctx_len,
+            context,
+            rows,
+            self.kernels,
+            valid,
         )
         return rms_norm(x, self.norm.get_value(), self.cfg.norm_eps), new_k, new_v
 

@@ -90,19 +90,13 @@ class Int8Weight:
         """`einsum(spec, x, w)`. The fast path needs the contracted axes trailing in x (in the
         weight's order) and the output to be x's other axes then the weight's kept axes (true
         of every spec in `model.py`); any other spec dequantizes."""
-        inputs, out = spec.split("->")
-        x_sub, w_sub = inputs.split(",")
-        if "..." in x_sub:
-            free = [c for c in string.ascii_lowercase if c not in spec][: x.ndim - len(x_sub) + 3]
-            x_sub, out = x_sub.replace("...", "".join(free)), out.replace("...", "".join(free))
         kept, c = self._axes()
-        kept_sub, c_sub = "".join(w_sub[i] for i in kept), "".join(w_sub[i] for i in c)
-        n_free = x.ndim - len(c_sub)
-        if not (x_sub.endswith(c_sub) and out == x_sub[:n_free] + kept_sub):
+        view = matmul_view(spec, x, kept, c)
+        if view is None:
             return jnp.einsum(spec, x, self.dequantize(x.dtype))
-        free_shape, kept_shape = x.shape[:n_free], self.q.shape[: len(kept)]
-        rows, n = math.prod(free_shape), math.prod(kept_shape)
-        x2 = x.reshape(rows, math.prod(x.shape[n_free:]))
+        x2, free_shape = view
+        kept_shape = self.q.shape[: len(kept)]
+        n = math.prod(kept_shape)
         y = int8_matmul(x2, self.q.reshape(n, x2.shape[1]))
         y = y * self.scale.reshape(n).astype(y.dtype)
         return y.reshape(free_shape + kept_shape)
@@ -111,6 +105,24 @@ class Int8Weight:
         """Rows of a weight whose first axis is kept (the embedding)."""
         assert 0 not in self._axes()[1]
         return jnp.take(self.q, ids, axis=0).astype(jnp.float32) * jnp.take(self.scale, ids, axis=0)
+
+
+def matmul_view(spec: str, x: jax.Array, kept: list[int], contracted: list[int]):
+    """For `einsum(spec, x, w)` with a weight whose axes `kept` are outputs and `contracted`
+    inputs (stored output-major, in that order): (x as [rows, K], x's free axes' shape), or None
+    when the spec is not `x[free..., contracted...] -> [free..., kept...]`."""
+    inputs, out = spec.split("->")
+    x_sub, w_sub = inputs.split(",")
+    if "..." in x_sub:
+        free = [c for c in string.ascii_lowercase if c not in spec][: x.ndim - len(x_sub) + 3]
+        x_sub, out = x_sub.replace("...", "".join(free)), out.replace("...", "".join(free))
+    kept_sub, c_sub = "".join(w_sub[i] for i in kept), "".join(w_sub[i] for i in contracted)
+    n_free = x.ndim - len(c_sub)
+    if not (x_sub.endswith(c_sub) and out == x_sub[:n_free] + kept_sub):
+        return None
+    free_shape = x.shape[:n_free]
+    x2 = x.reshape(math.prod(free_shape), math.prod(x.shape[n_free:]))
+    return x2, free_shape
 
 
 def int8_matmul(x: jax.Array, q: jax.Array, how: str | None = None) -> jax.Array:

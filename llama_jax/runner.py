@@ -106,6 +106,9 @@ class ModelRunner:
             min(min_prefill_bucket, max_prefill_chunk), min(max_prefill_chunk, max_seq_len)
         )
         self.context_buckets = pow2_buckets(min(min_context_bucket, max_seq_len), max_seq_len)
+        # The CPU kernels' decode attention reads each slot's valid positions whatever the
+        # bucket, so a packed model compiles decode for one context only.
+        self.decode_contexts = (max_seq_len,) if model.kernels else self.context_buckets
         # Under a mesh, a decode batch smaller than the data axis would leave replicas idle.
         self.batch_buckets = pow2_buckets(min(mesh.shape["data"] if mesh else 1, max_slots), max_slots)
         # Flatten the NNX state once: per-call traversal of Variables costs milliseconds.
@@ -167,9 +170,9 @@ class ModelRunner:
         if context:
             k_ctx = kv.slot_context(state.k, slot, context)
             v_ctx = kv.slot_context(state.v, slot, context)
-            h, nk, nv = model.hidden(tokens, positions, k_ctx, v_ctx, start[None])
+            h, nk, nv = model.hidden(tokens, positions, k_ctx, v_ctx, start[None], valid=true_len)
         else:
-            h, nk, nv = model.hidden(tokens, positions)
+            h, nk, nv = model.hidden(tokens, positions, valid=true_len)
         last = jax.lax.dynamic_index_in_dim(h[0], true_len - 1, keepdims=True)  # [1, D]
         end = start + true_len
         history = state.history.at[slot, start + jnp.arange(T)].set(tokens[0], mode="drop")
@@ -275,7 +278,7 @@ class ModelRunner:
         output has a row for each slot up to the highest active one (rounded up to a bucket).
         `mask` [max_slots, W]: allowed-token bitmasks, None when no slot is constrained."""
         active = np.asarray(active, bool)
-        context = pick(self.context_buckets, max(max_length, 1))
+        context = pick(self.decode_contexts, max(max_length, 1))
         batch = pick(self.batch_buckets, int(np.flatnonzero(active).max(initial=0)) + 1)
         mask = self.no_mask if mask is None else mask
         return self._decode(self._leaves, state, active, mask, context=context, batch=batch)
@@ -304,7 +307,7 @@ class ModelRunner:
         """Every (function, T, C) the engine can call. A chunk may start anywhere (after a
         reused prefix), so prefill meets every context bucket."""
         shapes = [("prefill", t, c) for c in (0, *self.context_buckets) for t in self.prefill_buckets]
-        return shapes + [("decode", b, c) for b in self.batch_buckets for c in self.context_buckets]
+        return shapes + [("decode", b, c) for b in self.batch_buckets for c in self.decode_contexts]
 
     def warmup(self, state: DecodeState, progress: bool = False) -> DecodeState:
         """Compile (or load from the persistent cache) every step the engine can call."""

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import sharding
+from llama_jax import cpu_kernels, sharding
 from llama_jax.config import LlamaConfig, rope_frequencies
 from llama_jax.errors import ModelLoadError
 from llama_jax.gguf import GGUFFile, hf_name
@@ -288,10 +288,13 @@ def load_model(
     dtype: str = "float32",
     quantize: str | None = None,
     mesh: Mesh | None = None,
+    kernels: bool | None = None,
 ) -> LoadedModel:
     """Load an alias, GGUF file or Hugging Face folder into an NNX `Llama`; `quantize="int8"`
     stores the matmul weights and the embedding as int8 with per-channel scales; `dtype`
-    "auto" is `resolve_dtype`'s; with a `mesh`, each weight is split over it as loaded."""
+    "auto" is `resolve_dtype`'s; with a `mesh`, each weight is split over it as loaded.
+    `kernels`: use the hand-written CPU kernels (`cpu_kernels.py`); None (auto) uses them on
+    the CPU backend for float32 activations on one device, when they build."""
     t0 = time.perf_counter()
     dtype = resolve_dtype(dtype)
     if dtype not in DTYPES:
@@ -313,14 +316,19 @@ def load_model(
     model_ = build_model(cfg, state, DTYPES[dtype], place)
     if quantize:
         quantize_model(model_, quantize, place)
+    if kernels is None:
+        kernels = jax.default_backend() == "cpu"
+    if kernels and mesh is None:  # the kernels know nothing of weights split over devices
+        cpu_kernels.pack_model(model_)
     seconds = time.perf_counter() - t0
     log.info(
-        "loaded %s (%s, %d layers, %.0fM params, %s) in %.1f s",
+        "loaded %s (%s, %d layers, %.0fM params, %s%s) in %.1f s",
         name,
         path,
         cfg.n_layers,
         cfg.num_params() / 1e6,
         dtype,
+        ", CPU kernels" if model_.kernels else "",
         seconds,
     )
     return LoadedModel(name, path, cfg, model_, source, seconds, mesh)

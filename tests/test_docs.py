@@ -71,6 +71,8 @@ def test_readme_client_examples_run(server, tmp_path):
     assert any("tool_calls" in b for b in client_blocks)
     script = re.sub(r"(127\.0\.0\.1|localhost):8080", f"127.0.0.1:{server.port}", "\n".join(client_blocks))
     (tmp_path / "readme.py").write_text(script)
-    out = subprocess.run([sys.executable, "readme.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "readme.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip()

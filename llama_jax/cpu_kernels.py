@@ -1,0 +1,283 @@
+"""Hand-written CPU kernels for the decode step (`kernels/cpu_kernels.cc`), as XLA FFI calls.
+
+On the CPU backend, a decode step's matmuls (one to 32 activation rows against every weight)
+and its attention over the KV cache are where XLA:CPU's generic emitters lose most: they read
+weights at a fraction of memory bandwidth and copy cache slices before batched einsums. The
+kernels here do those two things directly: `matmul` for float32 and int8 weights stored
+output-major, and `attend` for one new token per row over one layer of the cache, reading
+only each row's valid positions.
+
+The C++ source is compiled with the system's C++ compiler at first use (`-O3 -march=native`,
+a few seconds) into a per-user cache keyed on the source, the jaxlib headers and the CPU, then
+registered with XLA. Where there is no compiler, or the build fails, or
+`LLAMA_JAX_CPU_KERNELS=0` is set, `available()` is false and the model keeps its pure-XLA
+path: the kernels are an optimization, never a requirement.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.cc"
+TARGETS = ("lj_matmul_f32", "lj_matmul_i8", "lj_attend")
+# The kernels' matmul serves decode-sized batches; prefill chunks (compute-bound, many rows)
+# stay with XLA's dot.
+MAX_ROWS = 32
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LLAMA_JAX_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llama-jax", "kernels"
+    )
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("flags", "model name", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    include = jax.ffi.include_dir()
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", f"-I{include}"]
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), compiler.encode(), _cpu_signature().encode()):
+        key.update(part)
+    key.update((Path(include) / "xla" / "ffi" / "api" / "c_api.h").read_bytes())
+    out = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        proc = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(tmp_out)], capture_output=True, text=True, timeout=600
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to build {SOURCE.name}:\n{proc.stderr[-4000:]}")
+        os.replace(tmp_out, out)  # atomic: concurrent builders agree on the result
+    return out
+
+
+def available() -> bool:
+    """True when the kernels are built and registered with XLA for the CPU platform."""
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _load()
+        return _state["ok"]
+
+
+def _load() -> bool:
+    if os.environ.get("LLAMA_JAX_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        for name in TARGETS:
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    except Exception as e:  # no compiler, a failed build, an old jaxlib: the XLA path serves
+        log.warning("CPU kernels unavailable, using XLA's own ops: %s", e)
+        return False
+    _state["lib"] = lib
+    return True
+
+
+TILE = 8  # output channels per tile of a packed weight
+
+
+def packable(n: int, k: int) -> bool:
+    return n % TILE == 0 and n > 0 and k > 0
+
+
+def pack(w: np.ndarray) -> np.ndarray:
+    """w [..., N, K] (output-major) -> [..., N/8, K, 8]: tile t holds channels 8t..8t+7, input
+    by input, so it is one contiguous run read in order and each input's 8 weights are one
+    vector."""
+    *lead, N, K = w.shape
+    tiles = np.asarray(w).reshape(*lead, N // TILE, TILE, K)
+    return np.ascontiguousarray(np.swapaxes(tiles, -1, -2))
+
+
+def unpack(p: jax.Array) -> jax.Array:
+    """The inverse of `pack` ([..., N, K]), in XLA (for shapes the kernels do not serve)."""
+    *lead, nt, K, _ = p.shape
+    return jnp.swapaxes(p, -1, -2).reshape(*lead, nt * TILE, K)
+
+
+def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, layer=None, rows=None) -> jax.Array:
+    """x [R, K] float32 times the packed weight w [N/8, K, 8] (float32, or int8 with
+    per-channel `scale` [N]), transposed: [R, N] float32. A stacked weight [L, N/8, K, 8]
+    (scale [L, N]) with `layer` (a traced int32) uses that layer's slice without copying it.
+    `rows` (traced): only the first `rows` rows are computed, the others are zeros (a prefill
+    chunk's padding costs nothing)."""
+    R, N = x.shape[0], w.shape[-3] * TILE
+    out = jax.ShapeDtypeStruct((R, N), jnp.float32)
+    x = x.astype(jnp.float32)
+    ctl = jnp.stack(
+        [
+            jnp.asarray(0 if layer is None else layer, jnp.int32),
+            jnp.asarray(R if rows is None else rows, jnp.int32),
+        ]
+    )
+    if w.dtype == jnp.int8:
+        return jax.ffi.ffi_call("lj_matmul_i8", out)(x, w, scale.astype(jnp.float32), ctl)
+    return jax.ffi.ffi_call("lj_matmul_f32", out)(x, w.astype(jnp.float32), ctl)
+
+
+def attend(q, k_new, v_new, k_cache, v_cache, layer, lengths) -> jax.Array:
+    """One new token per row over layer `layer` of the cache plus itself.
+
+    q [B, KV, G, H]; k_new, v_new [B, KV, H]; k_cache, v_cache [L, Bmax, S, KV, H] (B <= Bmax:
+    row b is slot b); layer int32 scalar; lengths [B] valid cached positions. -> [B, KV, G, H].
+    """
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call("lj_attend", out)(
+        q.astype(jnp.float32),
+        k_new.astype(jnp.float32),
+        v_new.astype(jnp.float32),
+        k_cache,
+        v_cache,
+        jnp.asarray(layer, jnp.int32),
+        lengths.astype(jnp.int32),
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedWeight:
+    """A matmul weight in the kernels' layout: `data` [(L,) N/8, K, 8] (`pack` of the weight
+    stored output-major, N its kept axes, K its contracted ones), float32 or int8 with
+    `scale` [(L,) N]. `layer_shape` is the float weight's shape without the layer axis and
+    `contracted` its contracted axes counted from the end, as in `Int8Weight`.
+
+    Stacked on a leading layer axis, it is not sliced by the layer scan: `at(layer)` gives a
+    view whose `einsum` passes the whole array and the layer index to the kernel, which reads
+    that layer in place (a sliced operand would be copied by XLA, every layer, every step)."""
+
+    data: jax.Array
+    scale: jax.Array | None
+    layer_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    contracted: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    layer: jax.Array | None = None  # a view's layer (`at`)
+    rows: jax.Array | None = None  # a view's count of activation rows to compute (`at`)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The float weight's shape (with the layer axis when stacked)."""
+        return (self.data.shape[0], *self.layer_shape) if self.data.ndim == 4 else self.layer_shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def _axes(self) -> tuple[list[int], list[int]]:
+        n = len(self.layer_shape)
+        c = [n + a for a in self.contracted]
+        return [i for i in range(n) if i not in c], c
+
+    def at(self, layer, rows=None) -> PackedWeight:
+        """A view of one layer of a stacked weight; `rows`: compute only the first `rows`
+        flattened activation rows of each product (the others are zeros)."""
+        return dataclasses.replace(self, layer=layer, rows=rows)
+
+    def einsum(self, spec: str, x: jax.Array) -> jax.Array:
+        """`einsum(spec, x, w)` for the specs of `model.py` (see `quantize.matmul_view`)."""
+        from llama_jax.quantize import matmul_view
+
+        kept, c = self._axes()
+        view = matmul_view(spec, x, kept, c)
+        if view is None:
+            raise ValueError(f"a packed weight cannot serve einsum {spec!r}")
+        x2, free_shape = view
+        y = matmul(x2, self.data, self.scale, self.layer, self.rows)
+        return y.reshape(free_shape + tuple(self.layer_shape[i] for i in kept)).astype(x.dtype)
+
+    def take_rows(self, ids: jax.Array) -> jax.Array:
+        """Rows of the (unstacked) embedding [V, D]: row v is data[v // 8, :, v % 8]."""
+        rows = self.data[ids // TILE, :, ids % TILE].astype(jnp.float32)
+        return rows if self.scale is None else rows * self.scale[ids][..., None]
+
+
+# Model weights the kernels serve, with the axes each one's matmul contracts (stacked
+# weights count the layer axis, as in quantize.CONTRACTED).
+def pack_weight(w, contracted: tuple[int, ...], stacked: bool) -> PackedWeight | None:
+    """`w` (a float array or an `Int8Weight`) in the packed layout, or None when its output
+    size is not a multiple of the tile."""
+    from llama_jax.quantize import Int8Weight
+
+    lead = 1 if stacked else 0
+    if isinstance(w, Int8Weight):
+        q = np.asarray(w.q)  # output-major already: [L?, kept..., contracted...]
+        shape = w.shape[lead:]
+        rel = w.contracted
+        scale = np.asarray(w.scale)
+    else:
+        a = np.asarray(w, np.float32)
+        nd = a.ndim
+        c = sorted(x % nd for x in contracted)
+        kept = [i for i in range(nd) if i not in c]
+        q = np.transpose(a, kept + c)
+        shape = a.shape[lead:]
+        rel = tuple(x - nd for x in c)
+        scale = None
+    n_c = len(rel)
+    K = int(np.prod(q.shape[q.ndim - n_c :]))
+    N = int(np.prod(q.shape[lead : q.ndim - n_c]))
+    if not packable(N, K):
+        return None
+    q = q.reshape(q.shape[:lead] + (N, K))
+    packed = jnp.asarray(pack(q))
+    if scale is not None:
+        scale = jnp.asarray(scale.reshape(q.shape[:lead] + (N,)), jnp.float32)
+    return PackedWeight(packed, scale, tuple(shape), tuple(rel))
+
+
+def pack_model(model) -> bool:
+    """Put `model`'s matmul weights (float32 or int8) in the kernels' layout, in place, and
+    turn on its kernel path (`Llama.kernels`). False (and nothing changed) when the kernels
+    are unavailable or the model's activations are not float32."""
+    from llama_jax.quantize import CONTRACTED
+
+    if jnp.dtype(model.dtype) != jnp.float32 or not available():
+        return False
+    targets = [(model.blocks, n, True) for n in ("wqkv", "wo", "w_gate_up", "w_down")]
+    targets += [(model, "embed", False)] + ([(model, "lm_head", False)] if model.lm_head is not None else [])
+    for owner, name, stacked in targets:
+        var = getattr(owner, name)
+        packed = pack_weight(var.get_value(), CONTRACTED[name], stacked)
+        if packed is not None:
+            var.set_value(packed)
+    model.kernels = True
+    return True
+
+
+def reference_matmul(x: np.ndarray, w: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """The same product in float64 numpy (tests)."""
+    y = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    return y if scale is None else y * np.asarray(scale, np.float64).reshape(-1)

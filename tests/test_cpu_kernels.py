@@ -1,0 +1,202 @@
+"""The hand-written CPU kernels (llama_jax/kernels/cpu_kernels.cc): matmuls on packed float32
+and int8 weights, decode attention over the cache in place, and the model path that uses them
+(equal to the pure-XLA path), plus the fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny import random_tensors, tiny_config
+
+from llama_jax import cpu_kernels as ck
+from llama_jax.model import attend
+from llama_jax.quantize import quantize_array, quantize_model
+from llama_jax.runner import ModelRunner, unpack
+from llama_jax.sampling import SamplingParams, SlotSampling
+from llama_jax.weights import build_model, pack_tensors
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not ck.available(), reason="the CPU kernels serve the CPU backend"
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("R", [1, 2, 7, 8, 9, 65])
+@pytest.mark.parametrize("N,K", [(8, 24), (24, 20), (40, 3)])
+def test_matmul_equals_numpy(rng, dtype, R, N, K):
+    """Every row-block shape (1, 2..7, 8, a remainder, past the 64-row block), any K (the
+    kernel has no K alignment), stacked layers picked by index, and skipped padding rows."""
+    L = 3
+    x = rng.standard_normal((R, K)).astype(np.float32)
+    if dtype == "int8":
+        w = rng.integers(-127, 128, (L, N, K)).astype(np.int8)
+        scale = rng.uniform(0.001, 0.02, (L, N)).astype(np.float32)
+    else:
+        w, scale = rng.standard_normal((L, N, K)).astype(np.float32), None
+    packed = jnp.asarray(ck.pack(w))
+    assert packed.shape == (L, N // 8, K, 8)
+    assert np.array_equal(np.asarray(ck.unpack(packed)), w)
+    for layer in (0, 2):
+        want = ck.reference_matmul(x, w[layer], None if scale is None else scale[layer])
+        s = None if scale is None else jnp.asarray(scale)
+        got = np.asarray(ck.matmul(jnp.asarray(x), packed, s, jnp.int32(layer)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        valid = R // 2
+        part = np.asarray(jax.jit(ck.matmul)(jnp.asarray(x), packed, s, jnp.int32(layer), jnp.int32(valid)))
+        # (A lone row sums in another order than a block of rows: rounding only.)
+        np.testing.assert_allclose(part[:valid], got[:valid], rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert not part[valid:].any()  # padding rows are zeros, not computed
+
+
+def test_matmul_rejects_a_layer_out_of_range(rng):
+    w = jnp.asarray(ck.pack(rng.standard_normal((2, 8, 16)).astype(np.float32)))
+    with pytest.raises(Exception, match="layer in range"):
+        np.asarray(ck.matmul(jnp.ones((1, 16), jnp.float32), w, None, jnp.int32(2)))
+
+
+@pytest.mark.parametrize("H", [16, 12])  # vector and scalar paths
+def test_attend_equals_xla_attention_over_valid_positions(rng, H):
+    """Rows with 0, 1, some and all cache positions valid, GQA (3 query heads per KV head),
+    reading layer 1 of a stacked cache; garbage past each row's length is never read."""
+    L, Bmax, S, KV, G = 2, 5, 16, 2, 3
+    lengths = np.asarray([0, 1, 7, S], np.int32)
+    B = len(lengths)
+    k_cache = rng.standard_normal((L, Bmax, S, KV, H)).astype(np.float32)
+    v_cache = rng.standard_normal((L, Bmax, S, KV, H)).astype(np.float32)
+    q = rng.standard_normal((B, KV, G, H)).astype(np.float32)
+    k_new, v_new = rng.standard_normal((2, B, KV, H)).astype(np.float32)
+    got = np.asarray(ck.attend(q, k_new, v_new, k_cache, v_cache, jnp.int32(1), jnp.asarray(lengths)))
+    want = attend(q[:, None], k_new[:, None], v_new[:, None], k_cache[1, :B], v_cache[1, :B], lengths)[:, 0]
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+    poisoned = k_cache.copy()
+    for b, n in enumerate(lengths):
+        poisoned[1, b, n:] = np.nan
+    again = ck.attend(q, k_new, v_new, poisoned, v_cache, jnp.int32(1), jnp.asarray(lengths))
+    np.testing.assert_array_equal(np.asarray(again), got)
+
+
+def _run(model, prompt, steps: int, slots: int = 3):
+    """Greedy prefill into slot 1 plus `steps` decode steps with 2 of `slots` active:
+    (tokens, prefill logprob-bearing outputs)."""
+    runner = ModelRunner(model, max_slots=slots, max_seq_len=64, min_prefill_bucket=16)
+    state = runner.init_state()
+    row = SlotSampling.from_params([SamplingParams(temperature=0.0, top_logprobs=5)], [0])
+    state, out = runner.prefill(state, np.asarray(prompt[:5], np.int32), 0, 0, row)
+    state, out = runner.prefill(state, np.asarray(prompt, np.int32), 1, 0, row)
+    outs = [np.asarray(out)]
+    active = np.asarray([True, True] + [False] * (slots - 2))
+    for i in range(steps):
+        state, out = runner.decode(state, active, len(prompt) + i + 1)
+        outs.append(np.asarray(out)[:2])
+    return outs
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_packed_model_equals_the_xla_path(quant):
+    """The tiny model through the runner with and without the kernels: same greedy tokens
+    and top-5 alternatives, log-probabilities within float rounding (int8 compared with
+    exact int8-weight math, the XLA "float" formulation)."""
+    from llama_jax import quantize
+
+    cfg = tiny_config()
+    state = pack_tensors(cfg, random_tensors(cfg).items(), "tiny")
+    prompt = list(range(3, 23))  # 20 tokens: a padded 32-token chunk
+
+    def make(kernels: bool):
+        m = build_model(cfg, state)
+        if quant:
+            quantize_model(m, quant)
+        if kernels:
+            assert ck.pack_model(m) and m.kernels
+            assert isinstance(m.blocks.wqkv.get_value(), ck.PackedWeight)
+        return m
+
+    old = quantize.MATMUL
+    quantize.MATMUL = "float"
+    try:
+        want = _run(make(False), prompt, 6)
+    finally:
+        quantize.MATMUL = old
+    got = _run(make(True), prompt, 6)
+    for g, w in zip(got, want, strict=True):
+        tok_g, lp_g = unpack(g)
+        tok_w, lp_w = unpack(w)
+        np.testing.assert_array_equal(tok_g, tok_w)
+        np.testing.assert_allclose(lp_g, lp_w, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(g[..., 2:7], w[..., 2:7])  # top-5 ids
+
+
+def test_default_model_with_and_without_kernels_agree(smollm2):
+    """The real model (float32): the kernels' logits equal XLA's to float rounding on a chat
+    prompt, prefill and decode, and greedy text is the same."""
+    from llama_jax import Generator
+
+    assert smollm2.runner.cfg and smollm2.loaded.model.kernels
+    plain = Generator.from_pretrained(max_seq_len=512, max_slots=4, kernels=False)
+    assert not plain.loaded.model.kernels
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    a, b = smollm2.chat(msgs, params), plain.chat(msgs, params)
+    assert a.token_ids == b.token_ids and "Paris" in a.text
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-3)
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT / "tests",
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+CHECK = """
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    from tiny import random_tensors, tiny_config
+    from llama_jax import cpu_kernels
+    from llama_jax.weights import build_model, pack_tensors
+    cfg = tiny_config()
+    m = build_model(cfg, pack_tensors(cfg, random_tensors(cfg).items(), "tiny"))
+    print("packed", cpu_kernels.pack_model(m), m.kernels)
+"""
+
+
+def test_kernels_can_be_turned_off():
+    proc = _python(CHECK, {"LLAMA_JAX_CPU_KERNELS": "0"})
+    assert proc.returncode == 0, proc.stderr
+    assert "packed False False" in proc.stdout
+
+
+def test_a_failed_build_falls_back_to_xla_with_a_warning(tmp_path):
+    """No working compiler: a warning that names the problem, and the model keeps the XLA path."""
+    proc = _python(CHECK, {"CXX": "/bin/false", "LLAMA_JAX_KERNEL_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "packed False False" in proc.stdout
+    assert "CPU kernels unavailable" in proc.stderr and "failed to build" in proc.stderr
+
+
+def test_quantized_rows_keep_their_int8_layout(rng):
+    """pack_weight of an Int8Weight keeps q and the per-channel scales (no requantization)."""
+    w = rng.standard_normal((2, 16, 3, 8)).astype(np.float32)  # [L, D, K, H], D contracted
+    qw = quantize_array(w, (1,))
+    packed = ck.pack_weight(qw, (1,), stacked=True)
+    assert packed.data.dtype == jnp.int8 and packed.shape == w.shape
+    q = np.asarray(ck.unpack(packed.data))  # [L, N, K] with N = 3*8 outputs, K = 16 inputs
+    np.testing.assert_array_equal(q.reshape(2, 3, 8, 16), np.asarray(qw.q))
+    x = jnp.asarray(rng.standard_normal((2, 1, 16)), jnp.float32)
+    got = packed.at(jnp.int32(1)).einsum("BTD,DKH->BTKH", x)
+    want = jnp.einsum("BTD,DKH->BTKH", x, qw.dequantize()[1])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
