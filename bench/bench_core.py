@@ -1,8 +1,9 @@
 """Core benchmark: load time, compile times, prefill and decode throughput, peak memory.
 
-    python bench/bench_core.py [--model ALIAS_OR_PATH] [--dtypes float32,bfloat16]
+    python bench/bench_core.py [--model ALIAS_OR_PATH] [--dtypes float32,int8,float32:xla]
 
-Runs each dtype in its own subprocess (clean peak-memory figure) and prints one table. Decode
+A dtype with the suffix `:xla` runs without the CPU kernels (`cpu_kernels.py`), on XLA's own
+ops, for a before/after in one run. Runs each dtype in its own subprocess (clean peak-memory figure) and prints one table. Decode
 is timed through the runner's jitted step at a fixed context bucket, all slots active, with
 the outputs read back every step as the engine does, at every batch bucket up to 16 (XLA:CPU
 picks kernels by shape, so one size says little about the next). Not a test: numbers depend on the machine.
@@ -21,7 +22,8 @@ import numpy as np
 
 
 def measure(model: str | None, dtype: str, seq: int, steps: int) -> dict:
-    """`dtype` is a float dtype, or "int8" (float32 activations, int8 weights)."""
+    """`dtype` is a float dtype, or "int8" (float32 activations, int8 weights); ":xla" after
+    it turns the CPU kernels off."""
     import jax
 
     from llama_jax.runner import ModelRunner, unpack
@@ -29,9 +31,16 @@ def measure(model: str | None, dtype: str, seq: int, steps: int) -> dict:
     from llama_jax.weights import load_model
 
     t0 = time.perf_counter()
+    label = dtype
+    dtype, _, variant = dtype.partition(":")
     quantize = "int8" if dtype == "int8" else None
-    loaded = load_model(model, dtype="float32" if quantize else dtype, quantize=quantize)
-    r: dict = {"dtype": dtype, "load_s": time.perf_counter() - t0}
+    loaded = load_model(
+        model,
+        dtype="float32" if quantize else dtype,
+        quantize=quantize,
+        kernels=False if variant == "xla" else None,
+    )
+    r: dict = {"dtype": label, "load_s": time.perf_counter() - t0}
     row = SlotSampling.from_params([SamplingParams(temperature=0)], [0])
     rng = np.random.default_rng(0)
     for batch in (1, 2, 4, 8, 16):  # every decode batch bucket of a 16-slot runner
@@ -112,7 +121,7 @@ def matmul_baseline(cfg, dtype: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
-    ap.add_argument("--dtypes", default="float32,bfloat16,int8")
+    ap.add_argument("--dtypes", default="float32,int8,float32:xla,int8:xla,bfloat16")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)

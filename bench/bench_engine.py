@@ -1,7 +1,7 @@
 """Engine benchmark through the async API: concurrent streams of generated tokens.
 
     python bench/bench_engine.py [--model M] [--quantize int8] [--streams 1,4,16] [--tokens 128]
-                                 [--constrained]
+                                 [--constrained] [--no-kernels]
 
 For each concurrency level, that many asyncio tasks each stream one request of `--tokens`
 tokens (ignore_eos, temperature 0.7) at the same time; the table reports aggregate tokens/s,
@@ -78,15 +78,21 @@ def main() -> None:
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--constrained", action="store_true")
+    ap.add_argument("--no-kernels", action="store_true", help="XLA's own ops instead of the CPU kernels")
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",")]
     gen = Generator.from_pretrained(
-        args.model, quantize=args.quantize, max_slots=max(levels), max_seq_len=512
+        args.model,
+        quantize=args.quantize,
+        max_slots=max(levels),
+        max_seq_len=512,
+        kernels=False if args.no_kernels else None,
     )
     t = time.perf_counter()
     gen.warmup(progress=False)
     print(
-        f"model={gen.loaded.name} quantize={args.quantize or 'none'} slots={max(levels)} warmup={time.perf_counter() - t:.1f}s"
+        f"model={gen.loaded.name} quantize={args.quantize or 'none'} kernels={gen.loaded.model.kernels}"
+        f" slots={max(levels)} warmup={time.perf_counter() - t:.1f}s"
     )
     sampling = SamplingParams(temperature=0.7, max_tokens=args.tokens, ignore_eos=True, seed=0)
     asyncio.run(level(gen, 1, SamplingParams(max_tokens=8, ignore_eos=True)))  # first-call effects

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from llama_jax.errors import LlamaJaxError
+
+log = logging.getLogger("llama_jax.cli")
 
 MESH_HELP = (
     "tensor-parallel over devices: data=D,model=M (M devices per replica, D replicas of the slot "
@@ -136,6 +139,17 @@ def cmd_serve(args) -> None:
         if jax.process_index() != 0:
             _follow(settings)
             return
+        from serve.server import run
+
+        try:
+            run(settings)
+        except BaseException:
+            # jax.distributed's exit handler waits for the other processes, which wait for this
+            # one: a process 0 that cannot serve (its port taken, say) would hang, not exit.
+            log.exception("process 0 of a multi-host server failed")
+            logging.shutdown()
+            os._exit(1)
+        return
     from serve.server import run
 
     run(settings)

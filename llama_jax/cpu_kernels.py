@@ -35,7 +35,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.cc"
-TARGETS = ("lj_matmul_f32", "lj_matmul_i8", "lj_attend")
+TARGETS = ("lj_matmul_f32", "lj_matmul_i8", "lj_attend", "lj_top_k")
 # The kernels' matmul serves decode-sized batches; prefill chunks (compute-bound, many rows)
 # stay with XLA's dot.
 MAX_ROWS = 32
@@ -275,6 +275,14 @@ def pack_model(model) -> bool:
             var.set_value(packed)
     model.kernels = True
     return True
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` over the last axis of x [B, V] float32: (values, int32 indices) [B, k],
+    descending, equal values in index order."""
+    B = x.shape[0]
+    out = (jax.ShapeDtypeStruct((B, k), jnp.float32), jax.ShapeDtypeStruct((B, k), jnp.int32))
+    return jax.ffi.ffi_call("lj_top_k", out)(x.astype(jnp.float32))
 
 
 def reference_matmul(x: np.ndarray, w: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:

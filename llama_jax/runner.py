@@ -179,7 +179,7 @@ class ModelRunner:
         logits = self._whole_vocab(model.logits(last))
         row_history = jax.lax.dynamic_index_in_dim(history, slot, keepdims=True)
         logits = apply_mask(adjust_logits(logits, row, row_history, end[None], end[None]), mask)
-        token, logprob = sample(logits, row, end[None])
+        token, logprob = sample(logits, row, end[None], model.kernels)
         sampling = jax.tree.map(lambda all_, r: all_.at[slot].set(r[0]), state.sampling, row)
         new_state = DecodeState(
             k=kv.write_chunk(state.k, nk, slot, start),
@@ -190,7 +190,7 @@ class ModelRunner:
             prompt_len=state.prompt_len.at[slot].set(end),
             sampling=sampling,
         )
-        return new_state, pack(token, logprob, top_logprobs(logits, row))
+        return new_state, pack(token, logprob, top_logprobs(logits, row, model.kernels))
 
     def _decode_impl(self, leaves, state: DecodeState, active, mask, *, context, batch):
         """One token for each of the first `batch` slots (static: a power-of-two bucket, so a
@@ -206,7 +206,7 @@ class ModelRunner:
         history = state.history.at[jnp.arange(b), write_at].set(tokens, mode="drop")
         logits = adjust_logits(logits, sampling, history[:b], state.prompt_len[:b], lengths + 1)
         logits = apply_mask(logits, mask[:b])
-        token, logprob = sample(logits, sampling, lengths + 1)
+        token, logprob = sample(logits, sampling, lengths + 1, model.kernels)
         new_state = DecodeState(
             k=kv.write_step(state.k, nk, write_at),
             v=kv.write_step(state.v, nv, write_at),
@@ -216,7 +216,7 @@ class ModelRunner:
             prompt_len=state.prompt_len,
             sampling=state.sampling,
         )
-        return new_state, pack(token, logprob, top_logprobs(logits, sampling))
+        return new_state, pack(token, logprob, top_logprobs(logits, sampling, model.kernels))
 
     @staticmethod
     def _copy_slot_impl(state: DecodeState, src, dst) -> DecodeState:

@@ -244,7 +244,19 @@ def _draw(p: jax.Array, u: jax.Array) -> jax.Array:
     return (blk * BLOCK + idx).astype(jnp.int32)
 
 
-def sample(logits: jax.Array, s: SlotSampling, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _top_k(x: jax.Array, k: int, kernels: bool) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k`, or the CPU kernel's (same result, without XLA:CPU's sort) for a model on
+    the CPU kernel path."""
+    if kernels:
+        from llama_jax import cpu_kernels
+
+        return cpu_kernels.top_k(x, k)
+    return jax.lax.top_k(x, k)
+
+
+def sample(
+    logits: jax.Array, s: SlotSampling, positions: jax.Array, kernels: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """logits f32 [B,V] -> (tokens int32 [B], logprob of each token under the raw logits [B]).
 
     `positions [B]` is the index of the token being generated, folded into each slot's key.
@@ -253,7 +265,7 @@ def sample(logits: jax.Array, s: SlotSampling, positions: jax.Array) -> tuple[ja
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     tokens = jax.lax.cond(
         jnp.any(s.temperature > 0),
-        lambda: jnp.where(s.temperature > 0, _sample_rows(logits, s, positions), greedy),
+        lambda: jnp.where(s.temperature > 0, _sample_rows(logits, s, positions, kernels), greedy),
         lambda: greedy,
     )
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -261,14 +273,14 @@ def sample(logits: jax.Array, s: SlotSampling, positions: jax.Array) -> tuple[ja
     return tokens, jnp.maximum(logprob, _LOGPROB_FLOOR)
 
 
-def top_logprobs(logits: jax.Array, s: SlotSampling) -> tuple[jax.Array, jax.Array]:
+def top_logprobs(logits: jax.Array, s: SlotSampling, kernels: bool = False) -> tuple[jax.Array, jax.Array]:
     """The `MAX_TOP_LOGPROBS` most likely tokens and their log-probabilities under the raw
     logits, [B, 20] each; computed only when some row asks (`lax.cond`), zeros otherwise."""
     B, V = logits.shape
     k = min(MAX_TOP_LOGPROBS, V)
 
     def compute():
-        vals, ids = jax.lax.top_k(logits, k)
+        vals, ids = _top_k(logits, k, kernels)
         lps = vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
         return ids.astype(jnp.int32), jnp.maximum(lps, _LOGPROB_FLOOR)
 
@@ -278,7 +290,9 @@ def top_logprobs(logits: jax.Array, s: SlotSampling) -> tuple[jax.Array, jax.Arr
     return jax.lax.cond(jnp.any(s.top_logprobs > 0), compute, skip)
 
 
-def _sample_rows(logits: jax.Array, s: SlotSampling, positions: jax.Array) -> jax.Array:
+def _sample_rows(
+    logits: jax.Array, s: SlotSampling, positions: jax.Array, kernels: bool = False
+) -> jax.Array:
     """Filters in llama.cpp's and vLLM's order: top-k, then top-p over the renormalized top-k
     distribution, and min-p relative to the most likely token."""
     B, V = logits.shape
@@ -287,7 +301,7 @@ def _sample_rows(logits: jax.Array, s: SlotSampling, positions: jax.Array) -> ja
     nc = min(CANDIDATES, V)
     # The barrier keeps XLA from fusing top_k (a sort) into the elementwise consumers below,
     # which recomputed it per element: 175 ms instead of 6 ms for [16, 49152] on XLA:CPU.
-    top = jax.lax.optimization_barrier(jax.lax.top_k(x, nc)[0])  # [B, nc], descending
+    top = jax.lax.optimization_barrier(_top_k(x, nc, kernels)[0])  # [B, nc], descending
     neg = jnp.float32(-jnp.inf)
 
     def mass(t):  # probability of the tokens with x >= t, per row
@@ -303,7 +317,11 @@ def _sample_rows(logits: jax.Array, s: SlotSampling, positions: jax.Array) -> ja
         lambda: fast_k,
     )
     thr_k = jnp.where(k_on, thr_k, neg)
-    target = s.top_p * jnp.where(k_on, mass(thr_k), 1.0)
+    # The top-k set's mass (a pass of exp over the vocabulary) only when some row has top-k on.
+    kept = jax.lax.cond(
+        jnp.any(k_on), lambda: jnp.where(k_on, mass(thr_k), 1.0), lambda: jnp.ones_like(thr_k)
+    )
+    target = s.top_p * kept
     p_on = s.top_p < 1.0
     cum = jnp.cumsum(jnp.exp(top - lse[:, None]), -1)
     j = jnp.sum(cum < target[:, None], -1)  # nucleus = candidates 0..j

@@ -200,3 +200,45 @@ def test_quantized_rows_keep_their_int8_layout(rng):
     got = packed.at(jnp.int32(1)).einsum("BTD,DKH->BTKH", x)
     want = jnp.einsum("BTD,DKH->BTKH", x, qw.dequantize()[1])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 20, 64])
+def test_top_k_equals_lax_top_k(rng, k):
+    """Values and indices as lax.top_k's, ties in index order (rows full of repeated values,
+    -inf and the -1e30 of masked tokens)."""
+    x = rng.standard_normal((5, 300)).astype(np.float32)
+    x[1] = np.round(x[1])  # many ties
+    x[2, ::2] = -np.inf
+    x[3] = -1e30
+    x[3, [7, 250, 9]] = [2.0, 2.0, 1.0]
+    x[4, :] = 0.5
+    vals, ids = ck.top_k(jnp.asarray(x), k)
+    want_vals, want_ids = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+
+
+def test_sampling_with_the_kernel_top_k_draws_the_same_tokens(rng):
+    """sample() and top_logprobs() on the kernel path: identical tokens and alternatives for
+    rows with top-k (within and past the candidate count), top-p, min-p and plain temperature."""
+    from llama_jax.sampling import sample, top_logprobs
+
+    params = [
+        SamplingParams(temperature=0.8, top_k=5, seed=1, top_logprobs=3),
+        SamplingParams(temperature=1.0, top_k=100, seed=2),
+        SamplingParams(temperature=0.7, top_p=0.9, seed=3, top_logprobs=20),
+        SamplingParams(temperature=1.3, min_p=0.05, seed=4),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, seed=5),
+    ]
+    s = jax.tree.map(jnp.asarray, SlotSampling.from_params(params, [0] * len(params)))
+    logits = jnp.asarray(rng.standard_normal((len(params), 1000)) * 3, jnp.float32)
+    for step in range(5):
+        pos = jnp.full((len(params),), step, jnp.int32)
+        a = jax.jit(lambda x, p: sample(x, s, p, True))(logits, pos)
+        b = jax.jit(lambda x, p: sample(x, s, p, False))(logits, pos)
+        np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+        np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]), rtol=1e-6)
+    ta, tb = top_logprobs(logits, s, True), top_logprobs(logits, s, False)
+    np.testing.assert_array_equal(np.asarray(ta[0]), np.asarray(tb[0]))
+    np.testing.assert_allclose(np.asarray(ta[1]), np.asarray(tb[1]), rtol=1e-6)

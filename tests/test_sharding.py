@@ -105,9 +105,18 @@ def test_eight_virtual_devices_match_one_device():
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+): gloo and the coordinator bind
+    ephemeral ports of their own, and once took the one picked for HTTP."""
+    import random
+
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:

@@ -8,6 +8,7 @@
 // - lj_matmul_f32 / lj_matmul_i8: y[R, N] = x[R, K] . w[N, K]^T (* scale[N]) for a weight packed
 //   in tiles of 8 output channels (below), float32 or int8 with per-channel scales. int8 weights are widened to float in registers, so activations are not quantized
 //   and the result is exact int8-weight math up to float rounding.
+// - lj_top_k: the k largest logits of each row, for sampling and top_logprobs.
 // - lj_attend: one new token per row attending over a layer of the KV cache, reading only each
 //   row's valid positions (no padding to a context bucket, no copy of the cache).
 //
@@ -139,6 +140,9 @@ class Pool {
       if (n <= 0) n = std::max(1u, std::thread::hardware_concurrency());
     }
     workers_ = n - 1;
+    if (const char* env = std::getenv("LLAMA_JAX_CPU_SPIN_US")) {
+      spin_ = std::chrono::microseconds(std::atoll(env));
+    }
     for (int64_t t = 0; t < workers_; ++t) std::thread([this] { loop(); }).detach();
   }
 
@@ -149,7 +153,7 @@ class Pool {
       int spins = 0;
       while (gen_.load(std::memory_order_acquire) == seen) {
         relax();
-        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - start > kSpinTime) {
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - start > spin_) {
           std::unique_lock<std::mutex> lock(m_);
           sleepers_.fetch_add(1, std::memory_order_acq_rel);
           cv_.wait(lock, [&] { return gen_.load(std::memory_order_acquire) != seen; });
@@ -166,7 +170,7 @@ class Pool {
     }
   }
 
-  static constexpr std::chrono::microseconds kSpinTime{2000};
+  std::chrono::microseconds spin_{2000};  // LLAMA_JAX_CPU_SPIN_US
   int64_t workers_ = 0;
   std::mutex busy_;
   std::mutex m_;
@@ -395,7 +399,58 @@ ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Top-k per row, as lax.top_k: x [B, V] -> values [B, k] descending, indices [B, k], ties in
+// index order. A min-heap of the k best so far; most elements lose one comparison with its
+// root. (XLA:CPU sorts: about 3 ms for 16 rows of 49152 logits, 0.2 ms here.)
+
+ffi::Error TopK(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
+                ffi::ResultBuffer<ffi::S32> indices) {
+  auto xd = x.dimensions(), vd = values->dimensions();
+  if (xd.size() != 2 || vd.size() != 2 || vd[0] != xd[0] || vd[1] > xd[1] || vd[1] < 1) {
+    return ffi::Error::InvalidArgument("lj_top_k: expected x [B, V] and outputs [B, k], k <= V");
+  }
+  const int64_t B = xd[0], V = xd[1], k = vd[1];
+  const float* xp = x.typed_data();
+  float* vp = values->typed_data();
+  int32_t* ip = indices->typed_data();
+  parallel_for(B, [=](int64_t b) {
+    const float* row = xp + b * V;
+    thread_local std::vector<std::pair<float, int32_t>> heap;
+    heap.clear();
+    // "a ranks below b": smaller value, or the same value at a higher index.
+    auto below = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& c) {
+      return a.first < c.first || (a.first == c.first && a.second > c.second);
+    };
+    // std heaps are max-heaps of their comparator: with "ranks above", the root ranks lowest.
+    auto above = [&](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& c) {
+      return below(c, a);
+    };
+    for (int64_t i = 0; i < k; ++i) heap.emplace_back(row[i], int32_t(i));
+    std::make_heap(heap.begin(), heap.end(), above);
+    for (int64_t i = k; i < V; ++i) {
+      if (row[i] > heap.front().first) {  // a later equal value ranks lower: never enters
+        std::pop_heap(heap.begin(), heap.end(), above);
+        heap.back() = {row[i], int32_t(i)};
+        std::push_heap(heap.begin(), heap.end(), above);
+      }
+    }
+    std::sort(heap.begin(), heap.end(), above);
+    for (int64_t j = 0; j < k; ++j) {
+      vp[b * k + j] = heap[j].first;
+      ip[b * k + j] = heap[j].second;
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_top_k, TopK,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_matmul_f32, MatmulF32,
                               ffi::Ffi::Bind()
