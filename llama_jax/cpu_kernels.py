@@ -1,11 +1,12 @@
 """Hand-written CPU kernels for the decode step (`kernels/cpu_kernels.cc`), as XLA FFI calls.
 
-On the CPU backend, a decode step's matmuls (one to 32 activation rows against every weight)
-and its attention over the KV cache are where XLA:CPU's generic emitters lose most: they read
-weights at a fraction of memory bandwidth and copy cache slices before batched einsums. The
-kernels here do those two things directly: `matmul` for float32 and int8 weights stored
-output-major, and `attend` for one new token per row over one layer of the cache, reading
-only each row's valid positions.
+On the CPU backend, a decode step's matmuls and its attention over the KV cache are where
+XLA:CPU's generic emitters lose most: they read weights at a fraction of memory bandwidth,
+copy the layer slice of a stacked weight or cache before using it, and sort a whole
+vocabulary for top-k. The kernels here do these directly: `matmul` for float32 and int8
+weights repacked in tiles of 8 output channels (`pack`, `PackedWeight`; prefill chunks too,
+skipping padding rows), `attend` for one new token per row over one layer of the cache,
+reading only each row's valid positions, and `top_k` for sampling.
 
 The C++ source is compiled with the system's C++ compiler at first use (`-O3 -march=native`,
 a few seconds) into a per-user cache keyed on the source, the jaxlib headers and the CPU, then
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.cc"
 TARGETS = ("lj_matmul_f32", "lj_matmul_i8", "lj_attend", "lj_top_k")
-# The kernels' matmul serves decode-sized batches; prefill chunks (compute-bound, many rows)
-# stay with XLA's dot.
-MAX_ROWS = 32
-
 _lock = threading.Lock()
 _state: dict = {}
 
