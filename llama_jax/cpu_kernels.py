@@ -221,11 +221,10 @@ class PackedWeight:
         return rows if self.scale is None else rows * self.scale[ids][..., None]
 
 
-# Model weights the kernels serve, with the axes each one's matmul contracts (stacked
-# weights count the layer axis, as in quantize.CONTRACTED).
 def pack_weight(w, contracted: tuple[int, ...], stacked: bool) -> PackedWeight | None:
     """`w` (a float array or an `Int8Weight`) in the packed layout, or None when its output
-    size is not a multiple of the tile."""
+    size is not a multiple of the tile. `contracted`: the axes its matmul contracts, counting
+    the layer axis of a `stacked` weight (as in `quantize.CONTRACTED`)."""
     from llama_jax.quantize import Int8Weight
 
     lead = 1 if stacked else 0
