@@ -130,7 +130,8 @@ def cmd_generate(args) -> None:
 
 def cmd_serve(args) -> None:
     settings = serve_settings(args)
-    if args.coordinator or args.distributed:
+    distributed = bool(args.coordinator or args.distributed)
+    if distributed:
         from llama_jax import sharding
 
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -139,20 +140,20 @@ def cmd_serve(args) -> None:
         if jax.process_index() != 0:
             _follow(settings)
             return
-        from serve.server import run
-
-        try:
-            run(settings)
-        except BaseException:
-            # jax.distributed's exit handler waits for the other processes, which wait for this
-            # one: a process 0 that cannot serve (its port taken, say) would hang, not exit.
-            log.exception("process 0 of a multi-host server failed")
-            logging.shutdown()
-            os._exit(1)
-        return
     from serve.server import run
 
-    run(settings)
+    try:
+        run(settings)
+    except (Exception, SystemExit) as e:
+        if not distributed:
+            raise
+        # jax.distributed's exit handler waits for the other processes, which wait for this
+        # one: a process 0 that cannot serve (its port taken, say) would hang, not exit.
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+        if not isinstance(e, SystemExit):
+            log.exception("process 0 of a multi-host server failed")
+        logging.shutdown()
+        os._exit(code)
 
 
 def _follow(settings) -> None:
