@@ -31,11 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
-@pytest.mark.parametrize("R", [1, 2, 7, 8, 9, 65])
-@pytest.mark.parametrize("N,K", [(8, 24), (24, 20), (40, 3)])
+@pytest.mark.parametrize("R", [1, 2, 5, 7, 8, 9, 16, 65, 130])
+@pytest.mark.parametrize("N,K", [(8, 24), (24, 20), (40, 3), (24, 400)])
 def test_matmul_equals_numpy(rng, dtype, R, N, K):
-    """Every row-block shape (1, 2..7, 8, a remainder, past the 64-row block), any K (the
-    kernel has no K alignment), stacked layers picked by index, and skipped padding rows."""
+    """Every row-block shape (a lone row; one block of 2-6, of 7-8; several blocks; two and
+    three super blocks of rows), units of two tiles and a last single tile, any K (the kernel
+    has no K alignment; 400 spans three blocks of inputs), stacked layers picked by index,
+    and skipped padding rows."""
     L = 3
     x = rng.standard_normal((R, K)).astype(np.float32)
     if dtype == "int8":

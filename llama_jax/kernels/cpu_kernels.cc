@@ -6,8 +6,9 @@
 // decode step, written by hand:
 //
 // - lj_matmul_f32 / lj_matmul_i8: y[R, N] = x[R, K] . w[N, K]^T (* scale[N]) for a weight packed
-//   in tiles of 8 output channels (below), float32 or int8 with per-channel scales. int8 weights are widened to float in registers, so activations are not quantized
-//   and the result is exact int8-weight math up to float rounding.
+//   in tiles of 8 output channels (below), float32 or int8 with per-channel scales. int8
+//   weights are widened to float in registers, so activations are not quantized and the
+//   result is exact int8-weight math up to float rounding.
 // - lj_top_k: the k largest logits of each row, for sampling and top_logprobs.
 // - lj_attend: one new token per row attending over a layer of the KV cache, reading only each
 //   row's valid positions (no padding to a context bucket, no copy of the cache).
@@ -191,8 +192,23 @@ void parallel_for(int64_t total, std::function<void(int64_t)> work) {
 // bandwidth: 8 interleaved streams defeat the prefetcher). A tile row w[k, 0:8] is one vector,
 // multiplied by a broadcast x[r, k] into the 8 outputs of row r (an outer product), so a widened
 // int8 vector serves every row of a block from registers.
+//
+// A lone row (batch 1 decode) is bound by memory bandwidth: `tile_one_row` streams one tile
+// at a time. More rows are bound by arithmetic: `micro` keeps a 6-row by 2-tile block of
+// outputs in registers, with the rows' activations packed into panels and the inputs split
+// in L1-sized blocks (a BLIS-style register-blocked GEMM).
 
 constexpr int64_t kTile = 8;
+
+// Software prefetch this many bytes ahead in a weight stream: int8 weights need 4x the work
+// per cache line of float ones, so fewer lines are in flight, and the hardware prefetcher
+// alone left a fifth to a third of the memory bandwidth unused.
+constexpr int64_t kPrefetch = 2048;
+
+template <typename W>
+inline void prefetch_line(const W* p) {
+  __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetch);
+}
 
 // One row against one tile: 8 partial sums (one per k mod 8) break the FMA latency chain.
 template <typename W>
@@ -200,63 +216,172 @@ inline v8f tile_one_row(const float* xr, int64_t K, const W* w) {
   v8f acc[8] = {};
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
+    if constexpr (sizeof(W) == 1) prefetch_line(w + k * kTile);  // 8 inputs: one 64-byte line
     for (int kk = 0; kk < 8; ++kk) acc[kk] += xr[k + kk] * load(w + (k + kk) * kTile);
   }
   for (; k < K; ++k) acc[0] += xr[k] * load(w + k * kTile);
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// RT rows (r0..) against one tile.
-template <int RT, typename W>
-inline void tile_rows(const float* x, int64_t K, const W* w, v8f* out, int64_t r0) {
-  v8f acc[RT] = {};
-  const float* xr = x + r0 * K;
-  for (int64_t k = 0; k < K; ++k) {
-    v8f wv = load(w + k * kTile);
-    for (int i = 0; i < RT; ++i) acc[i] += xr[i * K + k] * wv;
+// Several rows are bound by arithmetic: a register-blocked micro kernel, RT rows by TT tiles
+// (6 x 2: 12 accumulators, 2 weight vectors and a broadcast fill the 16 AVX2 registers; per
+// input, 2 weight loads and 6 broadcasts feed 12 FMAs). Its activations come from a panel
+// `xp` [kc][RT] (one contiguous stream, packed by `pack_rows`); tile t's weights start at
+// w + t * ldw, input k at + k * 8. Accumulates into y (rows ldy apart) unless `first`;
+// `scale`, when given, multiplies the result (the last block of inputs of an int8 weight).
+constexpr int kMR = 6;           // rows per micro kernel
+constexpr int kNT = 2;           // tiles per micro kernel
+constexpr int64_t kKC = 192;     // inputs per block: a 2-tile float panel is 12 KB, in L1
+constexpr int64_t kSuper = 60;   // rows per work item (10 micro kernels), their panel in L2
+
+template <int RT, int TT, typename W>
+inline void micro(const float* xp, int64_t kc, const W* w, int64_t ldw, float* y, int64_t ldy,
+                  bool first, const float* scale) {
+  v8f acc[RT][TT];
+  for (int i = 0; i < RT; ++i) {
+    for (int t = 0; t < TT; ++t) acc[i][t] = first ? v8f{} : load(y + i * ldy + t * kTile);
   }
-  for (int i = 0; i < RT; ++i) out[i] = acc[i];
+  for (int64_t k = 0; k < kc; ++k) {
+    // Where memory is the limit (int8, or a few rows): one prefetch per 64-byte line.
+    if (constexpr bool pf = sizeof(W) == 1 || RT <= 4; pf && k % (64 / (kTile * sizeof(W))) == 0) {
+      for (int t = 0; t < TT; ++t) prefetch_line(w + t * ldw + k * kTile);
+    }
+    v8f wv[TT];
+    for (int t = 0; t < TT; ++t) wv[t] = load(w + t * ldw + k * kTile);
+    for (int i = 0; i < RT; ++i) {
+      const float xv = xp[k * RT + i];
+      for (int t = 0; t < TT; ++t) acc[i][t] += xv * wv[t];
+    }
+  }
+  for (int t = 0; t < TT; ++t) {
+    if (scale) {
+      const v8f s = load(scale + t * kTile);
+      for (int i = 0; i < RT; ++i) acc[i][t] *= s;
+    }
+    for (int i = 0; i < RT; ++i) store(y + i * ldy + t * kTile, acc[i][t]);
+  }
 }
 
-template <typename W>
-void tile_block(const float* x, int64_t K, const W* w, const float* scale, float* y, int64_t N,
-                int64_t n0, int64_t r0, int64_t r1) {
-  constexpr int RT = 8;
-  v8f out[RT];
-  v8f s;
-  for (int j = 0; j < 8; ++j) s[j] = scale ? scale[n0 + j] : 1.0f;
-  for (int64_t r = r0; r < r1; r += RT) {
-    const int64_t n = std::min<int64_t>(RT, r1 - r);
-    switch (n) {
-      case 1: out[0] = tile_one_row(x + r * K, K, w); break;
-      case 2: tile_rows<2>(x, K, w, out, r); break;
-      case 3: tile_rows<3>(x, K, w, out, r); break;
-      case 4: tile_rows<4>(x, K, w, out, r); break;
-      case 5: tile_rows<5>(x, K, w, out, r); break;
-      case 6: tile_rows<6>(x, K, w, out, r); break;
-      case 7: tile_rows<7>(x, K, w, out, r); break;
-      default: tile_rows<8>(x, K, w, out, r); break;
-    }
-    for (int64_t i = 0; i < n; ++i) store(y + (r + i) * N + n0, out[i] * s);
+// 7 or 8 rows: one block, one tile at a time (8 x 1: 8 accumulators, a weight vector loaded
+// once for 8 FMAs), rather than two blocks of 4 that would read the weights twice.
+constexpr int kMRWide = 8;
+
+template <int TT, typename W>
+inline void micro_rows(int rt, const float* xp, int64_t kc, const W* w, int64_t ldw, float* y,
+                       int64_t ldy, bool first, const float* scale) {
+  switch (rt) {
+    case 1: micro<1, TT>(xp, kc, w, ldw, y, ldy, first, scale); break;
+    case 2: micro<2, TT>(xp, kc, w, ldw, y, ldy, first, scale); break;
+    case 3: micro<3, TT>(xp, kc, w, ldw, y, ldy, first, scale); break;
+    case 4: micro<4, TT>(xp, kc, w, ldw, y, ldy, first, scale); break;
+    case 5: micro<5, TT>(xp, kc, w, ldw, y, ldy, first, scale); break;
+    case 6: micro<6, TT>(xp, kc, w, ldw, y, ldy, first, scale); break;
+    default:
+      for (int t = 0; t < TT; ++t) {
+        const float* st = scale ? scale + t * kTile : nullptr;
+        if (rt == 7) {
+          micro<7, 1>(xp, kc, w + t * ldw, ldw, y + t * kTile, ldy, first, st);
+        } else {
+          micro<kMRWide, 1>(xp, kc, w + t * ldw, ldw, y + t * kTile, ldy, first, st);
+        }
+      }
+  }
+}
+
+// Rows [r0, r1) in near-equal blocks of at most kMR rows (16 rows: 6, 5, 5, not 6, 6, 4),
+// or one block of up to kMRWide rows: f(first row, rows).
+template <typename F>
+inline void row_blocks(int64_t r0, int64_t r1, F f) {
+  const int64_t n = r1 - r0;
+  if (n <= kMRWide) {
+    if (n > 0) f(r0, int(n));
+    return;
+  }
+  const int64_t nb = (n + kMR - 1) / kMR;
+  const int64_t base = n / nb, extra = n % nb;
+  for (int64_t b = 0, r = r0; b < nb; ++b) {
+    const int rt = int(base + (b < extra ? 1 : 0));
+    f(r, rt);
+    r += rt;
+  }
+}
+
+// Rows [0, R) in near-equal super blocks of at most kSuper rows: super block s is
+// [super_start(s), super_start(s + 1)).
+inline int64_t supers_of(int64_t R) { return (R + kSuper - 1) / kSuper; }
+inline int64_t super_start(int64_t s, int64_t R) { return s * R / supers_of(R); }
+
+// x [R, K] -> panels: the block of rows [r, r + rt) (row_blocks of each super block) is
+// stored at xp + r * K as [K][rt].
+void pack_rows(const float* x, int64_t R, int64_t K, float* xp) {
+  auto one = [=](int64_t s) {
+    row_blocks(super_start(s, R), super_start(s + 1, R), [&](int64_t r, int rt) {
+      float* dst = xp + r * K;
+      for (int64_t k = 0; k < K; ++k) {
+        for (int i = 0; i < rt; ++i) dst[k * rt + i] = x[(r + i) * K + k];
+      }
+    });
+  };
+  const int64_t supers = supers_of(R);
+  if (supers > 1) {
+    parallel_for(supers, one);
+  } else {
+    one(0);
   }
 }
 
 // Rows at or past `valid` are not computed: they are zeros (the padding of a prefill chunk).
+// int8 weights are widened in registers as they are loaded (`load`), once per micro kernel.
 template <typename W>
 void matmul(const float* x, int64_t R, int64_t valid, int64_t K, const W* w,
             const float* scale, float* y, int64_t N) {
   if (valid < R) std::memset(y + valid * N, 0, sizeof(float) * (R - valid) * N);
   R = valid;
-  // Work items: (block of rows, run of tiles). Rows in blocks of 64 keep x's block in L2
-  // while a tile (K x 8 weights) stays in L1 across it.
-  constexpr int64_t kRowBlock = 64, kTilesPerItem = 4;
-  const int64_t tiles = N / kTile, runs = (tiles + kTilesPerItem - 1) / kTilesPerItem;
-  const int64_t row_blocks = (R + kRowBlock - 1) / kRowBlock;
-  parallel_for(row_blocks * runs, [=](int64_t item) {
-    const int64_t rb = item / runs, run = item % runs;
-    const int64_t r0 = rb * kRowBlock, r1 = std::min(R, r0 + kRowBlock);
-    for (int64_t t = run * kTilesPerItem; t < std::min(tiles, (run + 1) * kTilesPerItem); ++t) {
-      tile_block(x, K, w + t * kTile * K, scale, y, N, t * kTile, r0, r1);
+  if (R == 0) return;
+  const int64_t tiles = N / kTile;
+  if (R == 1) {
+    const int64_t per_run = std::max<int64_t>(1, tiles / 24);  // long runs, ~24 of them
+    const int64_t runs = (tiles + per_run - 1) / per_run;
+    parallel_for(runs, [=](int64_t run) {
+      for (int64_t t = run * per_run; t < std::min(tiles, (run + 1) * per_run); ++t) {
+        v8f s;
+        for (int j = 0; j < 8; ++j) s[j] = scale ? scale[t * kTile + j] : 1.0f;
+        store(y + t * kTile, tile_one_row(x, K, w + t * kTile * K) * s);
+      }
+    });
+    return;
+  }
+  thread_local std::vector<float> panel;  // the caller's; workers only read it
+  panel.resize(R * K);
+  float* xp = panel.data();
+  pack_rows(x, R, K, xp);
+  // Work items: (super block of rows, run of units); a unit is kNT tiles (the last may be 1).
+  const int64_t units = (tiles + kNT - 1) / kNT;
+  const int64_t per_run = std::max<int64_t>(1, units / 24);  // ~24 items: even split on 2-16 threads
+  const int64_t runs = (units + per_run - 1) / per_run;
+  const int64_t supers = supers_of(R);
+  const int64_t KC = R <= kMRWide ? K : kKC;  // one block of rows: nothing to keep in L1
+  parallel_for(supers * runs, [=](int64_t item) {
+    const int64_t s = item / runs, run = item % runs;
+    const int64_t r0 = super_start(s, R), r1 = super_start(s + 1, R);
+    for (int64_t u = run * per_run; u < std::min(units, (run + 1) * per_run); ++u) {
+      const int64_t t0 = u * kNT;
+      const bool pair = t0 + 1 < tiles;
+      const W* wu = w + t0 * kTile * K;
+      const float* su = scale ? scale + t0 * kTile : nullptr;
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        const float* sc = k0 + kc == K ? su : nullptr;
+        row_blocks(r0, r1, [&](int64_t r, int rt) {
+          const float* xb = xp + r * K + k0 * rt;
+          float* yb = y + r * N + t0 * kTile;
+          if (pair) {
+            micro_rows<kNT>(rt, xb, kc, wu + k0 * kTile, K * kTile, yb, N, k0 == 0, sc);
+          } else {
+            micro_rows<1>(rt, xb, kc, wu + k0 * kTile, K * kTile, yb, N, k0 == 0, sc);
+          }
+        });
+      }
     }
   });
 }
@@ -311,10 +436,90 @@ ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention for one layer: q [B, KV, G, H]; k_new, v_new [B, KV, H] (this step's token);
-// k_cache, v_cache [L, S, KV, H] per slot... laid out [L, Bmax, S, KV, H]; layer [] int32;
-// lengths [B] int32 (valid cached positions per row, clamped to S). out [B, KV, G, H].
+// k_cache, v_cache [L, Bmax, S, KV, H]; layer [] int32; lengths [B] int32 (valid cached
+// positions per row, clamped to S). out [B, KV, G, H].
 // Each (row, KV head) is one work item: scores for its G query heads over the valid cache
-// positions and the new token, a softmax, and the weighted sum of values.
+// positions and the new token, a softmax, and the weighted sum of values. A position's key and
+// value (H floats each) are read from memory once for all G heads: the G dot products share
+// the loaded key, and the G weighted sums accumulate in a small buffer that stays in L1.
+
+// One row: q [KV, G, H]; kn, vn [KV, H] (the new token); k, v: the row's first cached
+// position, [n, KV, H] contiguous (all heads of a position together, so the row's cache is one
+// sequential read); out [KV, G, H].
+void attend_row(const float* q, const float* kn, const float* vn, const float* k,
+                const float* v, int64_t n, int64_t KV, int64_t G, int64_t H, float scale,
+                float* out) {
+  const int64_t NQ = KV * G, stride = KV * H, ld = n + 1;
+  thread_local std::vector<float> buf;
+  buf.resize(ld * NQ);
+  float* sc = buf.data();  // [KV * G, n + 1]; position n is the new token
+  const bool vec = H % 8 == 0;
+  auto dot = [&](const float* a, const float* c) {
+    if (vec) {
+      v8f acc0 = {}, acc1 = {};
+      int64_t h = 0;
+      for (; h + 16 <= H; h += 16) {
+        acc0 += load(a + h) * load(c + h);
+        acc1 += load(a + h + 8) * load(c + h + 8);
+      }
+      if (h < H) acc0 += load(a + h) * load(c + h);
+      return hsum(acc0 + acc1);
+    }
+    float s = 0;
+    for (int64_t h = 0; h < H; ++h) s += a[h] * c[h];
+    return s;
+  };
+  auto scores = [&](const float* kt, int64_t t) {
+    for (int64_t kh = 0; kh < KV; ++kh) {
+      for (int64_t g = 0; g < G; ++g) {
+        sc[(kh * G + g) * ld + t] = dot(q + (kh * G + g) * H, kt + kh * H) * scale;
+      }
+    }
+  };
+  for (int64_t t = 0; t < n; ++t) scores(k + t * stride, t);
+  scores(kn, n);
+  for (int64_t j = 0; j < NQ; ++j) {
+    float* s = sc + j * ld;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t <= n; ++t) m = std::max(m, s[t]);
+    float sum = 0;
+    for (int64_t t = 0; t <= n; ++t) {
+      s[t] = std::exp(s[t] - m);
+      sum += s[t];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t t = 0; t <= n; ++t) s[t] *= inv;
+  }
+  for (int64_t i = 0; i < NQ * H; ++i) out[i] = 0.0f;
+  auto values = [&](const float* vt, int64_t t) {
+    for (int64_t kh = 0; kh < KV; ++kh) {
+      const float* x = vt + kh * H;
+      for (int64_t g = 0; g < G; ++g) {
+        float* o = out + (kh * G + g) * H;
+        const float a = sc[(kh * G + g) * ld + t];
+        if (vec) {
+          for (int64_t h = 0; h < H; h += 8) store(o + h, load(o + h) + a * load(x + h));
+        } else {
+          for (int64_t h = 0; h < H; ++h) o[h] += a * x[h];
+        }
+      }
+    }
+  };
+  for (int64_t t = 0; t < n; ++t) values(v + t * stride, t);
+  values(vn, n);
+}
+
+// All rows of one layer; kc, vc point at the layer's [Bmax, S, KV, H].
+void attend(const float* q, const float* k_new, const float* v_new, const float* kc,
+            const float* vc, const int32_t* len, float* out, int64_t B, int64_t KV, int64_t G,
+            int64_t H, int64_t S) {
+  const float scale = 1.0f / std::sqrt(float(H));
+  parallel_for(B, [=](int64_t b) {
+    const int64_t n = std::clamp<int64_t>(len[b], 0, S);
+    attend_row(q + b * KV * G * H, k_new + b * KV * H, v_new + b * KV * H, kc + b * S * KV * H,
+               vc + b * S * KV * H, n, KV, G, H, scale, out + b * KV * G * H);
+  });
+}
 
 ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
                   ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_cache,
@@ -330,72 +535,9 @@ ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
   const int64_t L = cd[0], Bmax = cd[1], S = cd[2];
   const int64_t l = layer.typed_data()[0];
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("lj_attend: layer out of range");
-  const float scale = 1.0f / std::sqrt(float(H));
-  const float* qp = q.typed_data();
-  const float* knp = k_new.typed_data();
-  const float* vnp = v_new.typed_data();
-  const float* kc = k_cache.typed_data() + l * Bmax * S * KV * H;
-  const float* vc = v_cache.typed_data() + l * Bmax * S * KV * H;
-  const int32_t* len = lengths.typed_data();
-  float* op = out->typed_data();
-  const bool vec = H % 8 == 0;
-
-  parallel_for(B * KV, [=](int64_t item) {
-    const int64_t b = item / KV, kh = item % KV;
-    const int64_t n = std::clamp<int64_t>(len[b], 0, S);
-    thread_local std::vector<float> scores;
-    scores.resize((n + 1) * G);
-    const float* qb = qp + (b * KV + kh) * G * H;
-    const int64_t stride = KV * H;  // between positions of one slot and head
-    const float* kb = kc + b * S * KV * H + kh * H;
-    const float* vb = vc + b * S * KV * H + kh * H;
-    auto dot = [&](const float* a, const float* c) {
-      if (vec) {
-        v8f acc = {};
-        for (int64_t h = 0; h < H; h += 8) acc += load(a + h) * load(c + h);
-        return hsum(acc);
-      }
-      float s = 0;
-      for (int64_t h = 0; h < H; ++h) s += a[h] * c[h];
-      return s;
-    };
-    // scores[t * G + g]; position n is the new token.
-    for (int64_t t = 0; t < n; ++t) {
-      for (int64_t g = 0; g < G; ++g) scores[t * G + g] = dot(qb + g * H, kb + t * stride) * scale;
-    }
-    const float* kn = knp + (b * KV + kh) * H;
-    for (int64_t g = 0; g < G; ++g) scores[n * G + g] = dot(qb + g * H, kn) * scale;
-    for (int64_t g = 0; g < G; ++g) {
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t <= n; ++t) m = std::max(m, scores[t * G + g]);
-      float sum = 0;
-      for (int64_t t = 0; t <= n; ++t) {
-        float e = std::exp(scores[t * G + g] - m);
-        scores[t * G + g] = e;
-        sum += e;
-      }
-      const float inv = 1.0f / sum;
-      for (int64_t t = 0; t <= n; ++t) scores[t * G + g] *= inv;
-    }
-    float* ob = op + (b * KV + kh) * G * H;
-    const float* vn = vnp + (b * KV + kh) * H;
-    for (int64_t g = 0; g < G; ++g) {
-      float* o = ob + g * H;
-      if (vec) {
-        for (int64_t h0 = 0; h0 < H; h0 += 8) {
-          v8f acc = load(vn + h0) * scores[n * G + g];
-          for (int64_t t = 0; t < n; ++t) acc += load(vb + t * stride + h0) * scores[t * G + g];
-          store(o + h0, acc);
-        }
-      } else {
-        for (int64_t h = 0; h < H; ++h) {
-          float acc = vn[h] * scores[n * G + g];
-          for (int64_t t = 0; t < n; ++t) acc += vb[t * stride + h] * scores[t * G + g];
-          o[h] = acc;
-        }
-      }
-    }
-  });
+  const int64_t per_layer = Bmax * S * KV * H;
+  attend(q.typed_data(), k_new.typed_data(), v_new.typed_data(), k_cache.typed_data() + l * per_layer,
+         v_cache.typed_data() + l * per_layer, lengths.typed_data(), out->typed_data(), B, KV, G, H, S);
   return ffi::Error::Success();
 }
 
