@@ -69,6 +69,20 @@ inline v8f load(const int8_t* p) {
 
 inline void store(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Whether any lane of a is greater than b's (false for NaN, as a scalar compare).
+inline bool any_greater(v8f a, v8f b) {
+#if defined(__AVX2__)
+  __m256 x, y;
+  std::memcpy(&x, &a, sizeof(x));
+  std::memcpy(&y, &b, sizeof(y));
+  return _mm256_movemask_ps(_mm256_cmp_ps(x, y, _CMP_GT_OQ)) != 0;
+#else
+  bool any = false;
+  for (int j = 0; j < 8; ++j) any |= a[j] > b[j];
+  return any;
+#endif
+}
+
 inline float hsum(v8f v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -570,13 +584,23 @@ ffi::Error TopK(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
     };
     for (int64_t i = 0; i < k; ++i) heap.emplace_back(row[i], int32_t(i));
     std::make_heap(heap.begin(), heap.end(), above);
-    for (int64_t i = k; i < V; ++i) {
+    auto offer = [&](int64_t i) {
       if (row[i] > heap.front().first) {  // a later equal value ranks lower: never enters
         std::pop_heap(heap.begin(), heap.end(), above);
         heap.back() = {row[i], int32_t(i)};
         std::push_heap(heap.begin(), heap.end(), above);
       }
+    };
+    int64_t i = k;
+    for (; i < V && i % 8 != 0; ++i) offer(i);
+    // Eight at a time: most blocks hold nothing above the root, one vector compare says so.
+    for (; i + 8 <= V; i += 8) {
+      const v8f root = v8f{} + heap.front().first;
+      if (any_greater(load(row + i), root)) {
+        for (int64_t j = i; j < i + 8; ++j) offer(j);
+      }
     }
+    for (; i < V; ++i) offer(i);
     std::sort(heap.begin(), heap.end(), above);
     for (int64_t j = 0; j < k; ++j) {
       vp[b * k + j] = heap[j].first;
