@@ -8,7 +8,11 @@ A request's life, one `step()` at a time:
    prefilled in chunks (<= the largest prefill bucket), oldest first, within a budget of
    prompt tokens per step (at least one chunk), so running streams keep producing tokens
    while long prompts or a burst of requests are admitted. The last chunk samples the first
-   token.
+   token. Tokens reach their callers as soon as they exist, not at the end of the step
+   (`deliver`): each prompt's first token right after its own prefill, and the previous
+   decode step's tokens (which the device finished before this step's first chunk) before
+   the host waits for that chunk. A burst of 16 prompts gets first tokens one prefill
+   apart, instead of all after the last one.
 3. Decode: one batched step for every active slot, dispatched before the host looks at the
    previous step's tokens, so detokenizing overlaps the device work (tokens lag one step;
    a slot that finished keeps computing for that one step, and its output is ignored).
@@ -33,7 +37,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -138,6 +142,9 @@ class Engine:
         self.metrics = EngineMetrics()
         # Prompt tokens prefilled per step (default: one full chunk).
         self.prefill_budget = prefill_budget or runner.max_prefill_chunk
+        # Called in the middle of a step whenever requests have new deltas (`EngineLoop` sets
+        # it to hand them to their callers); the end of each step is the caller's to handle.
+        self.deliver: Callable[[], None] | None = None
         self._admissions = itertools.count()
         self._pending: tuple[object, list[tuple[int, Request]]] | None = None
         self._ids = itertools.count()
@@ -235,6 +242,8 @@ class Engine:
         for slot, req in admitting:
             if budget <= 0:
                 break
+            if req.finished:  # cancelled by `deliver` (its consumer failed) earlier in this step
+                continue
             budget -= self._prefill_chunk(slot, req)
         decoding = [
             (s, r)
@@ -360,10 +369,21 @@ class Engine:
             self.metrics.grammar_mask_seconds += time.perf_counter() - t0
             self.metrics.constrained_tokens += 1
         self.state, out = self.runner.prefill(self.state, np.asarray(chunk, np.int32), slot, start, row, mask)
+        if self._pending is not None:
+            # The device ran the previous decode step before this chunk: hand its tokens out
+            # now rather than after this step's prefills.
+            self._process(*self._pending)
+            self._pending = None
+            self._notify()
         req.prefilled += len(chunk)
-        if req.prefilled == len(req.prompt_ids):
+        if req.prefilled == len(req.prompt_ids) and not req.finished:
             self._accept(req, _token(np.asarray(out), 0, req.params.top_logprobs))
+            self._notify()
         return len(chunk)
+
+    def _notify(self) -> None:
+        if self.deliver is not None:
+            self.deliver()
 
     def _process(self, out, decoding: list[tuple[int, Request]]) -> None:
         out = np.asarray(out)

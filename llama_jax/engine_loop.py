@@ -40,6 +40,7 @@ _STOP = object()
 class EngineLoop:
     def __init__(self, engine: Engine, name: str = "llama-jax-engine"):
         self.engine = engine
+        engine.deliver = self._deliver  # first tokens reach their callers mid-step
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[Request, Sink] = {}

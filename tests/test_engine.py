@@ -337,3 +337,34 @@ def test_prefill_budget_keeps_streams_flowing_and_serves_the_oldest_first(engine
                 first[name] = step
     assert first["b"] < first["c"]
     assert first["c"] - first["b"] >= 2  # c's three chunks waited for b's
+
+
+def test_tokens_reach_callers_mid_step_as_soon_as_they_exist(engine, rng, monkeypatch):
+    """With prefills in a step, the previous decode step's token is handed out before the host
+    waits on the first prefill, and each prompt's first token right after its own prefill."""
+    a = engine.submit(prompt(rng, 5), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    while len(a.output_ids) < 2:
+        engine.step()
+    b = engine.submit(prompt(rng, 6), GREEDY)
+    c = engine.submit(prompt(rng, 7), GREEDY)
+    events = []
+    prefill = engine.runner.prefill
+
+    def recording_prefill(state, chunk, slot, *args):
+        events.append(("prefill", len(chunk)))
+        return prefill(state, chunk, slot, *args)
+
+    monkeypatch.setattr(engine.runner, "prefill", recording_prefill)
+    engine.deliver = lambda: events.append(("deliver", len(a.output_ids), len(b.output_ids), len(c.output_ids)))
+    n = len(a.output_ids)
+    engine.step()
+    assert events == [
+        ("prefill", 6),
+        ("deliver", n + 1, 0, 0),  # a's token from the previous step, before b's prefill is waited on
+        ("deliver", n + 1, 1, 0),  # b's first token, before c's prefill
+        ("prefill", 7),
+        ("deliver", n + 1, 1, 1),
+    ]
+    engine.deliver = None
+    run(engine, [a, b, c])
+    assert [len(r.output_ids) for r in (a, b, c)] == [40, 12, 12]

@@ -214,3 +214,39 @@ def test_group_of_samples_streams_to_each_sink(loop):
     assert all(e.wait(60) for e in done)
     assert got[0] == group[0].output_ids and got[1] == group[1].output_ids
     assert group[1].cached_tokens == 3
+
+
+def test_first_tokens_are_delivered_one_prefill_apart(loop, parts):
+    """Three prompts admitted in one step: each caller gets its first token right after its own
+    prefill (the loop delivers mid-step), not after all three."""
+    runner, _ = parts
+    prefills = []
+    prefill = runner.prefill
+
+    def counting_prefill(*args):
+        prefills.append(1)
+        return prefill(*args)
+
+    release = threading.Event()
+    blocked = loop.call_async(release.wait)  # hold the engine thread so the three arrive together
+    first_at, done = {}, threading.Event()
+
+    def sink_for(i):
+        def sink(d):
+            if d.token_ids and i not in first_at:
+                first_at[i] = len(prefills)
+            if d.finish_reason and len(first_at) == 3:
+                done.set()
+
+        return sink
+
+    runner.prefill = counting_prefill
+    try:
+        for i, p in enumerate(prompts(3, seed=5)):
+            loop.submit(p[:8], GREEDY, sink_for(i))
+        release.set()
+        blocked.result(timeout=60)
+        assert done.wait(timeout=120)
+    finally:
+        del runner.prefill
+    assert first_at == {0: 1, 1: 2, 2: 3}
