@@ -1,12 +1,14 @@
 """Engine benchmark through the async API: concurrent streams of generated tokens.
 
     python bench/bench_engine.py [--model M] [--quantize int8] [--streams 1,4,16] [--tokens 128]
-                                 [--constrained] [--no-kernels]
+                                 [--constrained] [--no-kernels] [--unique]
 
 For each concurrency level, that many asyncio tasks each stream one request of `--tokens`
-tokens (ignore_eos, temperature 0.7) at the same time; the table reports aggregate tokens/s,
-time to first token and inter-token latency percentiles. The engine is warmed up first, so
-no compile is timed. Not a test: numbers depend on the machine.
+tokens (ignore_eos, temperature 0.7) at the same time, cycling through four chat prompts
+(`--unique`: every stream's message differs, so only the chat template's system prompt is
+shared between them). The table reports aggregate tokens/s, time to first token and
+inter-token latency percentiles. The engine is warmed up first, so no compile is timed. Not
+a test: numbers depend on the machine.
 
 `--constrained` adds, after each level, the same level under a JSON schema (an object holding
 an array of at least 100 strings, so every stream generates `--tokens` tokens), with the
@@ -38,8 +40,11 @@ async def one(gen, prompt, sampling):
     return t0, stamps
 
 
-async def level(gen, n, sampling):
-    prompts = [gen.encode_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(n)]
+async def level(gen, n, sampling, unique=False):
+    def message(i):
+        return (f"Request {i}: " if unique else "") + PROMPTS[i % len(PROMPTS)]
+
+    prompts = [gen.encode_chat([{"role": "user", "content": message(i)}]) for i in range(n)]
     t0 = time.perf_counter()
     results = await asyncio.gather(*(one(gen, p, sampling) for p in prompts))
     wall = time.perf_counter() - t0
@@ -78,6 +83,11 @@ def main() -> None:
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--constrained", action="store_true")
+    ap.add_argument(
+        "--unique",
+        action="store_true",
+        help="a different user message per stream (only the chat template's system prompt is shared)",
+    )
     ap.add_argument("--no-kernels", action="store_true", help="XLA's own ops instead of the CPU kernels")
     args = ap.parse_args()
     levels = [int(x) for x in args.streams.split(",")]
@@ -104,7 +114,7 @@ def main() -> None:
     for n in levels:
         for params in [sampling, constrained] if args.constrained else [sampling]:
             before = gen.engine.metrics.snapshot()
-            r = asyncio.run(level(gen, n, params))
+            r = asyncio.run(level(gen, n, params, args.unique))
             after = gen.engine.metrics.snapshot()
             masked = after["constrained_tokens"] - before["constrained_tokens"]
             mask_us = (after["grammar_mask_seconds"] - before["grammar_mask_seconds"]) / max(masked, 1) * 1e6

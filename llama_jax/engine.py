@@ -4,7 +4,11 @@ A request's life, one `step()` at a time:
 
 1. `submit()` validates it (context length, sampling values) before any device work and
    queues it.
-2. Admission: while a slot is free, the oldest waiting request takes it. Prompts are
+2. Admission: while a slot is free, the oldest waiting request takes it: the free slot
+   whose cache holds the longest start of its prompt (the prefix cache: a chat's earlier
+   turns are not prefilled again). Where a running request's prompt shares a longer start
+   (one system prompt for many requests, the n samples of one prompt), that part is copied
+   from its slot once it is prefilled there (`_take_shared`). Prompts are
    prefilled in chunks (<= the largest prefill bucket), oldest first, within a budget of
    prompt tokens per step (at least one chunk), so running streams keep producing tokens
    while long prompts or a burst of requests are admitted. The last chunk samples the first
@@ -104,7 +108,9 @@ class Request:
     slot: int | None = None
     prefilled: int = 0
     cached_tokens: int = 0
-    leader: Request | None = None  # n > 1: the sibling whose prefill this request copies
+    # A live request whose first n prompt tokens this one shares: once that one has prefilled
+    # them, they are copied from its slot instead of prefilled again (`_take_shared`).
+    shared: tuple[Request, int] | None = None
     admitted_at: int = 0  # admission order: prefill goes oldest first
     last_event: float = dataclasses.field(default_factory=time.monotonic)  # submit, then each token
     detok: IncrementalDetokenizer | None = None
@@ -244,6 +250,8 @@ class Engine:
                 break
             if req.finished:  # cancelled by `deliver` (its consumer failed) earlier in this step
                 continue
+            if req.shared is not None and not self._take_shared(req):
+                continue  # its source has not prefilled the shared tokens yet
             budget -= self._prefill_chunk(slot, req)
         decoding = [
             (s, r)
@@ -312,39 +320,41 @@ class Engine:
     def make_group(
         self, prompt_ids: Sequence[int], params: SamplingParams, n: int, request_id: str | None = None
     ) -> list[Request]:
-        """`n` samples of one prompt (OpenAI's `n`): the first is prefilled, the others copy its
-        cache and prefill only the last prompt token. With a seed, sample i uses seed + i."""
+        """`n` samples of one prompt (OpenAI's `n`), queued together: the first is prefilled, and
+        the others, sharing its whole prompt (`_admit`), copy its cache and prefill only the
+        last prompt token. With a seed, sample i uses seed + i."""
         if n < 1:
             raise InvalidRequestError(f"n must be >= 1, got {n}", param="n")
         first = self.make_request(prompt_ids, params, request_id)
         group = [first]
         for i in range(1, n):
             seed = None if params.seed is None else params.seed + i
-            req = self.make_request(prompt_ids, dataclasses.replace(params, seed=seed), f"{first.id}-{i}")
-            req.leader = first
-            group.append(req)
+            group.append(
+                self.make_request(prompt_ids, dataclasses.replace(params, seed=seed), f"{first.id}-{i}")
+            )
         return group
 
     def _admit(self) -> None:
         """Give waiting requests free slots, preferring the slot whose cache shares the longest
-        prefix with the prompt; that prefix is reused and only the rest is prefilled. A sample
-        of a group waits until its leader's prompt is in the cache, then copies it."""
-        deferred = []
+        prefix with the prompt; that prefix is reused and only the rest is prefilled. Where a
+        live request's prompt (one admitted earlier, even in this same call) shares a longer
+        prefix (`MIN_SHARED` tokens or the whole prompt), the request copies it from that slot
+        instead (`shared`): a burst of requests with one system prompt, or n samples of one
+        prompt, prefill it once."""
         while self.waiting and None in self.slots:
             req = self.waiting.popleft()
-            leader = req.leader
-            if leader is not None and not leader.finished and leader.prefilled < len(leader.prompt_ids):
-                deferred.append(req)
-                continue
             free = [s for s, r in enumerate(self.slots) if r is None]
             slot, reuse = free[0], 0
-            if leader is not None and leader.slot is not None and leader.prefilled == len(leader.prompt_ids):
-                self.state = self.runner.copy_slot(self.state, leader.slot, slot)
-                reuse = len(req.prompt_ids) - 1
-            elif self.prefix_cache:
+            # At least the last prompt token is prefilled: its logits give the first sample.
+            most = len(req.prompt_ids) - 1
+            if self.prefix_cache:
                 slot = max(free, key=lambda s: _common_prefix(self.slot_tokens[s], req.prompt_ids))
-                # At least the last prompt token is prefilled: its logits give the first sample.
-                reuse = min(_common_prefix(self.slot_tokens[slot], req.prompt_ids), len(req.prompt_ids) - 1)
+                reuse = min(_common_prefix(self.slot_tokens[slot], req.prompt_ids), most)
+                live = [r for r in self.slots if r is not None and not r.finished]
+                source = max(live, key=lambda r: _common_prefix(r.prompt_ids, req.prompt_ids), default=None)
+                n = 0 if source is None else min(_common_prefix(source.prompt_ids, req.prompt_ids), most)
+                if n > reuse and n >= min(MIN_SHARED, most):
+                    req.shared = (source, n)
             req.slot, req.prefilled, req.cached_tokens = slot, reuse, reuse
             req.admitted_at = next(self._admissions)
             self.slot_tokens[slot] = []
@@ -353,7 +363,23 @@ class Engine:
             if reuse:
                 self.metrics.prefix_cache_hits += 1
                 self.metrics.cached_prompt_tokens += reuse
-        self.waiting.extendleft(reversed(deferred))
+
+    def _take_shared(self, req: Request) -> bool:
+        """Copy the prefix `req` shares with a live request from that one's slot, once it is
+        prefilled there; False while it is not yet (the source is older, so its chunks come
+        first). A source that is gone leaves `req` to prefill everything itself."""
+        source, n = req.shared
+        if source.finished or source.slot is None:
+            req.shared = None
+            return True
+        if source.prefilled < n:
+            return False
+        self.state = self.runner.copy_slot(self.state, source.slot, req.slot, n)
+        self.metrics.prefix_cache_hits += req.cached_tokens == 0  # else counted at admission
+        self.metrics.cached_prompt_tokens += n - req.cached_tokens
+        req.prefilled = req.cached_tokens = n
+        req.shared = None
+        return True
 
     def _prefill_chunk(self, slot: int, req: Request) -> int:
         """Prefill the request's next chunk; returns how many prompt tokens it took."""
@@ -444,6 +470,12 @@ class Engine:
                 written = written + req.output_ids[:-1]
             self.slot_tokens[req.slot] = written
         req.slot = None
+
+
+# The fewest prompt tokens worth copying from another slot rather than prefilling: a copy
+# moves the cache's first positions, a context bucket's worth (>= 128), in about a
+# millisecond on CPU for the default model, about what prefilling one or two tokens costs.
+MIN_SHARED = 4
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -136,7 +136,9 @@ class ModelRunner:
         self.mask_words = mask_words(self.cfg.vocab_size)
         self.no_mask = jnp.full((max_slots, self.mask_words), -1, jnp.int32)
         self._no_mask_row = self.no_mask[:1]
-        self._copy_slot = jit(self._copy_slot_impl, "state", donate_argnames=("state",))
+        self._copy_slot = jit(
+            self._copy_slot_impl, "state", static_argnames=("context",), donate_argnames=("state",)
+        )
         if self._shard is not None:
             self.no_mask = jax.device_put(self.no_mask, self._shard.replicated)
             self._no_mask_row = jax.device_put(self._no_mask_row, self._shard.replicated)
@@ -219,17 +221,22 @@ class ModelRunner:
         return new_state, pack(token, logprob, top_logprobs(logits, sampling, model.kernels))
 
     @staticmethod
-    def _copy_slot_impl(state: DecodeState, src, dst) -> DecodeState:
-        """Slot dst gets slot src's cache and token history (n > 1 samples of one prompt)."""
+    def _copy_slot_impl(state: DecodeState, src, dst, *, context) -> DecodeState:
+        """Slot dst gets the first `context` (static) positions of slot src's cache and token
+        history."""
+        c = context
         return dataclasses.replace(
             state,
-            k=state.k.at[:, dst].set(state.k[:, src]),
-            v=state.v.at[:, dst].set(state.v[:, src]),
-            history=state.history.at[dst].set(state.history[src]),
+            k=state.k.at[:, dst, :c].set(state.k[:, src, :c]),
+            v=state.v.at[:, dst, :c].set(state.v[:, src, :c]),
+            history=state.history.at[dst, :c].set(state.history[src, :c]),
         )
 
-    def copy_slot(self, state: DecodeState, src: int, dst: int) -> DecodeState:
-        return self._copy_slot(state, np.int32(src), np.int32(dst))
+    def copy_slot(self, state: DecodeState, src: int, dst: int, n: int) -> DecodeState:
+        """Slot dst gets (at least) the first n positions of slot src's cache and history (a
+        shared prompt prefix): a context bucket's worth, so the copy compiles once per bucket."""
+        context = pick(self.context_buckets, max(n, 1))
+        return self._copy_slot(state, np.int32(src), np.int32(dst), context=context)
 
     def _embed_impl(self, leaves, tokens, lengths):
         """Mean of final hidden states over each row's first lengths[b] tokens, L2-normalized."""
@@ -307,6 +314,7 @@ class ModelRunner:
         """Every (function, T, C) the engine can call. A chunk may start anywhere (after a
         reused prefix), so prefill meets every context bucket."""
         shapes = [("prefill", t, c) for c in (0, *self.context_buckets) for t in self.prefill_buckets]
+        shapes += [("copy", 0, c) for c in self.context_buckets]
         return shapes + [("decode", b, c) for b in self.batch_buckets for c in self.decode_contexts]
 
     def warmup(self, state: DecodeState, progress: bool = False) -> DecodeState:
@@ -318,8 +326,10 @@ class ModelRunner:
             shapes = tqdm(shapes, desc="compiling", unit="fn", leave=False)
         row = SlotSampling.from_params([SamplingParams(temperature=0.0)], [0])
         active = np.zeros(self.max_slots, bool)
-        state = self.copy_slot(state, 0, 0)
         for kind, t, c in shapes:
+            if kind == "copy":
+                state = self._copy_slot(state, np.int32(0), np.int32(0), context=c)
+                continue
             if kind == "prefill":
                 tokens = np.zeros((1, t), np.int32)
                 state, out = self._prefill(

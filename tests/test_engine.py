@@ -355,7 +355,9 @@ def test_tokens_reach_callers_mid_step_as_soon_as_they_exist(engine, rng, monkey
         return prefill(state, chunk, slot, *args)
 
     monkeypatch.setattr(engine.runner, "prefill", recording_prefill)
-    engine.deliver = lambda: events.append(("deliver", len(a.output_ids), len(b.output_ids), len(c.output_ids)))
+    engine.deliver = lambda: events.append(
+        ("deliver", len(a.output_ids), len(b.output_ids), len(c.output_ids))
+    )
     n = len(a.output_ids)
     engine.step()
     assert events == [
@@ -368,3 +370,47 @@ def test_tokens_reach_callers_mid_step_as_soon_as_they_exist(engine, rng, monkey
     engine.deliver = None
     run(engine, [a, b, c])
     assert [len(r.output_ids) for r in (a, b, c)] == [40, 12, 12]
+
+
+def test_requests_sharing_a_prefix_prefill_it_once(engine, parts, rng, monkeypatch):
+    """A burst with one 30-token "system prompt" and different questions: the first request
+    prefills it, the others copy it from that slot and prefill only their own tokens, and
+    every answer equals the same request alone on an engine without any prefix reuse."""
+    system = prompt(rng, 30)
+    prompts = [system + prompt(rng, 5) for _ in range(3)]
+    prefilled = []
+    prefill = engine.runner.prefill
+
+    def counting_prefill(state, chunk, *args):
+        prefilled.append(len(chunk))
+        return prefill(state, chunk, *args)
+
+    monkeypatch.setattr(engine.runner, "prefill", counting_prefill)
+    reqs = run(engine, [engine.submit(p, GREEDY) for p in prompts])
+    assert [r.cached_tokens for r in reqs] == [0, 30, 30]
+    assert sum(prefilled) == 35 + 5 + 5
+    assert reqs[1].deltas[-1].usage.cached_tokens == 30
+    assert engine.metrics.prefix_cache_hits == 2 and engine.metrics.cached_prompt_tokens == 60
+    monkeypatch.undo()
+    runner, tokenizer = parts
+    for p, r in zip(prompts, reqs, strict=True):
+        fresh = Engine(runner, tokenizer, prefix_cache=False)
+        (alone,) = run(fresh, [fresh.submit(p, GREEDY)])
+        assert alone.output_ids == r.output_ids
+
+
+def test_a_request_whose_prefix_source_is_cancelled_prefills_it_itself(engine, parts, rng):
+    """The source of a shared prefix goes away before it has prefilled that prefix: the
+    request prefills everything itself, with the same answer."""
+    p = prompt(rng, 70)  # three 32-token chunks
+    a = engine.submit(p, GREEDY)
+    b = engine.submit(p[:60] + prompt(rng, 4), GREEDY)
+    engine.step()  # a's first chunk only (the budget is one chunk)
+    assert b.shared is not None and a.prefilled == 32
+    engine.cancel(a)
+    run(engine, [b])
+    assert b.cached_tokens == 0 and b.finish_reason == "length"
+    runner, tokenizer = parts
+    fresh = Engine(runner, tokenizer, prefix_cache=False)
+    (alone,) = run(fresh, [fresh.submit(b.prompt_ids, GREEDY)])
+    assert alone.output_ids == b.output_ids
