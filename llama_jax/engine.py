@@ -348,11 +348,18 @@ class Engine:
             # At least the last prompt token is prefilled: its logits give the first sample.
             most = len(req.prompt_ids) - 1
             if self.prefix_cache:
-                slot = max(free, key=lambda s: _common_prefix(self.slot_tokens[s], req.prompt_ids))
-                reuse = min(_common_prefix(self.slot_tokens[slot], req.prompt_ids), most)
-                live = [r for r in self.slots if r is not None and not r.finished]
-                source = max(live, key=lambda r: _common_prefix(r.prompt_ids, req.prompt_ids), default=None)
-                n = 0 if source is None else min(_common_prefix(source.prompt_ids, req.prompt_ids), most)
+                slot, reuse = max(
+                    ((s, _common_prefix(self.slot_tokens[s], req.prompt_ids)) for s in free),
+                    key=lambda x: x[1],
+                )
+                reuse = min(reuse, most)
+                live = (r for r in self.slots if r is not None and not r.finished)
+                source, n = max(
+                    ((r, _common_prefix(r.prompt_ids, req.prompt_ids)) for r in live),
+                    key=lambda x: x[1],
+                    default=(None, 0),
+                )
+                n = min(n, most)
                 if n > reuse and n >= min(MIN_SHARED, most):
                     req.shared = (source, n)
             req.slot, req.prefilled, req.cached_tokens = slot, reuse, reuse
@@ -479,8 +486,12 @@ MIN_SHARED = 4
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share: 64 at a time (a slice compare runs in C), then
+    one at a time. Admission compares a prompt with every slot's tokens."""
     n = min(len(a), len(b))
     i = 0
+    while i + 64 <= n and a[i : i + 64] == b[i : i + 64]:
+        i += 64
     while i < n and a[i] == b[i]:
         i += 1
     return i
