@@ -6,7 +6,8 @@ copy the layer slice of a stacked weight or cache before using it, and sort a wh
 vocabulary for top-k. The kernels here do these directly: `matmul` for float32 and int8
 weights repacked in tiles of 8 output channels (`pack`, `PackedWeight`; prefill chunks too,
 skipping padding rows), `attend` for one new token per row over one layer of the cache,
-reading only each row's valid positions, and `top_k` for sampling.
+reading only each row's valid positions, `attend_chunk` for a prefill chunk (causal, valid
+cache positions and rows only), and `top_k` for sampling.
 
 The C++ source is compiled with the system's C++ compiler at first use (`-O3 -march=native`,
 a few seconds) into a per-user cache keyed on the source, the jaxlib headers and the CPU, then
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -36,7 +38,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.cc"
-TARGETS = ("lj_matmul_f32", "lj_matmul_i8", "lj_attend", "lj_top_k")
+TARGETS = ("lj_matmul_f32", "lj_matmul_i8", "lj_attend", "lj_attend_chunk", "lj_top_k")
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -162,6 +164,23 @@ def attend(q, k_new, v_new, k_cache, v_cache, layer, lengths) -> jax.Array:
         v_cache,
         jnp.asarray(layer, jnp.int32),
         lengths.astype(jnp.int32),
+    )
+
+
+def attend_chunk(q, k_new, v_new, k_ctx, v_ctx, start, valid) -> jax.Array:
+    """A prefill chunk of one slot attending causally over the slot's cache and itself.
+
+    q [T, KV, G, H]; k_new, v_new [T, KV, H] (the chunk's keys and values); k_ctx, v_ctx
+    [C, KV, H] or None (no cache); start: valid cache positions (int32 scalar, clamped to C);
+    valid: rows to compute (int32 scalar; later rows are padding, returned as zeros).
+    -> [T, KV, G, H]."""
+    if k_ctx is None:  # nothing cached: any [C, KV, H] operand with start 0
+        k_ctx, v_ctx, start = k_new, v_new, 0
+    ctl = jnp.stack([jnp.asarray(start, jnp.int32), jnp.asarray(valid, jnp.int32)])
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return jax.ffi.ffi_call("lj_attend_chunk", out)(
+        f32(q), f32(k_new), f32(v_new), f32(k_ctx), f32(v_ctx), ctl
     )
 
 

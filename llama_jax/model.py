@@ -114,7 +114,9 @@ class Blocks(nnx.Module):
         With `kernels` (the CPU kernels of `cpu_kernels.py`, on for a packed model), packed
         weights and, for one new token per row, the whole cache stay out of the scan's
         sliced inputs: the kernels get the layer index and read that layer in place, and
-        attention reads each row's `ctx_len` valid positions (`context` does not matter).
+        attention reads each row's `ctx_len` valid positions (`context` does not matter). A
+        chunk of one slot (prefill) attends in a kernel too, over its `ctx_len` valid cache
+        positions, computing only its `valid` rows.
         `valid` (traced, kernels only): the kernels' matmuls compute only the first `valid`
         of the B*T token rows (a padded prefill chunk's true length).
         """
@@ -132,6 +134,7 @@ class Blocks(nnx.Module):
         packed = {n: w for n, w in weights.items() if isinstance(w, cpu_kernels.PackedWeight)}
         scanned = {n: w for n, w in weights.items() if n not in packed}
         attend_kernel = kernels and k_cache is not None and x.shape[1] == 1
+        chunk_kernel = kernels and x.shape[0] == 1 and x.shape[1] > 1  # one slot's prefill chunk
         if attend_kernel:
             xs = (scanned, None, None, jnp.arange(cfg.n_layers, dtype=jnp.int32))
         else:
@@ -151,6 +154,10 @@ class Blocks(nnx.Module):
             v = qkv[..., G + 1, :]
             if attend_kernel:
                 o = cpu_kernels.attend(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, i, ctx_len)[:, None]
+            elif chunk_kernel:
+                kc, vc = (None, None) if k_ctx is None else (k_ctx[0], v_ctx[0])
+                rows_valid = x.shape[1] if valid is None else valid
+                o = cpu_kernels.attend_chunk(q[0], k[0], v[0], kc, vc, ctx_len[0], rows_valid)[None]
             else:
                 o = attend(q, k, v, k_ctx, v_ctx, ctx_len)
             x = x + dense(o, w["wo"], "BTKGH,KGHD->BTD")

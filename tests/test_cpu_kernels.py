@@ -87,6 +87,56 @@ def test_attend_equals_xla_attention_over_valid_positions(rng, H):
     np.testing.assert_array_equal(np.asarray(again), got)
 
 
+@pytest.mark.parametrize("H", [16, 12])  # vector and scalar paths
+@pytest.mark.parametrize("start", [0, 5, 9])  # no cache, some, all C positions valid
+def test_attend_chunk_equals_xla_attention(rng, H, start):
+    """A prefill chunk (GQA, 3 query heads per KV head) over `start` valid cache positions and
+    itself, causally; padding rows are zeros and never read, nor are cache positions past
+    `start`."""
+    T, C, KV, G, valid = 7, 9, 2, 3, 5
+    q = rng.standard_normal((T, KV, G, H)).astype(np.float32)
+    k_new, v_new = rng.standard_normal((2, T, KV, H)).astype(np.float32)
+    k_ctx, v_ctx = rng.standard_normal((2, C, KV, H)).astype(np.float32)
+    want = np.asarray(
+        attend(q[None], k_new[None], v_new[None], k_ctx[None], v_ctx[None], np.asarray([start]))
+    )[0]
+    if start == 0:
+        want_none = np.asarray(attend(q[None], k_new[None], v_new[None], None, None, np.asarray([0])))[0]
+        np.testing.assert_allclose(want_none, want, rtol=1e-5, atol=1e-5)
+    kp, vp, knp, vnp = k_ctx.copy(), v_ctx.copy(), k_new.copy(), v_new.copy()
+    kp[start:], vp[start:], knp[valid:], vnp[valid:] = np.nan, np.nan, np.nan, np.nan
+    got = np.asarray(ck.attend_chunk(q, knp, vnp, kp, vp, jnp.int32(start), jnp.int32(valid)))
+    np.testing.assert_allclose(got[:valid], want[:valid], rtol=1e-5, atol=1e-5)
+    assert not got[valid:].any()
+    if start == 0:
+        alone = np.asarray(ck.attend_chunk(q, knp, vnp, None, None, 0, valid))
+        np.testing.assert_array_equal(alone, got)
+
+
+def test_chunked_prefill_with_kernels_equals_the_xla_path():
+    """A prompt prefilled in two chunks (the second attends over the first in the cache) and
+    decoded: the kernel path gives the XLA path's tokens and log-probabilities."""
+    cfg = tiny_config()
+    state = pack_tensors(cfg, random_tensors(cfg).items(), "tiny")
+    prompt = np.arange(3, 33, dtype=np.int32)
+    row = SlotSampling.from_params([SamplingParams(temperature=0.0, top_logprobs=5)], [0])
+    outs = {}
+    for kernels in (False, True):
+        m = build_model(cfg, state)
+        if kernels:
+            assert ck.pack_model(m)
+        runner = ModelRunner(m, max_slots=2, max_seq_len=64, min_prefill_bucket=16)
+        st = runner.init_state()
+        st, first = runner.prefill(st, prompt[:20], 1, 0, row)
+        st, second = runner.prefill(st, prompt[20:], 1, 20, row)
+        st, step = runner.decode(st, np.asarray([False, True]), 31)
+        outs[kernels] = [np.asarray(first), np.asarray(second), np.asarray(step)[1:2]]
+    for g, w in zip(outs[True], outs[False], strict=True):
+        np.testing.assert_array_equal(unpack(g)[0], unpack(w)[0])
+        np.testing.assert_allclose(unpack(g)[1], unpack(w)[1], rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(g[..., 2:7], w[..., 2:7])
+
+
 def _run(model, prompt, steps: int, slots: int = 3):
     """Greedy prefill into slot 1 plus `steps` decode steps with 2 of `slots` active:
     (tokens, prefill logprob-bearing outputs)."""

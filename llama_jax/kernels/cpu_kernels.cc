@@ -12,6 +12,8 @@
 // - lj_top_k: the k largest logits of each row, for sampling and top_logprobs.
 // - lj_attend: one new token per row attending over a layer of the KV cache, reading only each
 //   row's valid positions (no padding to a context bucket, no copy of the cache).
+// - lj_attend_chunk: a prefill chunk's rows attending causally over the slot's valid cache
+//   positions and the chunk itself, skipping padding rows.
 //
 // Written with GCC/Clang vector extensions (8 float lanes), compiled at first use with
 // -march=native (llama_jax/cpu_kernels.py), so the same source gives AVX2, AVX-512 or NEON code.
@@ -452,21 +454,21 @@ ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer
 // Decode attention for one layer: q [B, KV, G, H]; k_new, v_new [B, KV, H] (this step's token);
 // k_cache, v_cache [L, Bmax, S, KV, H]; layer [] int32; lengths [B] int32 (valid cached
 // positions per row, clamped to S). out [B, KV, G, H].
-// Each (row, KV head) is one work item: scores for its G query heads over the valid cache
-// positions and the new token, a softmax, and the weighted sum of values. A position's key and
-// value (H floats each) are read from memory once for all G heads: the G dot products share
-// the loaded key, and the G weighted sums accumulate in a small buffer that stays in L1.
+// Each row is one work item: scores for its query heads over the valid cache positions and
+// the new token, a softmax, and the weighted sums of values. A position's keys and values
+// are read from memory once for all heads, in order.
 
-// One row: q [KV, G, H]; kn, vn [KV, H] (the new token); k, v: the row's first cached
-// position, [n, KV, H] contiguous (all heads of a position together, so the row's cache is one
-// sequential read); out [KV, G, H].
-void attend_row(const float* q, const float* kn, const float* vn, const float* k,
-                const float* v, int64_t n, int64_t KV, int64_t G, int64_t H, float scale,
+// One query row over two runs of positions, each [n, KV, H] contiguous (all heads of a
+// position together, so a run is one sequential read): n1 from k1, v1 (the row's cache), then
+// n2 from k2, v2 (new tokens: the decode step's one, or a prefill chunk's first rows up to
+// this one). q, out [KV, G, H].
+void attend_row(const float* q, const float* k1, const float* v1, int64_t n1, const float* k2,
+                const float* v2, int64_t n2, int64_t KV, int64_t G, int64_t H, float scale,
                 float* out) {
-  const int64_t NQ = KV * G, stride = KV * H, ld = n + 1;
+  const int64_t NQ = KV * G, stride = KV * H, ld = n1 + n2;
   thread_local std::vector<float> buf;
   buf.resize(ld * NQ);
-  float* sc = buf.data();  // [KV * G, n + 1]; position n is the new token
+  float* sc = buf.data();  // [KV * G, n1 + n2]
   const bool vec = H % 8 == 0;
   auto dot = [&](const float* a, const float* c) {
     if (vec) {
@@ -490,19 +492,19 @@ void attend_row(const float* q, const float* kn, const float* vn, const float* k
       }
     }
   };
-  for (int64_t t = 0; t < n; ++t) scores(k + t * stride, t);
-  scores(kn, n);
+  for (int64_t t = 0; t < n1; ++t) scores(k1 + t * stride, t);
+  for (int64_t t = 0; t < n2; ++t) scores(k2 + t * stride, n1 + t);
   for (int64_t j = 0; j < NQ; ++j) {
     float* s = sc + j * ld;
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t <= n; ++t) m = std::max(m, s[t]);
+    for (int64_t t = 0; t < ld; ++t) m = std::max(m, s[t]);
     float sum = 0;
-    for (int64_t t = 0; t <= n; ++t) {
+    for (int64_t t = 0; t < ld; ++t) {
       s[t] = std::exp(s[t] - m);
       sum += s[t];
     }
     const float inv = 1.0f / sum;
-    for (int64_t t = 0; t <= n; ++t) s[t] *= inv;
+    for (int64_t t = 0; t < ld; ++t) s[t] *= inv;
   }
   for (int64_t i = 0; i < NQ * H; ++i) out[i] = 0.0f;
   auto values = [&](const float* vt, int64_t t) {
@@ -519,8 +521,8 @@ void attend_row(const float* q, const float* kn, const float* vn, const float* k
       }
     }
   };
-  for (int64_t t = 0; t < n; ++t) values(v + t * stride, t);
-  values(vn, n);
+  for (int64_t t = 0; t < n1; ++t) values(v1 + t * stride, t);
+  for (int64_t t = 0; t < n2; ++t) values(v2 + t * stride, n1 + t);
 }
 
 // All rows of one layer; kc, vc point at the layer's [Bmax, S, KV, H].
@@ -530,8 +532,8 @@ void attend(const float* q, const float* k_new, const float* v_new, const float*
   const float scale = 1.0f / std::sqrt(float(H));
   parallel_for(B, [=](int64_t b) {
     const int64_t n = std::clamp<int64_t>(len[b], 0, S);
-    attend_row(q + b * KV * G * H, k_new + b * KV * H, v_new + b * KV * H, kc + b * S * KV * H,
-               vc + b * S * KV * H, n, KV, G, H, scale, out + b * KV * G * H);
+    attend_row(q + b * KV * G * H, kc + b * S * KV * H, vc + b * S * KV * H, n, k_new + b * KV * H,
+               v_new + b * KV * H, 1, KV, G, H, scale, out + b * KV * G * H);
   });
 }
 
@@ -552,6 +554,39 @@ ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
   const int64_t per_layer = Bmax * S * KV * H;
   attend(q.typed_data(), k_new.typed_data(), v_new.typed_data(), k_cache.typed_data() + l * per_layer,
          v_cache.typed_data() + l * per_layer, lengths.typed_data(), out->typed_data(), B, KV, G, H, S);
+  return ffi::Error::Success();
+}
+
+// Prefill attention for one slot's chunk: q [T, KV, G, H]; k_new, v_new [T, KV, H] (the
+// chunk's own keys and values); k_ctx, v_ctx [C, KV, H] (the slot's cache, of which the first
+// `start` positions are valid: clamped to C); ctl int32 [2] = (start, valid rows). Row t attends
+// causally over the valid cache and the chunk's rows 0..t; rows at or past `valid` (padding)
+// are zeros, not computed. out [T, KV, G, H]. (XLA's masked einsums attend over the whole
+// context bucket and every padded row.)
+ffi::Error AttendChunk(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+                       ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_ctx,
+                       ffi::Buffer<ffi::F32> v_ctx, ffi::Buffer<ffi::S32> ctl,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), nd = k_new.dimensions(), cd = k_ctx.dimensions();
+  if (qd.size() != 4 || nd.size() != 3 || cd.size() != 3 || nd[0] != qd[0] || nd[1] != qd[1] ||
+      nd[2] != qd[3] || cd[1] != qd[1] || cd[2] != qd[3] || v_ctx.element_count() != k_ctx.element_count() ||
+      v_new.element_count() != k_new.element_count() || ctl.element_count() != 2) {
+    return ffi::Error::InvalidArgument(
+        "lj_attend_chunk: expected q [T, KV, G, H], k_new/v_new [T, KV, H], k_ctx/v_ctx [C, KV, H], "
+        "ctl [2]");
+  }
+  const int64_t T = qd[0], KV = qd[1], G = qd[2], H = qd[3], C = cd[0];
+  const int64_t start = std::clamp<int64_t>(ctl.typed_data()[0], 0, C);
+  const int64_t valid = std::clamp<int64_t>(ctl.typed_data()[1], 0, T);
+  const float scale = 1.0f / std::sqrt(float(H));
+  const float *qp = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
+  const float *kc = k_ctx.typed_data(), *vc = v_ctx.typed_data();
+  float* o = out->typed_data();
+  const int64_t row = KV * G * H;
+  std::memset(o + valid * row, 0, sizeof(float) * (T - valid) * row);
+  parallel_for(valid, [=](int64_t t) {
+    attend_row(qp + t * row, kc, vc, start, kn, vn, t + 1, KV, G, H, scale, o + t * row);
+  });
   return ffi::Error::Success();
 }
 
@@ -641,5 +676,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend, Attend,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend_chunk, AttendChunk,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
