@@ -278,10 +278,19 @@ class GGUFFile:
                     self.path, f"tensor {info.name!r} has unsupported type {qt.name}"
                 ) from None
             arr = np.asarray(arr, dtype=np.float32).reshape(info.shape)
+            heads = None
             if unpermute and name.endswith(("q_proj.weight", "q_proj.bias")):
-                arr = unpermute_rope_rows(arr, cfg.n_heads)
+                heads = cfg.n_heads
             elif unpermute and name.endswith(("k_proj.weight", "k_proj.bias")):
-                arr = unpermute_rope_rows(arr, cfg.n_kv_heads)
+                heads = cfg.n_kv_heads
+            if heads is not None:
+                if arr.shape[0] != heads * cfg.head_dim:
+                    raise ModelLoadError(
+                        self.path,
+                        f"tensor {info.name!r} has {arr.shape[0]} rows, but the metadata's {heads} heads"
+                        f" of {cfg.head_dim} make {heads * cfg.head_dim}",
+                    )
+                arr = unpermute_rope_rows(arr, heads)
             yield name, arr
 
     def close(self) -> None:

@@ -371,6 +371,7 @@ def test_unsupported_tensor_type(tmp_path, gguf_path, reader, qtype, problem):
     [
         ({"llama.attention.head_count_kv": 3}, "not a multiple"),
         ({"llama.attention.head_count_kv": 0}, "head_count_kv"),
+        ({"llama.attention.head_count": 6}, "has 64 rows, but the metadata's 6 heads"),
         ({"llama.block_count": "two"}, "block_count"),
         ({"llama.attention.layer_norm_rms_epsilon": [1.0]}, "layer_norm_rms_epsilon"),
         ({"general.alignment": "abc"}, "alignment"),
