@@ -18,6 +18,11 @@ from llama_jax.errors import LlamaJaxError
 
 log = logging.getLogger("llama_jax.cli")
 
+QUANTIZE_CHOICES = ("auto", "none", "int8", "q4")  # weights.QUANTIZE_CHOICES, without importing JAX here
+QUANTIZE_HELP = (
+    "weight format: auto keeps the file's precision (a Q4 GGUF stays 4-bit, Q5-Q8 become int8, "
+    "float files float); none: float; int8: per-channel int8; q4: 4-bit groups of 32 (default: auto)"
+)
 MESH_HELP = (
     "tensor-parallel over devices: data=D,model=M (M devices per replica, D replicas of the slot "
     "batch), or auto (every device on model); default: one device"
@@ -36,7 +41,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: float32 on CPU, bfloat16 on GPU/TPU",
     )
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only quantization")
+    p.add_argument("--quantize", default="auto", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     p.add_argument("--mesh", default=None, help=MESH_HELP)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -259,7 +264,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto (default): float32 on CPU, bfloat16 on GPU/TPU",
     )
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only quantization")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     p.add_argument("--mesh", default=None, help=MESH_HELP)
     p.add_argument(
         "--distributed",

@@ -38,7 +38,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.cc"
-TARGETS = ("lj_matmul_f32", "lj_matmul_i8", "lj_attend", "lj_attend_chunk", "lj_top_k")
+TARGETS = ("lj_matmul_f32", "lj_matmul_i8", "lj_matmul_q4", "lj_attend", "lj_attend_chunk", "lj_top_k")
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -129,6 +129,45 @@ def unpack(p: jax.Array) -> jax.Array:
     return jnp.swapaxes(p, -1, -2).reshape(*lead, nt * TILE, K)
 
 
+def pack_q4(q: np.ndarray, scale: np.ndarray, mn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4-bit rows (`quantize.Q4Weight`'s q [..., N, K/2], scale and min [..., N, K/32]) -> the 4-bit
+    kernel's layout: codes [..., N/8, K/32, 128], scale and min [..., N/8, K/32, 8]. In a tile's
+    group, byte b*32 + j*4 + i is channel j's group byte 4b+i (inputs 4b+i and 16+4b+i), so one
+    32-byte load is 8 channels x 4 inputs, the operand of one integer dot instruction."""
+    q = np.asarray(q)
+    *lead, N, half = q.shape
+    G = half // 16
+    tiles = q.reshape(*lead, N // TILE, TILE, G, 4, 4)
+    order = (*range(len(lead)), len(lead), len(lead) + 2, len(lead) + 3, len(lead) + 1, len(lead) + 4)
+    packed = np.ascontiguousarray(tiles.transpose(order)).reshape(*lead, N // TILE, G, 4 * TILE * 4)
+
+    def per_group(a):
+        a = np.asarray(a, np.float16).reshape(*lead, N // TILE, TILE, G)
+        return np.ascontiguousarray(np.swapaxes(a, -1, -2))
+
+    return packed, per_group(scale), per_group(mn)
+
+
+def matmul_q4(x, w, scale, mn, layer=None, rows=None) -> jax.Array:
+    """x [R, K] float32 times a `pack_q4` weight w [(L,) N/8, K/32, 128] with float16 scale and
+    min [(L,) N/8, K/32, 8], transposed: [R, N] float32 (`layer`, `rows` as in `matmul`). The
+    kernel quantizes x to int8 per group of 32 inputs."""
+    R, N = x.shape[0], w.shape[-3] * TILE
+    out = jax.ShapeDtypeStruct((R, N), jnp.float32)
+    ctl = _ctl(layer, rows, R)
+    bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
+    return jax.ffi.ffi_call("lj_matmul_q4", out)(x.astype(jnp.float32), w, bits(scale), bits(mn), ctl)
+
+
+def _ctl(layer, rows, R: int) -> jax.Array:
+    return jnp.stack(
+        [
+            jnp.asarray(0 if layer is None else layer, jnp.int32),
+            jnp.asarray(R if rows is None else rows, jnp.int32),
+        ]
+    )
+
+
 def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, layer=None, rows=None) -> jax.Array:
     """x [R, K] float32 times the packed weight w [N/8, K, 8] (float32, or int8 with
     per-channel `scale` [N]), transposed: [R, N] float32. A stacked weight [L, N/8, K, 8]
@@ -138,12 +177,7 @@ def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, layer=Non
     R, N = x.shape[0], w.shape[-3] * TILE
     out = jax.ShapeDtypeStruct((R, N), jnp.float32)
     x = x.astype(jnp.float32)
-    ctl = jnp.stack(
-        [
-            jnp.asarray(0 if layer is None else layer, jnp.int32),
-            jnp.asarray(R if rows is None else rows, jnp.int32),
-        ]
-    )
+    ctl = _ctl(layer, rows, R)
     if w.dtype == jnp.int8:
         return jax.ffi.ffi_call("lj_matmul_i8", out)(x, w, scale.astype(jnp.float32), ctl)
     return jax.ffi.ffi_call("lj_matmul_f32", out)(x, w.astype(jnp.float32), ctl)
@@ -189,8 +223,9 @@ def attend_chunk(q, k_new, v_new, k_ctx, v_ctx, start, valid) -> jax.Array:
 class PackedWeight:
     """A matmul weight in the kernels' layout: `data` [(L,) N/8, K, 8] (`pack` of the weight
     stored output-major, N its kept axes, K its contracted ones), float32 or int8 with
-    `scale` [(L,) N]. `layer_shape` is the float weight's shape without the layer axis and
-    `contracted` its contracted axes counted from the end, as in `Int8Weight`.
+    `scale` [(L,) N]; or 4-bit (`pack_q4`: data uint8 [(L,) N/8, K/32, 128], `scale` and `mins`
+    float16 [(L,) N/8, K/32, 8]). `layer_shape` is the float weight's shape without the layer
+    axis and `contracted` its contracted axes counted from the end, as in `Int8Weight`.
 
     Stacked on a leading layer axis, it is not sliced by the layer scan: `at(layer)` gives a
     view whose `einsum` passes the whole array and the layer index to the kernel, which reads
@@ -202,6 +237,7 @@ class PackedWeight:
     contracted: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     layer: jax.Array | None = None  # a view's layer (`at`)
     rows: jax.Array | None = None  # a view's count of activation rows to compute (`at`)
+    mins: jax.Array | None = None  # 4-bit weights: each group's min
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -231,22 +267,56 @@ class PackedWeight:
         if view is None:
             raise ValueError(f"a packed weight cannot serve einsum {spec!r}")
         x2, free_shape = view
-        y = matmul(x2, self.data, self.scale, self.layer, self.rows)
+        if self.mins is not None:
+            y = matmul_q4(x2, self.data, self.scale, self.mins, self.layer, self.rows)
+        else:
+            y = matmul(x2, self.data, self.scale, self.layer, self.rows)
         return y.reshape(free_shape + tuple(self.layer_shape[i] for i in kept)).astype(x.dtype)
 
     def take_rows(self, ids: jax.Array) -> jax.Array:
         """Rows of the (unstacked) embedding [V, D]: row v is data[v // 8, :, v % 8]."""
+        if self.mins is not None:
+            return _q4_take_rows(self, ids)
         rows = self.data[ids // TILE, :, ids % TILE].astype(jnp.float32)
         return rows if self.scale is None else rows * self.scale[ids][..., None]
+
+
+def _q4_take_rows(w: PackedWeight, ids: jax.Array) -> jax.Array:
+    """Float32 rows [..., D] of a 4-bit packed embedding (the inverse of `pack_q4` for rows `ids`)."""
+    t, j = ids // TILE, ids % TILE
+    data = w.data[t]  # [..., G, 128]
+    G = data.shape[-2]
+    data = data.reshape(*data.shape[:-1], 4, TILE, 4)
+    group = jnp.take_along_axis(data, j[..., None, None, None, None], axis=-2)[..., 0, :]  # [..., G, 4, 4]
+    group = group.reshape(*group.shape[:-2], 16)
+    codes = jnp.concatenate([group & 0x0F, group >> 4], axis=-1).astype(jnp.float32)  # [..., G, 32]
+    scale = jnp.take_along_axis(w.scale[t], j[..., None, None], axis=-1).astype(jnp.float32)  # [..., G, 1]
+    mn = jnp.take_along_axis(w.mins[t], j[..., None, None], axis=-1).astype(jnp.float32)
+    return (codes * scale + mn).reshape(*codes.shape[:-2], G * 32)
 
 
 def pack_weight(w, contracted: tuple[int, ...], stacked: bool) -> PackedWeight | None:
     """`w` (a float array or an `Int8Weight`) in the packed layout, or None when its output
     size is not a multiple of the tile. `contracted`: the axes its matmul contracts, counting
     the layer axis of a `stacked` weight (as in `quantize.CONTRACTED`)."""
-    from llama_jax.quantize import Int8Weight
+    from llama_jax.quantize import Int8Weight, Q4Weight
 
     lead = 1 if stacked else 0
+    if isinstance(w, Q4Weight):
+        N = int(np.prod(w.q.shape[lead:-1]))
+        if not packable(N, w.q.shape[-1]):
+            return None
+        shape = w.shape[lead:]
+        rows = w.q.shape[:lead] + (N, w.q.shape[-1])
+        groups = w.q.shape[:lead] + (N, w.scale.shape[-1])
+        data, scale, mn = pack_q4(
+            np.asarray(w.q).reshape(rows),
+            np.asarray(w.scale).reshape(groups),
+            np.asarray(w.min).reshape(groups),
+        )
+        return PackedWeight(
+            jnp.asarray(data), jnp.asarray(scale), tuple(shape), w.contracted, mins=jnp.asarray(mn)
+        )
     if isinstance(w, Int8Weight):
         q = np.asarray(w.q)  # output-major already: [L?, kept..., contracted...]
         shape = w.shape[lead:]

@@ -118,7 +118,7 @@ class Generator:
         model: str | os.PathLike | None = None,
         *,
         dtype: str = "auto",
-        quantize: str | None = None,
+        quantize: str | None = "auto",
         max_seq_len: int = 2048,
         max_slots: int = 8,
         max_queue: int = 256,
@@ -129,8 +129,9 @@ class Generator:
     ) -> Generator:
         """Load an alias (default: smollm2-135m-instruct), a GGUF file or a Hugging Face folder.
 
-        `quantize="int8"` stores weights as int8 with per-channel scales (4x fewer bytes than
-        float32). `max_seq_len` (tokens per sequence) and `max_slots` (sequences decoded together) fix the
+        `quantize="auto"` keeps the file's precision: a Q4 GGUF's weights stay 4-bit (groups of
+        32 with scales and mins), Q5-Q8 become int8, 16/32-bit floats `dtype`; "none" loads
+        float weights, "int8" int8 with per-channel scales, "q4" 4-bit. `max_seq_len` (tokens per sequence) and `max_slots` (sequences decoded together) fix the
         KV cache's size; `chat_template` overrides the model's (a builtin name or Jinja source).
         `dtype="auto"`: float32 on CPU, bfloat16 on GPU/TPU. `mesh="data=D,model=M"` (or a
         `jax.sharding.Mesh`) runs tensor-parallel over M devices with D replicas of the slot

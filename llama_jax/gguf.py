@@ -4,7 +4,8 @@ Owns the GGUF binary layout (a small, bounds-checked parser: the `gguf` package'
 spends seconds building per-string views of a 100k-entry vocabulary) and the translation of
 GGUF tensor names and layouts to the canonical Hugging Face names and `[out, in]` order used
 by `weights.py`, including undoing llama.cpp's Q/K row permutation for interleaved RoPE.
-Dequantization is delegated to the `gguf` package. Every failure is a `ModelLoadError`
+4-bit tensors (Q4_0, Q4_1, Q4_K) can be read as their codes, scales and mins (`q4_rows`);
+other types are dequantized by the `gguf` package, one tensor at a time. Every failure is a `ModelLoadError`
 naming the file; nothing is allocated beyond what the file's own bytes justify.
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ModelLoadError
+from llama_jax.quantize import Q4Rows, pack_nibbles
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,40 @@ _GLOBAL_NAMES = {
     "rope_freqs.weight": "rope_freqs",
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+Q4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # read as 4-bit codes, scales and mins without dequantizing
+
+
+def type_bits(name: str) -> int:
+    """Bits per weight of a GGML type name: the number in it (Q5_K: 5, IQ4_XS: 4, BF16: 16)."""
+    m = re.search(r"(\d+)", name)
+    return int(m.group(1)) if m else 32
+
+
+def q4_rows(raw: np.ndarray, qtype: str) -> Q4Rows:
+    """A Q4_0, Q4_1 or Q4_K tensor's bytes [rows, row_bytes] -> its 4-bit codes (in groups of 32,
+    GGML's nibble order), scales and mins, exactly: Q4_0 is scale * (q - 8), Q4_1 scale * q + min,
+    Q4_K per 32-weight sub-block d * sc * q - dmin * m with 6-bit sc and m."""
+    n = raw.shape[0]
+    if qtype == "Q4_0":
+        b = raw.reshape(n, -1, 18)
+        d = b[..., 0:2].copy().view(np.float16)[..., 0]
+        return Q4Rows(b[..., 2:].reshape(n, -1).copy(), d, (d.astype(np.float32) * -8).astype(np.float16))
+    if qtype == "Q4_1":
+        b = raw.reshape(n, -1, 20)
+        d = b[..., 0:2].copy().view(np.float16)[..., 0]
+        m = b[..., 2:4].copy().view(np.float16)[..., 0]
+        return Q4Rows(b[..., 4:].reshape(n, -1).copy(), d, m)
+    b = raw.reshape(n, -1, 144)  # Q4_K: super blocks of 256 weights
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc = b[..., 4:16]
+    scales = np.concatenate([sc[..., 0:4] & 63, (sc[..., 8:12] & 0xF) | ((sc[..., 0:4] >> 6) << 4)], -1)
+    mins = np.concatenate([sc[..., 4:8] & 63, (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)], -1)
+    qs = b[..., 16:].reshape(n, -1, 4, 1, 32)
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, -1, 32)  # sub-blocks 2j, 2j+1
+    scale = (d[..., None] * scales).reshape(n, -1).astype(np.float16)
+    mn = (-dmin[..., None] * mins).reshape(n, -1).astype(np.float16)
+    return Q4Rows(pack_nibbles(codes), scale, mn)
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -260,24 +296,22 @@ class GGUFFile:
         data = np.frombuffer(self._buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return data.reshape(*info.shape[:-1], -1)
 
-    def tensors(self, cfg: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
-        """Yields (canonical name, float32 array in `[out, in]` order) for each used tensor."""
-        import gguf
-
+    def tensors(self, cfg: LlamaConfig, native_q4: bool = False) -> Iterator[tuple[str, np.ndarray | Q4Rows]]:
+        """Yields (canonical name, rows in `[out, in]` order) for each used tensor, one at a
+        time: float32 arrays, or with `native_q4` `Q4Rows` for Q4_0/Q4_1/Q4_K tensors (their
+        codes, scales and mins as stored, nothing dequantized). Each tensor's file pages are
+        released from this process once it is read, so the mapped file does not add to the
+        resident memory of a load."""
         unpermute = cfg.architecture in ("llama", "mistral")
         for info in self.infos:
             name = hf_name(info.name)
             if name is None:
                 log.debug("%s: skipping unused tensor %s", self.path, info.name)
                 continue
-            qt = gguf.GGMLQuantizationType(info.qtype)
             try:
-                arr = gguf.quants.dequantize(self.raw(info), qt)
-            except NotImplementedError:
-                raise ModelLoadError(
-                    self.path, f"tensor {info.name!r} has unsupported type {qt.name}"
-                ) from None
-            arr = np.asarray(arr, dtype=np.float32).reshape(info.shape)
+                arr = self.rows(info, native_q4)
+            finally:
+                self.release(info)
             heads = None
             if unpermute and name.endswith(("q_proj.weight", "q_proj.bias")):
                 heads = cfg.n_heads
@@ -290,8 +324,37 @@ class GGUFFile:
                         f"tensor {info.name!r} has {arr.shape[0]} rows, but the metadata's {heads} heads"
                         f" of {cfg.head_dim} make {heads * cfg.head_dim}",
                     )
-                arr = unpermute_rope_rows(arr, heads)
+                if isinstance(arr, Q4Rows):
+                    arr = Q4Rows(*(unpermute_rope_rows(a, heads) for a in arr))
+                else:
+                    arr = unpermute_rope_rows(arr, heads)
             yield name, arr
+
+    def rows(self, info: TensorInfo, native_q4: bool = False) -> np.ndarray | Q4Rows:
+        """One tensor's values: float32 `info.shape`, or `Q4Rows` for a 4-bit type with `native_q4`."""
+        import gguf
+
+        qt = gguf.GGMLQuantizationType(info.qtype)
+        if native_q4 and qt.name in Q4_TYPES and len(info.shape) == 2:
+            return q4_rows(self.raw(info), qt.name)
+        try:
+            arr = gguf.quants.dequantize(self.raw(info), qt)
+        except NotImplementedError:
+            raise ModelLoadError(self.path, f"tensor {info.name!r} has unsupported type {qt.name}") from None
+        return np.asarray(arr, dtype=np.float32).reshape(info.shape)
+
+    def release(self, info: TensorInfo) -> None:
+        """Drop the tensor's pages from this process's memory (they stay in the page cache)."""
+        page = mmap.PAGESIZE
+        start = info.offset // page * page
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self._buf.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+
+    def type_bits(self, info: TensorInfo) -> int:
+        """Bits per weight of a tensor's type, as its name says (Q4_K: 4, Q8_0: 8, F16: 16)."""
+        import gguf
+
+        return type_bits(gguf.GGMLQuantizationType(info.qtype).name)
 
     def close(self) -> None:
         self._buf.close()

@@ -30,6 +30,7 @@ import dataclasses
 import math
 import string
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,8 @@ CONTRACTED = {
     "embed": (1,),  # [V, D]: per row
     "lm_head": (1,),  # [V, D]: per row
 }
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "q4")
+GROUP = 32  # inputs per group of a 4-bit weight (llama.cpp's Q4_0/Q4_1 blocks, Q4_K's sub-blocks)
 
 # The int8 matmul formulation, read at trace time: "auto" picks by shape (below); "vector",
 # "int8x2" or "float" force one for every shape (tests and benchmarks compare them).
@@ -105,6 +107,111 @@ class Int8Weight:
         """Rows of a weight whose first axis is kept (the embedding)."""
         assert 0 not in self._axes()[1]
         return jnp.take(self.q, ids, axis=0).astype(jnp.float32) * jnp.take(self.scale, ids, axis=0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Q4Weight:
+    """4-bit codes in groups of 32 inputs, each group with a float16 scale and min:
+    w = scale * q + min, q in 0..15 (llama.cpp's Q4_0 is min = -8 * scale, Q4_1 and Q4_K's
+    sub-blocks are this exactly). Stored output-major like `Int8Weight`: `q` uint8
+    [kept..., K/2], where each group's 16 bytes hold its inputs j (low nibble) and j + 16 (high
+    nibble), GGML's own order; `scale`, `min` float16 [kept..., K/32]; K is the product of the
+    contracted axes, `shape` the float weight's shape.
+
+    On the XLA path (GPU, TPU, a mesh, or no CPU kernels) a step dequantizes inside the jit;
+    on CPU, `cpu_kernels.pack_q4` repacks it for the 4-bit kernel."""
+
+    q: jax.Array
+    scale: jax.Array
+    min: jax.Array
+    contracted: tuple[int, ...] = dataclasses.field(default=(-1,), metadata=dict(static=True))
+    csizes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))  # their sizes
+
+    def _axes(self) -> tuple[list[int], list[int]]:
+        n = self.q.ndim - 1 + len(self.csizes)
+        c = [n + a for a in self.contracted]
+        return [i for i in range(n) if i not in c], c
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        kept, c = self._axes()
+        dims = dict(zip(kept + c, (*self.q.shape[:-1], *self.csizes), strict=True))
+        return tuple(dims[i] for i in range(len(dims)))
+
+    def rows(self, dtype=jnp.float32) -> jax.Array:
+        """The weight output-major, [kept..., K], in `dtype`."""
+        codes = unpack_nibbles(self.q)  # [..., K/32, 32]
+        w = codes.astype(dtype) * self.scale.astype(dtype)[..., None] + self.min.astype(dtype)[..., None]
+        return w.reshape(*w.shape[:-2], -1)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        kept, c = self._axes()
+        w = self.rows(dtype).reshape(tuple(self.shape[i] for i in kept + c))
+        return jnp.transpose(w, np.argsort(kept + c))
+
+    def einsum(self, spec: str, x: jax.Array) -> jax.Array:
+        return jnp.einsum(spec, x, self.dequantize(x.dtype))
+
+    def take_rows(self, ids: jax.Array) -> jax.Array:
+        """Rows of a weight whose first axis is kept (the embedding)."""
+        assert 0 not in self._axes()[1]
+        rows = dataclasses.replace(
+            self,
+            q=jnp.take(self.q, ids, axis=0),
+            scale=jnp.take(self.scale, ids, axis=0),
+            min=jnp.take(self.min, ids, axis=0),
+        )
+        return rows.rows(jnp.float32)
+
+
+class Q4Rows(NamedTuple):
+    """4-bit rows on the host, as a file's Q4 tensor arrives: q uint8 [n, K/2] (`Q4Weight`'s
+    group order), scale and min float16 [n, K/32]."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    min: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:  # the float rows' shape
+        return (self.q.shape[0], self.q.shape[1] * 2)
+
+
+def unpack_nibbles(q):
+    """uint8 [..., K/2] in groups of 16 bytes -> codes [..., K/32, 32] (jax or numpy): byte j of a
+    group holds input j in its low nibble and input j + 16 in its high one."""
+    xp = jnp if isinstance(q, jax.Array) else np
+    g = q.reshape(*q.shape[:-1], q.shape[-1] // 16, 16)
+    return xp.concatenate([g & 0x0F, g >> 4], axis=-1)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """The inverse of `unpack_nibbles`: codes [..., K/32, 32] in 0..15 -> uint8 [..., K/2]."""
+    c = codes.astype(np.uint8)
+    packed = c[..., :16] | (c[..., 16:] << 4)
+    return packed.reshape(*packed.shape[:-2], -1)
+
+
+def q4_from_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float rows [..., K] (K a multiple of 32) -> (q [..., K/2], scale, min [..., K/32] float16),
+    asymmetric per group (llama.cpp's Q4_1): min and max of each group map to codes 0 and 15."""
+    w = np.asarray(w, np.float32)
+    g = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP, GROUP)
+    lo, hi = g.min(axis=-1), g.max(axis=-1)
+    scale = ((hi - lo) / 15.0).astype(np.float16)
+    mn = lo.astype(np.float16)
+    s32 = scale.astype(np.float32)
+    inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 > 0)
+    codes = np.clip(np.rint((g - mn.astype(np.float32)[..., None]) * inv[..., None]), 0, 15)
+    return pack_nibbles(codes), scale, mn
+
+
+def q4_to_rows(q: np.ndarray, scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Float32 rows [..., K] of 4-bit codes (numpy; the reference dequantization)."""
+    codes = unpack_nibbles(np.asarray(q)).astype(np.float32)
+    w = codes * np.asarray(scale, np.float32)[..., None] + np.asarray(mn, np.float32)[..., None]
+    return w.reshape(*w.shape[:-2], -1)
 
 
 def matmul_view(spec: str, x: jax.Array, kept: list[int], contracted: list[int]):
@@ -176,16 +283,34 @@ def quantize_array(w: np.ndarray | jax.Array, axes: tuple[int, ...], on_host: bo
     return Int8Weight(jnp.asarray(q), jnp.asarray(scale), contracted)
 
 
+def quantize_q4(w: np.ndarray | jax.Array, axes: tuple[int, ...]) -> Q4Weight:
+    """A float weight as a `Q4Weight` contracting `axes` (their product a multiple of 32)."""
+    w = np.asarray(w, np.float32)
+    axes = tuple(sorted(a % w.ndim for a in axes))
+    kept = [i for i in range(w.ndim) if i not in axes]
+    rows = np.transpose(w, kept + list(axes)).reshape(*(w.shape[i] for i in kept), -1)
+    q, scale, mn = q4_from_rows(rows)
+    contracted = tuple(a - w.ndim for a in axes)
+    csizes = tuple(w.shape[a] for a in axes)
+    return Q4Weight(jnp.asarray(q), jnp.asarray(scale), jnp.asarray(mn), contracted, csizes)
+
+
 def quantize_model(model: Llama, method: str = "int8", place: Callable | None = None) -> Llama:
-    """Replace the matmul weights and the embedding of `model` by int8 weights, in place.
-    `place(name, weight)` puts each (host) int8 weight on devices, e.g. a mesh's
-    `sharding.placer`, which splits `q` and `scale` as the float weight was."""
+    """Replace the matmul weights and the embedding of `model` by int8 (or, `method="q4"`,
+    4-bit) weights, in place. `place(name, weight)` puts each (host) int8 weight on devices,
+    e.g. a mesh's `sharding.placer`, which splits `q` and `scale` as the float weight was
+    (4-bit weights are not split over a mesh)."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
     targets = [(model.blocks, name) for name in ("wqkv", "wo", "w_gate_up", "w_down")]
     targets += [(model, "embed")] + ([(model, "lm_head")] if model.lm_head is not None else [])
+    if method == "q4" and place is not None:
+        raise ValueError("4-bit weights are not split over a mesh: use int8")
     for owner, name in targets:
         var: nnx.Param = getattr(owner, name)
+        if method == "q4":
+            var.set_value(quantize_q4(var.get_value(), CONTRACTED[name]))
+            continue
         w = quantize_array(var.get_value(), CONTRACTED[name], on_host=place is not None)
         var.set_value(w if place is None else place(("blocks/" if owner is model.blocks else "") + name, w))
     return model

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -24,12 +25,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import cpu_kernels, sharding
-from llama_jax.config import LlamaConfig, rope_frequencies
+from llama_jax import cpu_kernels, params, sharding
+from llama_jax.config import LlamaConfig
 from llama_jax.errors import ModelLoadError
 from llama_jax.gguf import GGUFFile, hf_name
 from llama_jax.model import Llama
-from llama_jax.quantize import QUANTIZATIONS, quantize_model
+from llama_jax.params import Assembler, required_tensors, specs
+from llama_jax.quantize import QUANTIZATIONS
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +83,6 @@ def resolve_model_path(model: str | os.PathLike | None) -> tuple[str, Path]:
     return path.stem if path.is_file() else path.name, path
 
 
-def required_tensors(cfg: LlamaConfig) -> list[str]:
-    """Canonical names of every tensor the model needs."""
-    required = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not cfg.tie_embeddings:
-        required.append("lm_head.weight")
-    per_layer = [
-        "input_layernorm.weight",
-        "post_attention_layernorm.weight",
-        "self_attn.q_proj.weight",
-        "self_attn.k_proj.weight",
-        "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight",
-        "mlp.gate_proj.weight",
-        "mlp.up_proj.weight",
-        "mlp.down_proj.weight",
-    ]
-    if cfg.qkv_bias:
-        per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
-    required += [f"model.layers.{i}.{s}" for i in range(cfg.n_layers) for s in per_layer]
-    return required
-
-
 def check_tensors(cfg: LlamaConfig, names: set[str], available: int, path: object) -> None:
     """Before allocating anything: the config must not claim far more weights than the file
     holds (absurd metadata), and every needed tensor must be there."""
@@ -118,101 +98,11 @@ def check_tensors(cfg: LlamaConfig, names: set[str], available: int, path: objec
 
 
 def pack_tensors(cfg: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray]], path: object) -> dict:
-    """Canonical HF tensors -> the pure state dict of `Llama` (numpy, float32)."""
-    L, D, K, G, H, F = cfg.n_layers, cfg.dim, cfg.n_kv_heads, cfg.group, cfg.head_dim, cfg.ffn_dim
-    blocks = {
-        "attn_norm": np.empty((L, D), np.float32),
-        "wqkv": np.empty((L, D, K, G + 2, H), np.float32),
-        "wo": np.empty((L, K, G, H, D), np.float32),
-        "mlp_norm": np.empty((L, D), np.float32),
-        "w_gate_up": np.empty((L, D, 2, F), np.float32),
-        "w_down": np.empty((L, F, D), np.float32),
-    }
-    if cfg.qkv_bias:
-        blocks["bqkv"] = np.empty((L, K, G + 2, H), np.float32)
-    state: dict = {"blocks": blocks}
-    seen: set[str] = set()
-    expected_shapes = {
-        "model.embed_tokens.weight": (cfg.vocab_size, D),
-        "lm_head.weight": (cfg.vocab_size, D),
-        "model.norm.weight": (D,),
-        "input_layernorm.weight": (D,),
-        "post_attention_layernorm.weight": (D,),
-        "self_attn.q_proj.weight": (K * G * H, D),
-        "self_attn.k_proj.weight": (K * H, D),
-        "self_attn.v_proj.weight": (K * H, D),
-        "self_attn.o_proj.weight": (D, K * G * H),
-        "self_attn.q_proj.bias": (K * G * H,),
-        "self_attn.k_proj.bias": (K * H,),
-        "self_attn.v_proj.bias": (K * H,),
-        "mlp.gate_proj.weight": (F, D),
-        "mlp.up_proj.weight": (F, D),
-        "mlp.down_proj.weight": (D, F),
-        "rope_freqs": (H // 2,),
-    }
+    """Canonical HF tensors -> the pure state dict of a float32 `Llama` (numpy)."""
+    asm = Assembler(cfg, path, {}, np.float32, kernels=False)
     for name, arr in tensors:
-        if name.startswith("model.layers."):
-            _, _, idx, sub = name.split(".", 3)
-            layer = int(idx)
-            if layer >= L:
-                raise ModelLoadError(
-                    path, f"tensor {name!r} is for layer {layer}, but the model has {L} layers"
-                )
-        else:
-            sub, layer = name, None
-        want = expected_shapes.get(sub)
-        if want is None:
-            continue
-        if sub.endswith("_proj.bias") and not cfg.qkv_bias:
-            raise ModelLoadError(path, f"tensor {name!r} is a bias, but the model config has no q/k/v biases")
-        if tuple(arr.shape) != want:
-            raise ModelLoadError(path, f"tensor {name!r} has shape {tuple(arr.shape)}, expected {want}")
-        seen.add(name)
-        if layer is None:
-            key = {
-                "model.embed_tokens.weight": "embed",
-                "lm_head.weight": "lm_head",
-                "model.norm.weight": "norm",
-            }.get(sub)
-            state[key or sub] = arr
-            continue
-        b = blocks
-        if sub == "input_layernorm.weight":
-            b["attn_norm"][layer] = arr
-        elif sub == "post_attention_layernorm.weight":
-            b["mlp_norm"][layer] = arr
-        elif sub == "self_attn.q_proj.weight":  # [N*H, D] -> [D, K, G, H]
-            b["wqkv"][layer, :, :, :G] = arr.reshape(K, G, H, D).transpose(3, 0, 1, 2)
-        elif sub == "self_attn.k_proj.weight":
-            b["wqkv"][layer, :, :, G] = arr.reshape(K, H, D).transpose(2, 0, 1)
-        elif sub == "self_attn.v_proj.weight":
-            b["wqkv"][layer, :, :, G + 1] = arr.reshape(K, H, D).transpose(2, 0, 1)
-        elif sub == "self_attn.q_proj.bias":
-            b["bqkv"][layer, :, :G] = arr.reshape(K, G, H)
-        elif sub == "self_attn.k_proj.bias":
-            b["bqkv"][layer, :, G] = arr.reshape(K, H)
-        elif sub == "self_attn.v_proj.bias":
-            b["bqkv"][layer, :, G + 1] = arr.reshape(K, H)
-        elif sub == "self_attn.o_proj.weight":  # [D, N*H] -> [K, G, H, D]
-            b["wo"][layer] = arr.T.reshape(K, G, H, D)
-        elif sub == "mlp.gate_proj.weight":
-            b["w_gate_up"][layer, :, 0] = arr.T
-        elif sub == "mlp.up_proj.weight":
-            b["w_gate_up"][layer, :, 1] = arr.T
-        elif sub == "mlp.down_proj.weight":
-            b["w_down"][layer] = arr.T
-    required = required_tensors(cfg)
-    missing = [r for r in required if r not in seen]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ModelLoadError(path, f"missing tensor {missing[0]!r}{more}")
-    inv_freq = np.asarray(rope_frequencies(cfg), np.float32)
-    if "rope_freqs" in state:  # llama3-style scaling shipped as per-frequency divisors (GGUF)
-        inv_freq = inv_freq / state.pop("rope_freqs")
-    state["inv_freq"] = inv_freq
-    if cfg.tie_embeddings:
-        state.pop("lm_head", None)
-    return state
+        asm.add(name, arr)
+    return asm.finish()
 
 
 def build_model(cfg: LlamaConfig, state: dict, dtype=jnp.float32, place: Callable | None = None) -> Llama:
@@ -233,15 +123,8 @@ def build_model(cfg: LlamaConfig, state: dict, dtype=jnp.float32, place: Callabl
     return nnx.merge(graphdef, abs_state)
 
 
-def _progress(items: Iterator, total: int, desc: str) -> Iterator:
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return iter(tqdm(items, total=total, desc=desc, unit="tensor", leave=False))
-    return items
-
-
-def read_hf_folder(folder: Path) -> tuple[LlamaConfig, Iterator[tuple[str, np.ndarray]], int]:
+def read_hf_folder(folder: Path) -> tuple[LlamaConfig, Iterator[tuple[str, np.ndarray, int]], int]:
+    """(config, tensors one at a time, total bytes of the tensors)."""
     from safetensors import SafetensorError, safe_open
 
     cfg = LlamaConfig.from_hf_config(folder / "config.json")
@@ -260,96 +143,218 @@ def read_hf_folder(folder: Path) -> tuple[LlamaConfig, Iterator[tuple[str, np.nd
         if not f.is_file():
             raise ModelLoadError(f, "shard named in the safetensors index is missing")
 
-    def gen():
+    def gen():  # (name, array in the file's float dtype, bytes read)
         for f in files:
             try:
                 with safe_open(str(f), framework="numpy") as st:
                     for name in st.keys():
-                        yield name, np.asarray(st.get_tensor(name), np.float32)
+                        arr = st.get_tensor(name)
+                        yield name, arr if arr.dtype.kind == "f" else arr.astype(np.float32), arr.nbytes
             except (SafetensorError, OSError, ValueError) as e:
                 raise ModelLoadError(f, f"cannot read safetensors file ({e})") from None
 
     names: set[str] = set()
-    elements = 0
+    elements = nbytes = 0
     for f in files:
         try:
             with safe_open(str(f), framework="numpy") as st:
                 for name in st.keys():
                     names.add(name)
-                    elements += int(np.prod(st.get_slice(name).get_shape(), dtype=object))
+                    n = int(np.prod(st.get_slice(name).get_shape(), dtype=object))
+                    elements += n
+                    nbytes += n * _SAFETENSORS_BYTES.get(st.get_slice(name).get_dtype(), 4)
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelLoadError(f, f"cannot read safetensors file ({e})") from None
     check_tensors(cfg, names, elements, folder)
-    return cfg, gen(), len(names)
+    return cfg, gen(), nbytes
+
+
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1}
+
+
+QUANTIZE_CHOICES = ("auto", "none", *QUANTIZATIONS)
+
+
+def plan_formats(
+    cfg: LlamaConfig, quantize: str | None, bits: dict[str, int], mesh: Mesh | None
+) -> dict[str, str]:
+    """The format of each matmul weight. `quantize="auto"` keeps the file's precision: 4 bits
+    or fewer -> 4-bit groups, 5-8 bits -> int8, 16/32-bit floats -> the float dtype; a fused
+    weight takes its widest source (never fewer bits than the file). "none" (or None) and
+    "int8" choose one format for all; "q4" makes the layers' weights 4-bit, and the embedding and
+    output head 4-bit only where the file has them so (else int8: requantized to 4 bits they
+    moved the default model's answers, and llama.cpp's Q4 files keep them wider too). 4-bit
+    weights are not split over a mesh: int8 there."""
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    out = {}
+    for name, spec in specs(cfg).items():
+        if not spec.matmul:
+            continue
+        if quantize == "auto":
+            b = bits.get(name, 32)
+            fmt = params.Q4 if b <= 4 else params.INT8 if b <= 8 else params.FLOAT
+        elif quantize == "q4" and not spec.stacked and bits.get(name, 32) > 4:
+            fmt = params.INT8
+        else:
+            fmt = params.FLOAT if quantize in (None, "none") else quantize
+        out[name] = params.INT8 if fmt == params.Q4 and mesh is not None else fmt
+    return out
+
+
+def gguf_bits(gg: GGUFFile, cfg: LlamaConfig) -> dict[str, int]:
+    """Bits per weight of each parameter's widest source tensor in a GGUF file."""
+    by_source = {sub: spec.name for spec in specs(cfg).values() for sub in spec.sources}
+    bits: dict[str, int] = {}
+    for info in gg.infos:
+        canonical = hf_name(info.name) or ""
+        param = by_source.get(
+            canonical.split(".", 3)[-1] if canonical.startswith("model.layers.") else canonical
+        )
+        if param:
+            bits[param] = max(bits.get(param, 0), gg.type_bits(info))
+    return bits
+
+
+class _Progress:
+    """Loading progress: a tqdm bar on a terminal, else a log line every 10% (MB, MB/s), so
+    `journalctl` and container logs show a long load moving."""
+
+    def __init__(self, name: str, total: int):
+        self.name, self.total, self.done, self.t0, self.next = (
+            name,
+            max(total, 1),
+            0,
+            time.perf_counter(),
+            0.1,
+        )
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"loading {name}", unit="B", unit_scale=True, leave=False)
+
+    def update(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
+        elif self.done / self.total >= self.next:
+            secs = max(time.perf_counter() - self.t0, 1e-9)
+            log.info(
+                "loading %s: %.0f of %.0f MB (%.0f MB/s)",
+                self.name,
+                self.done / 1e6,
+                self.total / 1e6,
+                self.done / 1e6 / secs,
+            )
+            while self.next <= self.done / self.total:
+                self.next += 0.1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def load_model(
     model: str | os.PathLike | None = None,
     dtype: str = "float32",
-    quantize: str | None = None,
+    quantize: str | None = "auto",
     mesh: Mesh | None = None,
     kernels: bool | None = None,
 ) -> LoadedModel:
-    """Load an alias, GGUF file or Hugging Face folder into an NNX `Llama`; `quantize="int8"`
-    stores the matmul weights and the embedding as int8 with per-channel scales; `dtype`
-    "auto" is `resolve_dtype`'s; with a `mesh`, each weight is split over it as loaded.
-    `kernels`: use the hand-written CPU kernels (`cpu_kernels.py`); None (auto) uses them on
-    the CPU backend for float32 activations on one device, when they build."""
+    """Load an alias, GGUF file or Hugging Face folder into an NNX `Llama`, tensor by tensor
+    straight into each weight's final format (`params.Assembler`): `quantize` is "auto" (keep
+    the file's precision, `plan_formats`), "none", "int8" (per-channel scales) or "q4" (groups
+    of 32 with scales and mins); `dtype` "auto" is `resolve_dtype`'s; with a `mesh`, each
+    weight is split over it as loaded. `kernels`: use the hand-written CPU kernels
+    (`cpu_kernels.py`); None (auto) uses them on the CPU backend for float32 activations on one
+    device, when they build."""
     t0 = time.perf_counter()
     dtype = resolve_dtype(dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)} or None, got {quantize!r}")
     name, path = resolve_model_path(model)
     if path.is_dir():
-        cfg, tensors, count = read_hf_folder(path)
+        cfg, tensors, total = read_hf_folder(path)
+        formats = plan_formats(cfg, quantize, {}, mesh)
         source: tuple[str, object] = ("hf", path)
     else:
         gg = GGUFFile(path)
         cfg = gg.config()
         check_tensors(cfg, {n for n in map(hf_name, (t.name for t in gg.infos)) if n}, gg.num_elements, path)
-        tensors, count = gg.tensors(cfg), len(gg.infos)
+        formats = plan_formats(cfg, quantize, gguf_bits(gg, cfg), mesh)
+        native_q4 = params.Q4 in formats.values()
+        sizes = {hf_name(t.name): t.nbytes for t in gg.infos}
+        tensors = ((n, a, sizes[n]) for n, a in gg.tensors(cfg, native_q4=native_q4))
+        total = sum(n for name, n in sizes.items() if name)
         source = ("gguf", gg.metadata)
-    state = pack_tensors(cfg, _progress(tensors, count, f"loading {name}"), path)
-    place = None if mesh is None else sharding.placer(mesh)
-    model_ = build_model(cfg, state, DTYPES[dtype], place)
-    if quantize:
-        quantize_model(model_, quantize, place)
     if kernels is None:
         kernels = jax.default_backend() == "cpu"
-    if kernels and mesh is None:  # the kernels know nothing of weights split over devices
-        cpu_kernels.pack_model(model_)
+    packed = bool(kernels) and mesh is None and dtype == "float32" and cpu_kernels.available()
+    asm = Assembler(cfg, path, formats, DTYPES[dtype], packed)
+    progress = _Progress(name, total)
+    try:
+        for tensor_name, arr, nbytes in tensors:
+            asm.add(tensor_name, arr)
+            progress.update(nbytes)
+    finally:
+        progress.close()
+    place = None if mesh is None else sharding.placer(mesh)
+    state = asm.finish(lambda n, x: jax.device_put(x) if place is None else place(n, x))
+    model_ = assemble_model(cfg, state, DTYPES[dtype])
+    model_.kernels = packed
     seconds = time.perf_counter() - t0
     log.info(
-        "loaded %s (%s, %d layers, %.0fM params, %s%s) in %.1f s",
+        "loaded %s (%s, %d layers, %.0fM params, %s) in %.1f s: %.0f MB of weights (%s)",
         name,
         path,
         cfg.n_layers,
         cfg.num_params() / 1e6,
         dtype,
-        ", CPU kernels" if model_.kernels else "",
         seconds,
+        asm.nbytes() / 1e6,
+        asm.describe(),
     )
     return LoadedModel(name, path, cfg, model_, source, seconds, mesh)
+
+
+def assemble_model(cfg: LlamaConfig, state: dict, dtype) -> Llama:
+    """An NNX `Llama` whose parameters are `state`'s values as they are (arrays on their
+    devices, or weight types)."""
+    model_ = nnx.eval_shape(lambda: Llama(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    for key, value in state.items():
+        owner = model_.blocks if key == "blocks" else model_
+        items = value.items() if key == "blocks" else [(key, value)]
+        for attr, v in items:
+            getattr(owner, attr).set_value(v)
+    return model_
 
 
 def estimate_memory(
     model: str | os.PathLike | None,
     dtype: str = "float32",
-    quantize: str | None = None,
+    quantize: str | None = "auto",
     max_slots: int = 8,
     max_seq_len: int = 2048,
 ) -> int:
-    """Bytes a loaded model will hold on its device: weights plus the KV cache of its slots.
-    Reads only the config (GGUF header or config.json), so it is cheap to ask before loading."""
+    """Bytes a loaded model will hold on its device: weights in the formats `load_model` would
+    choose plus the KV cache of its slots. Reads only the config and tensor types (GGUF header
+    or config.json), so it is cheap to ask before loading."""
     _, path = resolve_model_path(model)
     dtype = resolve_dtype(dtype)
-    cfg = LlamaConfig.from_hf_config(path / "config.json") if path.is_dir() else GGUFFile(path).config()
-    width = 1 if quantize else jnp.dtype(DTYPES[dtype]).itemsize
-    weights = cfg.num_params() * width
+    if path.is_dir():
+        cfg, bits = LlamaConfig.from_hf_config(path / "config.json"), {}
+    else:
+        gg = GGUFFile(path)
+        cfg = gg.config()
+        bits = gguf_bits(gg, cfg)
+    formats = plan_formats(cfg, quantize, bits, None)
+    width = jnp.dtype(DTYPES[dtype]).itemsize
+    per_weight = {params.FLOAT: width, params.INT8: 1.0, params.Q4: 0.625}  # 4 bits + two float16 per 32
+    weights = 0.0
+    for name, spec in specs(cfg).items():
+        n = math.prod(spec.shape) * (cfg.n_layers if spec.stacked else 1)
+        weights += n * per_weight[formats.get(name, params.FLOAT)]
     seq = min(max_seq_len, cfg.context_length)
-    cache = (
-        2 * cfg.n_layers * max_slots * seq * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(DTYPES[dtype]).itemsize
-    )
+    cache = 2 * cfg.n_layers * max_slots * seq * cfg.n_kv_heads * cfg.head_dim * width
     return int(weights + cache)

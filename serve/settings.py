@@ -46,7 +46,7 @@ class ModelSpec:
     max_slots: int = 8
     max_seq_len: int = 2048
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
-    quantize: str | None = None
+    quantize: str | None = "auto"  # keep the file's precision (weights.plan_formats)
     max_queue: int = 256
     chat_template: str | None = None
     mesh: str | None = None  # "data=D,model=M": tensor-parallel over devices; None: one device
@@ -68,7 +68,7 @@ class Settings:
     max_slots: int = 8
     max_seq_len: int = 2048
     dtype: str = "auto"
-    quantize: str | None = None
+    quantize: str | None = "auto"  # keep the file's precision (weights.plan_formats)
     max_queue: int = 256
     chat_template: str | None = None
     mesh: str | None = None

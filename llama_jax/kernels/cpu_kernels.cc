@@ -9,6 +9,8 @@
 //   in tiles of 8 output channels (below), float32 or int8 with per-channel scales. int8
 //   weights are widened to float in registers, so activations are not quantized and the
 //   result is exact int8-weight math up to float rounding.
+// - lj_matmul_q4: the same for 4-bit weights in groups of 32 with scales and mins (Q4_0, Q4_1,
+//   Q4_K), with int8 activations and integer dot products.
 // - lj_top_k: the k largest logits of each row, for sampling and top_logprobs.
 // - lj_attend: one new token per row attending over a layer of the KV cache, reading only each
 //   row's valid positions (no padding to a context bucket, no copy of the cache).
@@ -38,7 +40,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -451,6 +453,256 @@ ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4-bit matmul: y[R, N] = x[R, K] . w[N, K]^T for a weight of 4-bit codes q in groups of 32
+// inputs, each group with its own scale and min (w = scale * q + min: llama.cpp's Q4_0, Q4_1 and
+// Q4_K all are this, with group 32). Packed (llama_jax/cpu_kernels.py `pack_q4`) as
+// w [N/8, K/32, 128] bytes, scale and min [N/8, K/32, 8] float16: for a tile of 8 channels and
+// a group, byte b*32 + j*4 + i holds channel j's code for input 4b+i in its low nibble and for
+// input 16+4b+i in its high one, so a masked load is 8 lanes (one per channel) of 4 inputs.
+//
+// Activations are quantized per row and group of 32 to two int8 parts, x ~ dx * (hi + lo / 254)
+// (about 16 bits: a single int8 part, as llama.cpp's Q8 activations, moved the default model's
+// greedy answers), and each lane's 4 code x activation products are summed in one integer
+// instruction (vpdpbusd with AVX-VNNI or AVX512-VNNI, vpmaddubsw + vpmaddwd otherwise): a 4-bit
+// weight is 4x the work per byte of a float one, and float widening would make several rows
+// compute-bound. Per group: y += scale * dx / 254 * sum(q * (254 hi + lo)) + min * sum(x), the
+// integer sum exact in int32.
+
+constexpr int64_t kGroup = 32;
+
+// Activation rows quantized for the 4-bit kernel: both parts' codes [R, K]; per group dx / 254
+// and the sum of x.
+struct QuantRows {
+  std::vector<int8_t> hi, lo;
+  std::vector<float> d, s;
+};
+
+void quantize_rows(const float* x, int64_t R, int64_t K, QuantRows* out) {
+  const int64_t G = K / kGroup;
+  out->hi.resize(R * K);
+  out->lo.resize(R * K);
+  out->d.resize(R * G);
+  out->s.resize(R * G);
+  int8_t* hp = out->hi.data();
+  int8_t* lp = out->lo.data();
+  float* dp = out->d.data();
+  float* sp = out->s.data();
+  auto row = [=](int64_t r) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + r * K + g * kGroup;
+      float amax = 0, sum = 0;
+      for (int64_t i = 0; i < kGroup; ++i) {
+        amax = std::max(amax, std::fabs(xg[i]));
+        sum += xg[i];
+      }
+      const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+      for (int64_t i = 0; i < kGroup; ++i) {
+        const float h = std::nearbyint(xg[i] * inv);  // |x - h * d| <= d / 2: lo in [-127, 127]
+        const float l = std::nearbyint((xg[i] * inv - h) * 254.0f);
+        hp[r * K + g * kGroup + i] = int8_t(h);
+        lp[r * K + g * kGroup + i] = int8_t(std::clamp(l, -127.0f, 127.0f));
+      }
+      dp[r * G + g] = d / 254.0f;
+      sp[r * G + g] = sum;
+    }
+  };
+  if (R >= 8) {
+    parallel_for(R, row);
+  } else {
+    for (int64_t r = 0; r < R; ++r) row(r);
+  }
+}
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      uint32_t m = man;
+      do { ++e; m <<= 1; } while (!(m & 0x400));
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (m & 0x3ff) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | man << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+#if defined(__AVX2__) && defined(__F16C__)
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  const __m256i pairs = _mm256_maddubs_epi16(u, s);  // |15 * 127 * 2| fits int16
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+}
+
+// RT rows (codes xq and xl, rows K apart; dx, dxs rows G apart) against one tile of G groups;
+// writes 8 outputs per row, rows ldy apart.
+template <int RT>
+inline void micro_q4(const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs, int64_t K,
+                     int64_t G, const uint8_t* w, const uint16_t* sc, const uint16_t* mn, float* y,
+                     int64_t ldy) {
+  __m256 accf[RT];
+  for (int r = 0; r < RT; ++r) accf[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = w + g * 128;
+    __builtin_prefetch(wg + 4 * 128);
+    __m256i acc[RT], acc2[RT];
+    for (int r = 0; r < RT; ++r) acc[r] = acc2[r] = _mm256_setzero_si256();
+    for (int b = 0; b < 4; ++b) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 32));
+      const __m256i lo = _mm256_and_si256(raw, low);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+      for (int r = 0; r < RT; ++r) {
+        const int64_t o = r * K + g * kGroup + 4 * b;
+        int32_t a, c, a2, c2;
+        std::memcpy(&a, xq + o, 4);
+        std::memcpy(&c, xq + o + 16, 4);
+        std::memcpy(&a2, xl + o, 4);
+        std::memcpy(&c2, xl + o + 16, 4);
+        acc[r] = dot_u8s8(acc[r], lo, _mm256_set1_epi32(a));
+        acc[r] = dot_u8s8(acc[r], hi, _mm256_set1_epi32(c));
+        acc2[r] = dot_u8s8(acc2[r], lo, _mm256_set1_epi32(a2));
+        acc2[r] = dot_u8s8(acc2[r], hi, _mm256_set1_epi32(c2));
+      }
+    }
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 8)));
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * 8)));
+    for (int r = 0; r < RT; ++r) {
+      // 254 hi + lo: |sum| <= 32 * 15 * 32385, exact in int32.
+      const __m256i both = _mm256_add_epi32(
+          _mm256_sub_epi32(_mm256_slli_epi32(acc[r], 8), _mm256_slli_epi32(acc[r], 1)), acc2[r]);
+      const __m256 f = _mm256_cvtepi32_ps(both);
+      accf[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(s, _mm256_set1_ps(dx[r * G + g])), accf[r]);
+      accf[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dxs[r * G + g]), accf[r]);
+    }
+  }
+  for (int r = 0; r < RT; ++r) _mm256_storeu_ps(y + r * ldy, accf[r]);
+}
+
+#if defined(__AVX512F__)
+constexpr int kMRQ4 = 8;  // 32 vector registers: 8 integer and 8 float accumulators
+#else
+constexpr int kMRQ4 = 4;  // 16 registers
+#endif
+
+inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs,
+                          int64_t K, int64_t G, const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
+                          float* y, int64_t ldy) {
+  switch (rt) {
+    case 1: micro_q4<1>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 2: micro_q4<2>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 3: micro_q4<3>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 4: micro_q4<4>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+#if defined(__AVX512F__)
+    case 5: micro_q4<5>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 6: micro_q4<6>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 7: micro_q4<7>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 8: micro_q4<8>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+#endif
+    default: break;
+  }
+}
+#else
+// Portable code (no AVX2): the same arithmetic, one lane at a time.
+constexpr int kMRQ4 = 1;
+
+inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs,
+                          int64_t K, int64_t G, const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
+                          float* y, int64_t ldy) {
+  for (int r = 0; r < rt; ++r) {
+    for (int j = 0; j < 8; ++j) {
+      float acc = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* wg = w + g * 128;
+        const int8_t* xg = xq + r * K + g * kGroup;
+        const int8_t* xh = xl + r * K + g * kGroup;
+        int dot = 0;
+        for (int b = 0; b < 4; ++b) {
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t byte = wg[b * 32 + j * 4 + i];
+            const int a = 254 * xg[4 * b + i] + xh[4 * b + i], c = 254 * xg[16 + 4 * b + i] + xh[16 + 4 * b + i];
+            dot += (byte & 0x0f) * a + (byte >> 4) * c;
+          }
+        }
+        acc += half_to_float(sc[g * 8 + j]) * dx[r * G + g] * float(dot) +
+               half_to_float(mn[g * 8 + j]) * dxs[r * G + g];
+      }
+      y[r * ldy + j] = acc;
+    }
+  }
+}
+#endif
+
+// Rows at or past `valid` are zeros (a prefill chunk's padding), as in `matmul`.
+void matmul_q4(const float* x, int64_t R, int64_t valid, int64_t K, const uint8_t* w,
+               const uint16_t* sc, const uint16_t* mn, float* y, int64_t N) {
+  if (valid < R) std::memset(y + valid * N, 0, sizeof(float) * (R - valid) * N);
+  R = valid;
+  if (R == 0) return;
+  const int64_t G = K / kGroup, tiles = N / kTile;
+  thread_local QuantRows xr;  // the caller's; workers only read it
+  quantize_rows(x, R, K, &xr);
+  const int8_t* xq = xr.hi.data();
+  const int8_t* xl = xr.lo.data();
+  const float* dx = xr.d.data();
+  const float* dxs = xr.s.data();
+  const int64_t per_run = std::max<int64_t>(1, tiles / 24);  // ~24 items: even split on 2-16 threads
+  const int64_t runs = (tiles + per_run - 1) / per_run;
+  const int64_t supers = supers_of(R);
+  parallel_for(supers * runs, [=](int64_t item) {
+    const int64_t s = item / runs, run = item % runs;
+    const int64_t r0 = super_start(s, R), r1 = super_start(s + 1, R);
+    for (int64_t t = run * per_run; t < std::min(tiles, (run + 1) * per_run); ++t) {
+      const uint8_t* wt = w + t * G * 128;
+      const uint16_t* st = sc + t * G * 8;
+      const uint16_t* mt = mn + t * G * 8;
+      for (int64_t r = r0; r < r1; r += kMRQ4) {
+        const int rt = int(std::min<int64_t>(kMRQ4, r1 - r));
+        micro_q4_rows(rt, xq + r * K, xl + r * K, dx + r * G, dxs + r * G, K, G, wt, st, mt, y + r * N + t * kTile, N);
+      }
+    }
+  });
+}
+
+ffi::Error MatmulQ4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::U16> scale,
+                    ffi::Buffer<ffi::U16> mins, ffi::Buffer<ffi::S32> ctl, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  const size_t n = wd.size();
+  int64_t l, valid;
+  const bool shapes = xd.size() == 2 && xd[1] % kGroup == 0 && (n == 3 || n == 4) && wd[n - 1] == 128 &&
+                      wd[n - 2] == xd[1] / kGroup;
+  const int64_t L = shapes && n == 4 ? wd[0] : 1;
+  const int64_t N = shapes ? wd[n - 3] * kTile : 0, G = xd.size() == 2 ? xd[1] / kGroup : 0;
+  if (!shapes || scale.element_count() != L * N * G || mins.element_count() != L * N * G ||
+      !layer_rows(ctl, L, xd[0], &l, &valid)) {
+    return ffi::Error::InvalidArgument(
+        "lj_matmul_q4: expected x [R, K], w [(L,) N/8, K/32, 128], scale and min [(L,) N/8, K/32, 8] "
+        "and a layer in range");
+  }
+  const int64_t K = xd[1];
+  matmul_q4(x.typed_data(), xd[0], valid, K, w.typed_data() + l * N * K / 2,
+            scale.typed_data() + l * N * G, mins.typed_data() + l * N * G, y->typed_data(), N);
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Decode attention for one layer: q [B, KV, G, H]; k_new, v_new [B, KV, H] (this step's token);
 // k_cache, v_cache [L, Bmax, S, KV, H]; layer [] int32; lengths [B] int32 (valid cached
 // positions per row, clamped to S). out [B, KV, G, H].
@@ -665,6 +917,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_matmul_i8, MatmulI8,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_matmul_q4, MatmulQ4,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 

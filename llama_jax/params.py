@@ -1,0 +1,395 @@
+"""The model's parameters as the loader builds them, one file tensor at a time.
+
+One table (`specs`) says, for each parameter of `model.py`: its float layout, the axes its
+matmul contracts, whether it is stacked over layers, and which file tensors it is made of (a
+fused weight's rows come from several: `wqkv` from q, k and v). Every matmul weight is a set of
+output rows (the file's `[out, in]` rows, reordered), so each tensor arrives as rows, becomes
+rows of its parameter's format (float, int8 per channel, or 4-bit groups of 32), and once a
+layer's rows are all there they go straight into the final storage of that format (the CPU
+kernels' packed layout when they serve it). No whole-model float32 copy ever exists: peak
+memory is the final weights plus one layer's rows of one parameter.
+
+`Assembler` does this; `weights.load_model` feeds it from a GGUF file or safetensors shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from llama_jax import cpu_kernels
+from llama_jax.config import LlamaConfig, rope_frequencies
+from llama_jax.errors import ModelLoadError
+from llama_jax.quantize import GROUP, Int8Weight, Q4Rows, Q4Weight, q4_from_rows, q4_to_rows
+
+FLOAT, INT8, Q4 = "float", "int8", "q4"
+FORMATS = (FLOAT, INT8, Q4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One parameter: `shape` is its float layout per layer, `contracted` the axes its matmul
+    contracts (counted from the end; empty for vectors), `sources` the canonical file tensor
+    names (per layer for stacked ones) whose rows make its output rows."""
+
+    name: str  # the "/"-joined NNX path, as `sharding.RULES` names it
+    shape: tuple[int, ...]
+    contracted: tuple[int, ...]
+    stacked: bool
+    sources: tuple[str, ...]
+
+    @property
+    def matmul(self) -> bool:
+        return bool(self.contracted)
+
+    def split(self) -> tuple[list[int], list[int]]:
+        """(kept, contracted) axes of the per-layer shape."""
+        n = len(self.shape)
+        c = [n + a for a in self.contracted]
+        return [i for i in range(n) if i not in c], c
+
+    @property
+    def rows(self) -> int:  # N: output rows
+        kept, _ = self.split()
+        return math.prod(self.shape[i] for i in kept)
+
+    @property
+    def inputs(self) -> int:  # K: contracted inputs per row
+        _, c = self.split()
+        return math.prod(self.shape[i] for i in c)
+
+
+_LAYER = "model.layers.{}."
+
+
+def specs(cfg: LlamaConfig) -> dict[str, Spec]:
+    """Every parameter of `Llama(cfg)` with its layout and file tensors."""
+    D, K, G, H, F, V = cfg.dim, cfg.n_kv_heads, cfg.group, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+    attn = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+    out = [
+        Spec("embed", (V, D), (-1,), False, ("model.embed_tokens.weight",)),
+        Spec("norm", (D,), (), False, ("model.norm.weight",)),
+        Spec("blocks/attn_norm", (D,), (), True, ("input_layernorm.weight",)),
+        Spec("blocks/wqkv", (D, K, G + 2, H), (-4,), True, attn),
+        Spec("blocks/wo", (K, G, H, D), (-4, -3, -2), True, ("self_attn.o_proj.weight",)),
+        Spec("blocks/mlp_norm", (D,), (), True, ("post_attention_layernorm.weight",)),
+        Spec("blocks/w_gate_up", (D, 2, F), (-3,), True, ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+        Spec("blocks/w_down", (F, D), (-2,), True, ("mlp.down_proj.weight",)),
+    ]
+    if cfg.qkv_bias:
+        bias = tuple(s.replace(".weight", ".bias") for s in attn)
+        out.append(Spec("blocks/bqkv", (K, G + 2, H), (), True, bias))
+    if not cfg.tie_embeddings:
+        out.append(Spec("lm_head", (V, D), (-1,), False, ("lm_head.weight",)))
+    return {s.name: s for s in out}
+
+
+def _source_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    D, K, N, H, F = cfg.dim, cfg.n_kv_heads, cfg.n_heads, cfg.head_dim, cfg.ffn_dim
+    return {
+        "model.embed_tokens.weight": (cfg.vocab_size, D),
+        "lm_head.weight": (cfg.vocab_size, D),
+        "model.norm.weight": (D,),
+        "input_layernorm.weight": (D,),
+        "post_attention_layernorm.weight": (D,),
+        "self_attn.q_proj.weight": (N * H, D),
+        "self_attn.k_proj.weight": (K * H, D),
+        "self_attn.v_proj.weight": (K * H, D),
+        "self_attn.o_proj.weight": (D, N * H),
+        "self_attn.q_proj.bias": (N * H,),
+        "self_attn.k_proj.bias": (K * H,),
+        "self_attn.v_proj.bias": (K * H,),
+        "mlp.gate_proj.weight": (F, D),
+        "mlp.up_proj.weight": (F, D),
+        "mlp.down_proj.weight": (D, F),
+        "rope_freqs": (H // 2,),
+    }
+
+
+def _destination(cfg: LlamaConfig, sub: str) -> np.ndarray | slice:
+    """Where a source tensor's rows go among its parameter's output rows."""
+    K, G, H, F = cfg.n_kv_heads, cfg.group, cfg.head_dim, cfg.ffn_dim
+    x = np.arange(K * (G + 2) * H).reshape(K, G + 2, H)  # wqkv's output rows (k, x, h)
+    if sub.startswith("self_attn.q_proj"):
+        return x[:, :G].reshape(-1)
+    if sub.startswith("self_attn.k_proj"):
+        return x[:, G].reshape(-1)
+    if sub.startswith("self_attn.v_proj"):
+        return x[:, G + 1].reshape(-1)
+    if sub == "mlp.gate_proj.weight":
+        return slice(0, F)
+    if sub == "mlp.up_proj.weight":
+        return slice(F, 2 * F)
+    return slice(None)
+
+
+def required_tensors(cfg: LlamaConfig) -> list[str]:
+    """Canonical names of every tensor the model needs."""
+    out = []
+    for spec in specs(cfg).values():
+        for sub in spec.sources:
+            out += [_LAYER.format(i) + sub for i in range(cfg.n_layers)] if spec.stacked else [sub]
+    return out
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized array on a 64-byte boundary: `jax.device_put` on CPU then uses its
+    memory in place instead of copying it (a copy would double the peak while loading)."""
+    dtype = np.dtype(dtype)
+    n = math.prod(shape) * dtype.itemsize
+    buf = np.empty(n + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return buf[off : off + n].view(dtype).reshape(shape)
+
+
+# -- rows of each format ---------------------------------------------------------------------
+
+
+def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float rows [n, K] -> (int8 [n, K], float32 scale [n]): symmetric, per row (channel)."""
+    w = np.asarray(w, np.float32)
+    amax = np.max(np.abs(w), axis=-1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
+def float_rows(rows) -> np.ndarray:
+    return q4_to_rows(*rows) if isinstance(rows, Q4Rows) else rows
+
+
+def convert_rows(rows, fmt: str, dtype) -> object:
+    """A source tensor's rows (float [n, K] or `Q4Rows`) in format `fmt`."""
+    if fmt == Q4:
+        return rows if isinstance(rows, Q4Rows) else Q4Rows(*q4_from_rows(rows))
+    w = float_rows(rows)
+    if fmt == INT8:
+        return int8_rows(w)
+    return np.asarray(w).astype(dtype, copy=False)
+
+
+class _Rows:
+    """One layer of one parameter, in its format, filled by its source tensors."""
+
+    def __init__(self, spec: Spec, fmt: str, dtype):
+        N, K = spec.rows, spec.inputs
+        self.pending = set(spec.sources)
+        if not spec.matmul:
+            self.parts: tuple = (np.empty((N,), dtype),)
+        elif fmt == FLOAT:
+            self.parts = (np.empty((N, K), dtype),)
+        elif fmt == INT8:
+            self.parts = (np.empty((N, K), np.int8), np.empty((N,), np.float32))
+        else:
+            self.parts = (
+                np.empty((N, K // 2), np.uint8),
+                np.empty((N, K // GROUP), np.float16),
+                np.empty((N, K // GROUP), np.float16),
+            )
+
+    def put(self, where, converted) -> None:
+        parts = converted if isinstance(converted, tuple) else (converted,)
+        for dst, src in zip(self.parts, parts, strict=True):
+            dst[where] = src
+
+
+class _Param:
+    """The final storage of one parameter, filled layer by layer."""
+
+    def __init__(self, spec: Spec, fmt: str, dtype, layers: int, packed: bool):
+        self.spec, self.fmt, self.dtype, self.packed = spec, fmt, dtype, packed
+        lead = (layers,) if spec.stacked else ()
+        N, K = spec.rows, spec.inputs
+        kept, c = spec.split()
+        self.kept_shape = tuple(spec.shape[i] for i in kept)
+        self.csizes = tuple(spec.shape[i] for i in c)
+        T = cpu_kernels.TILE
+        if not spec.matmul:
+            self.store = (aligned_empty(lead + spec.shape, dtype),)
+        elif fmt == FLOAT:
+            shape = (N // T, K, T) if packed else spec.shape
+            self.store = (aligned_empty(lead + shape, dtype),)
+        elif fmt == INT8:
+            if packed:
+                self.store = (
+                    aligned_empty(lead + (N // T, K, T), np.int8),
+                    aligned_empty(lead + (N,), np.float32),
+                )
+            else:
+                scale_shape = tuple(1 if i in c else d for i, d in enumerate(spec.shape))
+                self.store = (
+                    aligned_empty(lead + self.kept_shape + self.csizes, np.int8),
+                    aligned_empty(lead + scale_shape, np.float32),
+                )
+        else:
+            G = K // GROUP
+            if packed:
+                self.store = (
+                    aligned_empty(lead + (N // T, G, 128), np.uint8),
+                    aligned_empty(lead + (N // T, G, T), np.float16),
+                    aligned_empty(lead + (N // T, G, T), np.float16),
+                )
+            else:
+                self.store = (
+                    aligned_empty(lead + self.kept_shape + (K // 2,), np.uint8),
+                    aligned_empty(lead + self.kept_shape + (G,), np.float16),
+                    aligned_empty(lead + self.kept_shape + (G,), np.float16),
+                )
+
+    def write(self, layer: int | None, rows: _Rows) -> None:
+        """A complete layer's rows -> this parameter's storage."""
+        spec = self.spec
+        idx = (layer,) if spec.stacked else ()
+        if not spec.matmul:
+            self.store[0][idx] = rows.parts[0].reshape(spec.shape)
+            return
+        kept, c = spec.split()
+        if self.fmt == FLOAT:
+            (w,) = rows.parts
+            if self.packed:
+                self.store[0][idx] = cpu_kernels.pack(w)
+            else:
+                self.store[0][idx] = np.transpose(
+                    w.reshape(self.kept_shape + self.csizes), np.argsort(kept + c)
+                )
+        elif self.fmt == INT8:
+            q, scale = rows.parts
+            if self.packed:
+                self.store[0][idx] = cpu_kernels.pack(q)
+                self.store[1][idx] = scale
+            else:
+                self.store[0][idx] = q.reshape(self.kept_shape + self.csizes)
+                self.store[1][idx] = scale.reshape(self.store[1].shape[len(idx) :])
+        else:
+            q, scale, mn = rows.parts
+            if self.packed:
+                for dst, src in zip(self.store, cpu_kernels.pack_q4(q, scale, mn), strict=True):
+                    dst[idx] = src
+            else:
+                for dst, src in zip(self.store, (q, scale, mn), strict=True):
+                    dst[idx] = src.reshape(self.kept_shape + src.shape[-1:])
+
+    def value(self, put: Callable):
+        """The parameter's value for the model: an array or a weight type, its arrays placed by
+        `put` (host -> device)."""
+        spec = self.spec
+        rel = spec.contracted
+        if not spec.matmul or (self.fmt == FLOAT and not self.packed):
+            return put(self.store[0])
+        if self.packed:
+            data, *rest = (put(a) for a in self.store)
+            scale = rest[0] if rest else None
+            mins = rest[1] if len(rest) > 1 else None
+            return cpu_kernels.PackedWeight(data, scale, spec.shape, rel, mins=mins)
+        if self.fmt == INT8:
+            return Int8Weight(put(self.store[0]), put(self.store[1]), rel)
+        return Q4Weight(*(put(a) for a in self.store), rel, self.csizes)
+
+
+def packable(spec: Spec, fmt: str) -> bool:
+    """Whether the CPU kernels can hold this parameter."""
+    return (
+        spec.matmul
+        and cpu_kernels.packable(spec.rows, spec.inputs)
+        and (fmt != Q4 or spec.inputs % GROUP == 0)
+    )
+
+
+class Assembler:
+    """Builds the model's parameters from source tensors given one at a time (`add`), each
+    parameter in its format (`formats`: name -> FLOAT/INT8/Q4; vectors are always float),
+    packed for the CPU kernels where `kernels` and the shape allow. `finish(put)` returns the
+    pure state dict (parameter path -> value) and checks that nothing is missing."""
+
+    def __init__(self, cfg: LlamaConfig, path: object, formats: dict[str, str], dtype, kernels: bool):
+        self.cfg, self.path = cfg, path
+        self.specs = specs(cfg)
+        self.dtype = dtype
+        self.formats = {n: (formats.get(n, FLOAT) if s.matmul else FLOAT) for n, s in self.specs.items()}
+        for name, spec in self.specs.items():
+            if self.formats[name] == Q4 and spec.inputs % GROUP:
+                self.formats[name] = INT8  # 4-bit groups need inputs in multiples of 32
+        self.params = {
+            n: _Param(s, self.formats[n], dtype, cfg.n_layers, kernels and packable(s, self.formats[n]))
+            for n, s in self.specs.items()
+        }
+        self.by_source = {sub: s for s in self.specs.values() for sub in s.sources}
+        self.shapes = _source_shapes(cfg)
+        self.pending: dict[tuple[str, int | None], _Rows] = {}
+        self.seen: set[str] = set()
+        self.rope_freqs: np.ndarray | None = None
+
+    def add(self, name: str, rows) -> None:
+        """One source tensor: float rows (any float dtype) or `Q4Rows`, `[out, in]` order."""
+        cfg, path = self.cfg, self.path
+        if name.startswith("model.layers."):
+            _, _, idx, sub = name.split(".", 3)
+            layer: int | None = int(idx)
+            if layer >= cfg.n_layers:
+                raise ModelLoadError(
+                    path, f"tensor {name!r} is for layer {layer}, but the model has {cfg.n_layers} layers"
+                )
+        else:
+            sub, layer = name, None
+        want = self.shapes.get(sub)
+        if want is None:
+            return
+        if sub.endswith("_proj.bias") and not cfg.qkv_bias:
+            raise ModelLoadError(path, f"tensor {name!r} is a bias, but the model config has no q/k/v biases")
+        shape = rows.shape if isinstance(rows, Q4Rows) else tuple(np.shape(rows))
+        if tuple(shape) != want:
+            raise ModelLoadError(path, f"tensor {name!r} has shape {tuple(shape)}, expected {want}")
+        self.seen.add(name)
+        if sub == "rope_freqs":
+            self.rope_freqs = np.asarray(float_rows(rows), np.float32)
+            return
+        spec = self.by_source.get(sub)
+        if spec is None or (sub == "lm_head.weight" and cfg.tie_embeddings):
+            return
+        if spec.stacked != (layer is not None):
+            raise ModelLoadError(path, f"tensor {name!r} is not where the model expects it")
+        key = (spec.name, layer)
+        buf = self.pending.get(key)
+        if buf is None:
+            buf = self.pending[key] = _Rows(spec, self.formats[spec.name], self.dtype)
+        if sub not in buf.pending:
+            raise ModelLoadError(path, f"tensor {name!r} appears twice")
+        fmt = self.formats[spec.name] if spec.matmul else FLOAT
+        buf.put(_destination(cfg, sub), convert_rows(rows, fmt, self.dtype))
+        buf.pending.discard(sub)
+        if not buf.pending:
+            self.params[spec.name].write(layer, buf)
+            del self.pending[key]
+
+    def finish(self, put: Callable | None = None) -> dict:
+        missing = [r for r in required_tensors(self.cfg) if r not in self.seen]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ModelLoadError(self.path, f"missing tensor {missing[0]!r}{more}")
+        put = put or (lambda name, x: x)
+        state: dict = {"blocks": {}}
+        for name, param in self.params.items():
+            value = param.value(lambda x, name=name: put(name, x))
+            if "/" in name:
+                state["blocks"][name.split("/", 1)[1]] = value
+            else:
+                state[name] = value
+        inv_freq = np.asarray(rope_frequencies(self.cfg), np.float32)
+        if self.rope_freqs is not None:  # llama3-style scaling shipped as per-frequency divisors (GGUF)
+            inv_freq = inv_freq / self.rope_freqs
+        state["inv_freq"] = put("inv_freq", inv_freq)
+        return state
+
+    def describe(self) -> str:
+        """What each parameter became, for the load log."""
+        parts = []
+        for name, p in self.params.items():
+            if p.spec.matmul:
+                kind = {FLOAT: np.dtype(self.dtype).name, INT8: "int8", Q4: "4-bit"}[p.fmt]
+                parts.append(f"{name.rsplit('/', 1)[-1]} {kind}{' packed' if p.packed else ''}")
+        return ", ".join(parts)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for p in self.params.values() for a in p.store)
