@@ -137,7 +137,9 @@ def server(cmd: list[str], port: int, timeout: float):
     log = tempfile.NamedTemporaryFile("w", prefix="bench_scale_", suffix=".log", delete=False)
     print(f"starting: {shlex.join(cmd)}  (log: {log.name})", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         while True:
             if proc.poll() is not None:
@@ -180,7 +182,9 @@ def run_one(cmd: list[str], port: int, args) -> dict:
     with server(cmd, port, args.start_timeout) as (proc, load):
         speeds = asyncio.run(measure(port, args.streams, args.max_tokens))
         rss = peak_rss_mb(proc.pid)
-    return {"load": load, "rss": rss, **{f"tok_s_{n}": v for n, v in speeds.items()}}
+    out = {"load": load, "rss": rss, **{f"tok_s_{n}": v for n, v in speeds.items()}}
+    print(out, flush=True)
+    return out
 
 
 def main() -> None:

@@ -341,6 +341,8 @@ class Assembler:
         shape = rows.shape if isinstance(rows, Q4Rows) else tuple(np.shape(rows))
         if tuple(shape) != want:
             raise ModelLoadError(path, f"tensor {name!r} has shape {tuple(shape)}, expected {want}")
+        if name in self.seen:
+            raise ModelLoadError(path, f"tensor {name!r} appears twice")
         self.seen.add(name)
         if sub == "rope_freqs":
             self.rope_freqs = np.asarray(float_rows(rows), np.float32)
@@ -354,8 +356,6 @@ class Assembler:
         buf = self.pending.get(key)
         if buf is None:
             buf = self.pending[key] = _Rows(spec, self.formats[spec.name], self.dtype)
-        if sub not in buf.pending:
-            raise ModelLoadError(path, f"tensor {name!r} appears twice")
         fmt = self.formats[spec.name] if spec.matmul else FLOAT
         buf.put(_destination(cfg, sub), convert_rows(rows, fmt, self.dtype))
         buf.pending.discard(sub)

@@ -45,7 +45,7 @@ def smollm2():
     """The real default model, once per session (float32, 4 slots of 512 positions)."""
     from llama_jax import Generator
 
-    return Generator.from_pretrained(max_seq_len=512, max_slots=4)
+    return Generator.from_pretrained(max_seq_len=512, max_slots=4, quantize="none")
 
 
 @pytest.fixture

@@ -194,7 +194,7 @@ def test_default_model_with_and_without_kernels_agree(smollm2):
     from llama_jax import Generator
 
     assert smollm2.runner.cfg and smollm2.loaded.model.kernels
-    plain = Generator.from_pretrained(max_seq_len=512, max_slots=4, kernels=False)
+    plain = Generator.from_pretrained(max_seq_len=512, max_slots=4, kernels=False, quantize="none")
     assert not plain.loaded.model.kernels
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     params = SamplingParams(temperature=0, max_tokens=12)

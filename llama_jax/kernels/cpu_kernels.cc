@@ -563,12 +563,18 @@ inline void micro_q4(const int8_t* xq, const int8_t* xl, const float* dx, const 
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = w + g * 128;
     __builtin_prefetch(wg + 4 * 128);
-    __m256i acc[RT], acc2[RT];
-    for (int r = 0; r < RT; ++r) acc[r] = acc2[r] = _mm256_setzero_si256();
+    // C independent chains per row and part (a dot instruction's latency is ~5 cycles: one
+    // chain of 8 per group left a lone row latency-bound at half the memory bandwidth).
+    constexpr int C = RT >= 4 ? 1 : RT == 1 ? 4 : 2;
+    __m256i acc[RT][C], acc2[RT][C];
+    for (int r = 0; r < RT; ++r) {
+      for (int c = 0; c < C; ++c) acc[r][c] = acc2[r][c] = _mm256_setzero_si256();
+    }
     for (int b = 0; b < 4; ++b) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 32));
       const __m256i lo = _mm256_and_si256(raw, low);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+      const int cl = (2 * b) % C, ch = (2 * b + 1) % C;
       for (int r = 0; r < RT; ++r) {
         const int64_t o = r * K + g * kGroup + 4 * b;
         int32_t a, c, a2, c2;
@@ -576,18 +582,22 @@ inline void micro_q4(const int8_t* xq, const int8_t* xl, const float* dx, const 
         std::memcpy(&c, xq + o + 16, 4);
         std::memcpy(&a2, xl + o, 4);
         std::memcpy(&c2, xl + o + 16, 4);
-        acc[r] = dot_u8s8(acc[r], lo, _mm256_set1_epi32(a));
-        acc[r] = dot_u8s8(acc[r], hi, _mm256_set1_epi32(c));
-        acc2[r] = dot_u8s8(acc2[r], lo, _mm256_set1_epi32(a2));
-        acc2[r] = dot_u8s8(acc2[r], hi, _mm256_set1_epi32(c2));
+        acc[r][cl] = dot_u8s8(acc[r][cl], lo, _mm256_set1_epi32(a));
+        acc[r][ch] = dot_u8s8(acc[r][ch], hi, _mm256_set1_epi32(c));
+        acc2[r][cl] = dot_u8s8(acc2[r][cl], lo, _mm256_set1_epi32(a2));
+        acc2[r][ch] = dot_u8s8(acc2[r][ch], hi, _mm256_set1_epi32(c2));
       }
     }
     const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 8)));
     const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * 8)));
     for (int r = 0; r < RT; ++r) {
+      __m256i h = acc[r][0], l = acc2[r][0];
+      for (int c = 1; c < C; ++c) {
+        h = _mm256_add_epi32(h, acc[r][c]);
+        l = _mm256_add_epi32(l, acc2[r][c]);
+      }
       // 254 hi + lo: |sum| <= 32 * 15 * 32385, exact in int32.
-      const __m256i both = _mm256_add_epi32(
-          _mm256_sub_epi32(_mm256_slli_epi32(acc[r], 8), _mm256_slli_epi32(acc[r], 1)), acc2[r]);
+      const __m256i both = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(h, 8), _mm256_slli_epi32(h, 1)), l);
       const __m256 f = _mm256_cvtepi32_ps(both);
       accf[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(s, _mm256_set1_ps(dx[r * G + g])), accf[r]);
       accf[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dxs[r * G + g]), accf[r]);

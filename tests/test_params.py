@@ -1,0 +1,227 @@
+"""Loading weights in their own precision (llama_jax/params.py, weights.load_model): every 4-bit
+GGUF type read as codes against the `gguf` package's dequantization, the format each file and
+`quantize` choice gives, every format on the kernel and XLA paths against float math, the
+4-bit kernel against numpy, and a few-hundred-MB file loading within its memory bound."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny import Q, model_logits, quantize, random_tensors, tiny_config, write_gguf, write_hf_folder
+
+from llama_jax import cpu_kernels as ck
+from llama_jax import params
+from llama_jax.gguf import GGUFFile, q4_rows
+from llama_jax.quantize import Q4Weight, q4_from_rows, q4_to_rows
+from llama_jax.weights import load_model, plan_formats
+
+SAMPLE_IDS = np.array([[1, 5, 9, 33, 2, 17, 60, 4]])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_4bit_rows_equal_the_gguf_package_dequantization(rng, qtype):
+    """Codes, scales and mins read from the file's bytes reproduce gguf's own dequantization
+    (Q4_0 and Q4_1 exactly; Q4_K's d * sc rounded once to float16)."""
+    w = rng.standard_normal((24, 512)).astype(np.float32)
+    raw = quantize(w, qtype)
+    want = gguf.quants.dequantize(raw, qtype)
+    rows = q4_rows(raw, qtype.name)
+    assert rows.q.shape == (24, 256) and rows.scale.shape == rows.min.shape == (24, 16)
+    got = q4_to_rows(*rows)
+    tol = 0 if qtype != Q.Q4_K else 1e-3 * np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+
+
+def test_float_rows_to_4bit_and_back(rng):
+    w = rng.standard_normal((5, 3, 64)).astype(np.float32)
+    back = q4_to_rows(*q4_from_rows(w))
+    step = (w.reshape(5, 3, 2, 32).max(-1) - w.reshape(5, 3, 2, 32).min(-1)) / 15
+    assert np.all(np.abs(back - w).reshape(5, 3, 2, 32) <= step[..., None] * 0.51 + 1e-3)
+
+
+def _bits(**kw):
+    cfg = tiny_config()
+    return cfg, {n: kw.get(n.rsplit("/", 1)[-1], 32) for n in params.specs(cfg)}
+
+
+def test_auto_keeps_the_files_precision_and_never_fewer_bits():
+    cfg, bits = _bits(wqkv=4, wo=4, w_gate_up=4, w_down=6, embed=8)
+    f = plan_formats(cfg, "auto", bits, None)
+    assert f["blocks/wqkv"] == f["blocks/wo"] == f["blocks/w_gate_up"] == "q4"
+    assert f["blocks/w_down"] == "int8" and f["embed"] == "int8"  # Q6_K, Q8_0: int8, not 4 bits
+    assert set(plan_formats(cfg, "auto", {}, None).values()) == {"float"}  # F16/F32, safetensors
+    assert set(plan_formats(cfg, "none", bits, None).values()) == {"float"}
+    assert set(plan_formats(cfg, None, bits, None).values()) == {"float"}
+    assert set(plan_formats(cfg, "int8", bits, None).values()) == {"int8"}
+    q4 = plan_formats(cfg, "q4", bits, None)
+    assert (
+        q4["blocks/w_down"] == "q4" and q4["embed"] == "int8"
+    )  # the head stays wide unless 4-bit in the file
+    assert "q4" not in plan_formats(cfg, "auto", bits, mesh=object()).values()  # no 4-bit over a mesh
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        plan_formats(cfg, "int4", bits, None)
+
+
+@pytest.fixture(scope="module")
+def q4_file(tmp_path_factory):
+    """The tiny model as a Q4_0 GGUF (norms F32, as llama.cpp writes them), with its exact float
+    values, dequantized by the gguf package, as a Hugging Face folder."""
+    cfg = tiny_config()
+    tensors = random_tensors(cfg)
+    tmp = tmp_path_factory.mktemp("q4")
+    path = write_gguf(tmp / "tiny-q4_0.gguf", cfg, tensors, qtype=Q.Q4_0)
+    exact = dict(GGUFFile(path).tensors(cfg))
+    reference = write_hf_folder(tmp / "dequantized", cfg, exact)
+    return cfg, path, reference
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_a_q4_file_loads_4bit_and_computes_its_own_weights(q4_file, kernels):
+    """auto on a Q4_0 file: every matmul weight 4-bit (packed for the kernels when they serve),
+    logits equal to the float model of the file's dequantized weights (the kernel path within
+    its 16-bit activations' rounding)."""
+    if kernels and not ck.available():
+        pytest.skip("no CPU kernels on this platform")
+    cfg, path, reference = q4_file
+    loaded = load_model(path, kernels=kernels)
+    wqkv = loaded.model.blocks.wqkv.get_value()
+    if kernels:
+        assert isinstance(wqkv, ck.PackedWeight) and wqkv.mins is not None and wqkv.data.dtype == jnp.uint8
+    else:
+        assert isinstance(wqkv, Q4Weight) and wqkv.shape == (
+            cfg.n_layers,
+            cfg.dim,
+            cfg.n_kv_heads,
+            cfg.group + 2,
+            cfg.head_dim,
+        )
+    want = model_logits(load_model(reference, kernels=False).model, SAMPLE_IDS)
+    got = model_logits(loaded.model, SAMPLE_IDS)
+    np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max(), rtol=0)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "q4"])
+def test_every_format_on_the_kernel_path_equals_the_xla_path(q4_file, quant):
+    if not ck.available():
+        pytest.skip("no CPU kernels on this platform")
+    _, _, reference = q4_file  # a float (safetensors) source, converted as asked
+    xla = model_logits(load_model(reference, quantize=quant, kernels=False).model, SAMPLE_IDS)
+    packed = load_model(reference, quantize=quant, kernels=True)
+    assert packed.model.kernels
+    got = model_logits(packed.model, SAMPLE_IDS)
+    np.testing.assert_allclose(got, xla, atol=2e-3 * np.abs(xla).max(), rtol=0)
+
+
+def test_bfloat16_weights_stay_bfloat16_without_a_float32_copy(q4_file):
+    _, _, reference = q4_file
+    loaded = load_model(reference, dtype="bfloat16", quantize="none", kernels=False)
+    assert loaded.model.blocks.wqkv.get_value().dtype == jnp.bfloat16
+    assert loaded.model.embed.get_value().dtype == jnp.bfloat16
+
+
+@pytest.mark.skipif(not ck.available(), reason="no CPU kernels on this platform")
+@pytest.mark.parametrize("R", [1, 2, 3, 5, 8, 9, 17, 130])
+@pytest.mark.parametrize("N,K", [(8, 32), (24, 64), (40, 96)])
+def test_q4_matmul_equals_numpy(rng, R, N, K):
+    """Every row block (a lone row, blocks of 2-8, super blocks), any multiple of 32 inputs,
+    stacked layers by index, skipped padding rows: the 4-bit kernel equals float64 numpy on the
+    dequantized weight within its two-part int8 activations' rounding."""
+    L = 2
+    q, scale, mn = q4_from_rows(rng.standard_normal((L, N, K)).astype(np.float32))
+    w = q4_to_rows(q, scale, mn)
+    data, ps, pm = (jnp.asarray(a) for a in ck.pack_q4(q, scale, mn))
+    assert data.shape == (L, N // 8, K // 32, 128) and ps.shape == (L, N // 8, K // 32, 8)
+    x = rng.standard_normal((R, K)).astype(np.float32)
+    for layer in range(L):
+        want = ck.reference_matmul(x, w[layer])
+        got = np.asarray(ck.matmul_q4(jnp.asarray(x), data, ps, pm, jnp.int32(layer)))
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
+        valid = R // 2
+        part = np.asarray(
+            jax.jit(ck.matmul_q4)(jnp.asarray(x), data, ps, pm, jnp.int32(layer), jnp.int32(valid))
+        )
+        np.testing.assert_allclose(part[:valid], got[:valid], rtol=1e-6, atol=1e-6 * np.abs(want).max())
+        assert not part[valid:].any()
+
+
+@pytest.mark.skipif(not ck.available(), reason="no CPU kernels on this platform")
+def test_packed_4bit_embedding_rows_equal_the_weights_rows(rng):
+    from llama_jax.quantize import quantize_q4
+
+    w = quantize_q4(rng.standard_normal((64, 96)).astype(np.float32), (1,))
+    packed = ck.pack_weight(w, (1,), stacked=False)
+    ids = jnp.array([[0, 5, 63], [9, 17, 8]])
+    np.testing.assert_array_equal(np.asarray(packed.take_rows(ids)), np.asarray(w.take_rows(ids)))
+
+
+def test_a_duplicate_tensor_is_a_load_error(q4_file):
+    cfg, _, _ = q4_file
+    asm = params.Assembler(cfg, "dup", {}, np.float32, kernels=False)
+    w = np.zeros((cfg.dim,), np.float32)
+    asm.add("model.norm.weight", w)
+    from llama_jax.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="appears twice"):
+        asm.add("model.norm.weight", w)
+
+
+MEMORY_CHECK = """
+import json, resource, sys
+from llama_jax.weights import load_model
+import jax
+jax.numpy.zeros(1).block_until_ready()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+loaded = load_model(sys.argv[1])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+leaves = jax.tree.leaves(jax.tree.map(lambda x: x, __import__("flax").nnx.state(loaded.model)))
+weights = sum(x.nbytes for x in leaves if hasattr(x, "nbytes"))
+print(json.dumps(dict(base=base, peak=peak, weights=weights, seconds=loaded.load_seconds)))
+"""
+
+
+@pytest.mark.slow
+def test_a_few_hundred_mb_file_loads_within_its_memory_bound(tmp_path):
+    """A random-weight Q4_0 GGUF of SmolLM2-1.7B's widths (dim 2048, 32 KV heads, ffn 8192, 6
+    of its 24 layers, the default vocabulary: ~280 MB) loads in a fresh process whose peak RSS stays within 1.3x its resident
+    weights + 300 MB (a whole-model float32 copy alone would be 4.6x)."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "bench"))
+    from bench_scale import write_gguf as write_big
+
+    path = tmp_path / "big-q4_0.gguf"
+    write_big(path, (6, 2048, 32, 32, 8192), "Q4_0")
+    assert 250e6 < path.stat().st_size < 450e6
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(MEMORY_CHECK), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["weights"] < 1.2 * path.stat().st_size  # 4-bit (5 bits with scale and min), not widened
+    assert r["peak"] <= 1.3 * r["weights"] + 300e6, r
+
+
+def test_the_cpu_kernels_build_wherever_they_can():
+    """On x86-64 Linux with a C++ compiler the kernels must build: the kernel tests skip where
+    they cannot, so without this a broken build would pass unnoticed."""
+    import os
+    import platform
+    import shutil
+
+    if not (sys.platform == "linux" and platform.machine() == "x86_64"):
+        pytest.skip("the kernels are required on x86-64 Linux only")
+    if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        pytest.skip("no C++ compiler")
+    if os.environ.get("LLAMA_JAX_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        pytest.skip("LLAMA_JAX_CPU_KERNELS=0")
+    assert ck.available(), "the CPU kernels failed to build: see the warning in the log"
