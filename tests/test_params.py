@@ -175,13 +175,19 @@ def test_a_duplicate_tensor_is_a_load_error(q4_file):
 
 
 MEMORY_CHECK = """
-import json, resource, sys
+import json, sys
 from llama_jax.weights import load_model
 import jax
+
+def status(key):  # this process's own (ru_maxrss would include the parent's at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
 jax.numpy.zeros(1).block_until_ready()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = status("VmRSS:")
 loaded = load_model(sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM:")
 leaves = jax.tree.leaves(jax.tree.map(lambda x: x, __import__("flax").nnx.state(loaded.model)))
 weights = sum(x.nbytes for x in leaves if hasattr(x, "nbytes"))
 print(json.dumps(dict(base=base, peak=peak, weights=weights, seconds=loaded.load_seconds)))
