@@ -174,18 +174,15 @@ def _follow(settings) -> None:
 
 
 def serve_settings(args):
-    """Settings from `llama-jax serve` flags (a `--config` file first, flags over it)."""
-    import dataclasses
+    """Settings for `llama-jax serve`: the defaults, then the config file (`--config`, else
+    `LLAMA_JAX_CONFIG`), then the `LLAMA_JAX_*` variables, then the flags given."""
+    from serve.settings import load, read_key_file
 
-    from serve.settings import ModelSpec, Settings, read_key_file
-    from serve.state import model_id
-
-    try:
-        base = Settings.from_file(args.config) if args.config else Settings()
-        keys = tuple(args.api_key) + (read_key_file(args.api_key_file) if args.api_key_file else ())
-    except ValueError as e:
-        raise LlamaJaxError(str(e)) from None
-    common = dict(
+    flags = dict(
+        host=args.host,
+        port=args.port,
+        warmup=args.warmup,
+        webui=args.webui,
         max_slots=args.max_slots,
         max_seq_len=args.max_seq_len,
         dtype=args.dtype,
@@ -193,51 +190,28 @@ def serve_settings(args):
         max_queue=args.max_queue,
         chat_template=args.chat_template,
         mesh=args.mesh,
+        rate_limit_rpm=args.rate_limit_rpm,
+        rate_limit_tpm=args.rate_limit_tpm,
+        memory_budget_mb=args.memory_budget_mb,
+        model=tuple(args.model) or None,
+        aliases=tuple(args.alias) or None,
+        cors_origins=tuple(args.cors_origin) or None,
     )
-    common = {k: v for k, v in common.items() if v is not None}
-    models = base.models
-    if args.model:
-        # --alias NAME=ALIAS names a model by its id; a bare --alias belongs to the first model.
-        specs = [ModelSpec(model=m, **common) for m in args.model]
-        targeted: dict[int, list[str]] = {}
-        ids = [model_id(m) for m in args.model]
-        for a in args.alias:
-            name, sep, alias = a.partition("=")
-            if sep and name in ids:
-                targeted.setdefault(ids.index(name), []).append(alias)
-            elif sep:
-                raise LlamaJaxError(f"--alias {a}: no model called {name!r} (models: {', '.join(ids)})")
-            else:
-                targeted.setdefault(0, []).append(a)
-        models = tuple(
-            dataclasses.replace(s, aliases=tuple(targeted.get(i, ()))) for i, s in enumerate(specs)
-        )
-    elif args.alias or common:
-        first = base.model_specs()[0]
-        models = (
-            dataclasses.replace(first, aliases=first.aliases + tuple(args.alias), **common),
-            *base.models[1:],
-        )
-    values = dict(host=args.host, port=args.port, warmup=args.warmup, webui=args.webui)
-    values = {k: v for k, v in values.items() if v is not None}
-    if keys:
-        values["api_keys"] = base.api_keys + keys
-    if args.cors_origin:
-        values["cors_origins"] = tuple(args.cors_origin)
-    if args.rate_limit_rpm is not None:
-        values["rate_limit_rpm"] = args.rate_limit_rpm
-    if args.rate_limit_tpm is not None:
-        values["rate_limit_tpm"] = args.rate_limit_tpm
-    if args.memory_budget_mb is not None:
-        values["memory_budget_mb"] = args.memory_budget_mb
-    return dataclasses.replace(base, models=models, **values)
+    try:
+        keys = tuple(args.api_key) + (read_key_file(args.api_key_file) if args.api_key_file else ())
+        flags["api_keys"] = keys or None
+        return load(args.config, flags={k: v for k, v in flags.items() if v is not None})
+    except ValueError as e:
+        raise LlamaJaxError(str(e)) from None
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     from serve.settings import Settings  # only for the defaults; imports no web framework
 
     d = Settings()
-    p.add_argument("--config", default=None, help="TOML file of settings and models (flags override it)")
+    p.add_argument(
+        "--config", default=None, help="TOML file of settings and models (variables and flags override it)"
+    )
     p.add_argument(
         "--model",
         action="append",

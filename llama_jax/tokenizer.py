@@ -104,15 +104,17 @@ class _HFBackend:
         self._plain: Any = None  # a copy that leaves special tokens as text, built on first use
 
     def encode(self, text: str, parse_special: bool) -> list[int]:
+        # encode_batch releases the GIL while it works (encode holds it: seconds for a large
+        # text, during which a server's event loop could not run even with the call on a thread).
         if parse_special:
-            return self._tok.encode(text, add_special_tokens=False).ids
+            return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         if self._plain is None:
             from tokenizers import Tokenizer as HFTokenizer
 
             plain = HFTokenizer.from_str(self._tok.to_str())
             plain.encode_special_tokens = True
             self._plain = plain
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
 
 
 class _SentencePieceBackend:

@@ -3,9 +3,11 @@
 
 The app starts listening at once and loads its models on a worker thread (`/health` answers
 503 `loading` meanwhile). Per request, in order: an `x-request-id`, the API key check, the
-per-client request rate limit, the handler (which may reserve tokens), then rate-limit and
-CORS headers; one log line and the metrics when the response (or stream) ends. Errors of any
-kind leave as OpenAI error objects (`serve/errors.py`).
+per-client request rate limit (`/v1/*` and the tokenizer routes), the handler (which may
+reserve tokens), then rate-limit and CORS headers; one log line and the metrics when the
+response (or stream) ends, with control characters of the request escaped so that a request
+cannot write lines of its own. Errors of any kind leave as OpenAI error objects
+(`serve/errors.py`). There is no static folder: the web page's files have their own route.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pydantic import ValidationError
 from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from serve.auth import KeyChecker, protected
+from serve.auth import KeyChecker, protected, reachable, warn_open
 from serve.errors import APIError, from_http, from_validation
 from serve.handlers import (
     RequestRecord,
@@ -39,11 +41,24 @@ from serve.state import ServerState
 log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # line breaks and terminal escapes
+LIMITED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/apply-template")  # the request rate limit
+OPEN_WARNED = "LLAMA_JAX_OPEN_WARNED"  # app.config: the no-keys warning was logged
+
+
+def printable(text: str) -> str:
+    """`text` with control characters as escapes (`\\n`, `\\x1b`), for a log line."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def rate_limited(path: str) -> bool:
+    return path.startswith(LIMITED_PREFIXES)
 
 
 def create_app(settings: Settings | None = None) -> Quart:
     settings = settings or Settings.from_env()
-    app = Quart("llama_jax_server")
+    # No static folder: Quart's default would serve $CWD/static, outside auth (serve/auth.py).
+    app = Quart("llama_jax_server", static_folder=None)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         RESPONSE_TIMEOUT=None,  # generations may take minutes; streams are never cut
@@ -83,20 +98,30 @@ def create_app(settings: Settings | None = None) -> Quart:
         g.record = RequestRecord(
             g.request_id,
             request.method,
-            request.path,
+            printable(request.path),
             rule,
             request.remote_addr or "-",
             None,
             limiter,
             metrics,
         )
+        if not keys.enabled and not app.config.get(OPEN_WARNED):
+            _warn_if_reachable()
         if request.method == "OPTIONS" or not protected(request.path):
             return
         if keys.enabled:
             g.record.key = keys.check(request.headers.get("Authorization"))
             g.record.client = "key:" + g.record.key
-        if request.path.startswith("/v1/"):
+        if rate_limited(request.path):
             limiter.take_request(g.record.client, g.record.key)
+
+    def _warn_if_reachable() -> None:
+        # Under bare hypercorn the app does not know its bind address: the first request
+        # that arrives on a non-loopback one tells (`llama-jax serve` warns at start).
+        server = request.scope.get("server")
+        if server and reachable(str(server[0])):
+            app.config[OPEN_WARNED] = True
+            warn_open(f"{server[0]}:{server[1]}")
 
     @app.after_request
     async def _end(response: Response) -> Response:
@@ -104,7 +129,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         response.headers["X-Request-Id"] = g.get("request_id", "")
         if rec is not None and not g.get("streaming"):
             rec.finish(response.status_code)  # first: the headers then show the settled token budget
-        if rec is not None and request.path.startswith("/v1/"):
+        if rec is not None and rate_limited(request.path):
             response.headers.update(limiter.headers(rec.client, rec.key))
         _cors(response)
         return response
@@ -142,7 +167,7 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     @app.errorhandler(Exception)
     async def _server_error(e: Exception):
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("unhandled error in %s %s", request.method, printable(request.path))
         return await _api_error(
             APIError(500, "The server had an error while processing your request.", "server_error")
         )

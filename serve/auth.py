@@ -2,21 +2,44 @@
 apply-template, slots and metrics; `/health` (and the web page) stay open.
 
 Keys are compared in constant time (digests of equal length, every key checked) and never
-logged.
+logged. A server without keys on an address other machines can reach is logged as a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 
 from serve.errors import APIError
+
+log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico", "/openapi.json", "/docs"})  # no secrets in these
 
 
 def protected(path: str) -> bool:
-    return path not in OPEN_PATHS and not path.startswith("/static/")
+    return path not in OPEN_PATHS and not path.startswith("/static/webui/")
+
+
+def reachable(host: str) -> bool:
+    """Whether other machines may reach a server listening on `host` (a name: assume so)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def warn_open(address: str) -> None:
+    log.warning(
+        "listening on %s without API keys: anyone who can reach it can run the models and read "
+        "/slots and /metrics; set LLAMA_JAX_API_KEYS (or --api-key), or listen on 127.0.0.1",
+        address,
+    )
 
 
 class KeyChecker:

@@ -15,7 +15,8 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from llama_jax.weights import resolve_model_path
-from serve.app import create_app
+from serve.app import OPEN_WARNED, create_app
+from serve.auth import reachable, warn_open
 from serve.settings import Settings
 from serve.state import EXIT_ENGINE_FAILED, ServerState
 
@@ -35,6 +36,9 @@ def run(settings: Settings) -> None:
     for spec in settings.model_specs():
         resolve_model_path(spec.model)  # a missing model fails here, with its name, not later
     app = create_app(settings)
+    if not settings.api_keys and reachable(settings.host):
+        warn_open(f"{settings.host}:{settings.port}")
+        app.config[OPEN_WARNED] = True
 
     async def main() -> None:
         stop = asyncio.Event()

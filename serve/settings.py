@@ -1,5 +1,6 @@
-"""Server settings: frozen dataclasses filled from `llama-jax serve` flags, `LLAMA_JAX_*`
-environment variables (for `hypercorn serve.app:app`) or a TOML config file.
+"""Server settings: frozen dataclasses filled, each level over the one before, from the
+defaults, a TOML config file, `LLAMA_JAX_*` environment variables and `llama-jax serve` flags
+(`load`; `hypercorn serve.app:app` has no flags, otherwise the same).
 
 One `ModelSpec` per served model; the top-level `model`/`aliases`/`max_slots`/... fields
 describe the single model of the simple case and are the defaults of every `[[models]]` entry
@@ -101,27 +102,32 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Settings from `LLAMA_JAX_MODEL`, `LLAMA_JAX_ALIAS` (comma-separated), `LLAMA_JAX_PORT`,
-        `LLAMA_JAX_API_KEYS` (comma-separated), `LLAMA_JAX_CONFIG` (a TOML file read first)..."""
-        env = os.environ if environ is None else environ
-        base = cls.from_file(env[PREFIX + "CONFIG"]) if env.get(PREFIX + "CONFIG") else cls()
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name in ("models", "rate_limits", "config"):
-                continue
-            key = PREFIX + _ENV_NAMES.get(f.name, f.name.upper())
-            raw = env.get(key)
-            if raw is None or raw == "":
-                continue
-            try:
-                values[f.name] = _parse(f.name, raw)
-            except ValueError as e:
-                raise ValueError(f"{key}={raw!r}: {e}") from None
-        if env.get(PREFIX + "API_KEY_FILE"):
-            values["api_keys"] = values.get("api_keys", base.api_keys) + read_key_file(
-                env[PREFIX + "API_KEY_FILE"]
-            )
-        return dataclasses.replace(base, **values)
+        """What `hypercorn serve.app:app` serves: `load` without flags."""
+        return load(environ=environ)
+
+    def over(self, values: Mapping[str, Any]) -> Settings:
+        """These settings with `values` (setting names; absent means "not given") laid over them.
+
+        `model` (a tuple of names) replaces the list of models, each new one taking the
+        top-level defaults; a model setting such as `max_slots` applies to every model;
+        `aliases` are `NAME` (the first model's) or `MODEL_ID=NAME`. Any other value replaces
+        the one below it, lists included."""
+        values = dict(values)
+        names = values.pop("model", None)
+        aliases = values.pop("aliases", None)
+        shared = {k: values[k] for k in _SHARED if k in values}
+        top = dataclasses.replace(self, **values)
+        if names is not None:
+            defaults = {k: getattr(top, k) for k in _SHARED}
+            specs = [ModelSpec(model=m, **defaults) for m in names]
+        else:
+            specs = [dataclasses.replace(s, **shared) for s in self.model_specs()]
+        if aliases is not None:
+            specs = _assign_aliases(specs, aliases)
+        if len(specs) == 1 and not self.models:  # the simple case stays in the top-level fields
+            only = {k: v for k, v in dataclasses.asdict(specs[0]).items() if hasattr(top, k)}
+            return dataclasses.replace(top, **only, models=())
+        return dataclasses.replace(top, models=tuple(specs))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Settings:
@@ -148,6 +154,68 @@ class Settings:
 
 
 _ENV_NAMES = {"aliases": "ALIAS", "cors_origins": "CORS_ORIGINS"}
+# Settings of each model that may also be given once for all (top level, variable or flag).
+_SHARED = tuple(
+    f.name
+    for f in dataclasses.fields(ModelSpec)
+    if f.name not in ("model", "aliases") and hasattr(Settings, f.name)
+)
+
+
+def load(
+    config: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """The server's settings, each level over the one before: the defaults, the config file
+    (`config`, else `LLAMA_JAX_CONFIG`), the `LLAMA_JAX_*` variables, then `flags` (setting
+    names, as for `Settings.over`). `llama-jax serve` and `hypercorn serve.app:app` both
+    come here, so a deployment reads the same whichever way it starts."""
+    env = os.environ if environ is None else environ
+    path = config or env.get(PREFIX + "CONFIG") or None
+    base = Settings.from_file(path) if path else Settings()
+    return base.over(env_values(env)).over(flags or {})
+
+
+def env_values(env: Mapping[str, str]) -> dict[str, Any]:
+    """The settings that `LLAMA_JAX_*` variables give (an empty variable gives none)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        if f.name in ("models", "rate_limits", "config"):
+            continue
+        key = PREFIX + _ENV_NAMES.get(f.name, f.name.upper())
+        raw = env.get(key)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[f.name] = _parse(f.name, raw)
+        except ValueError as e:
+            raise ValueError(f"{key}={raw!r}: {e}") from None
+    if "model" in values:
+        values["model"] = (values["model"],)
+    if env.get(PREFIX + "API_KEY_FILE"):
+        values["api_keys"] = values.get("api_keys", ()) + read_key_file(env[PREFIX + "API_KEY_FILE"])
+    return values
+
+
+def _assign_aliases(specs: list[ModelSpec], aliases: tuple[str, ...]) -> list[ModelSpec]:
+    """`NAME` belongs to the first model, `MODEL_ID=NAME` to the model with that id; a model
+    no alias names keeps its own."""
+    targeted: dict[int, list[str]] = {}
+    ids: list[str] | None = None
+    for a in aliases:
+        name, sep, alias = a.partition("=")
+        if not sep:
+            targeted.setdefault(0, []).append(a)
+            continue
+        if ids is None:
+            from serve.state import model_id  # loads the library: only for this form
+
+            ids = [model_id(s.model) for s in specs]
+        if name not in ids:
+            raise ValueError(f"alias {a}: no model called {name!r} (models: {', '.join(ids)})")
+        targeted.setdefault(ids.index(name), []).append(alias)
+    return [dataclasses.replace(s, aliases=tuple(targeted.get(i, s.aliases))) for i, s in enumerate(specs)]
 
 
 def _model_spec(path: object, data: Mapping[str, Any], entry: Mapping[str, Any]) -> ModelSpec:

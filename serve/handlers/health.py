@@ -35,8 +35,12 @@ async def health():
 
 @bp.get("/slots")
 async def slots():
-    """llama.cpp's `/slots`; `?model=` picks a model (default: the first)."""
-    gen = await state().generator(request.args.get("model"))
+    """llama.cpp's `/slots`; `?model=` picks a model (default: the first). With API keys, a
+    slot's `id_task` is null: the engine does not record which caller a request is for, so
+    no caller is shown anyone's request ids (sequential: they tell others' traffic)."""
+    st = state()
+    gen = await st.generator(request.args.get("model"))
+    shared = bool(st.settings.api_keys)
     out = []
     for i, req in enumerate(list(gen.engine.slots)):
         out.append(
@@ -44,7 +48,7 @@ async def slots():
                 "id": i,
                 "n_ctx": gen.max_seq_len,
                 "is_processing": req is not None,
-                "id_task": None if req is None else req.id,
+                "id_task": None if req is None or shared else req.id,
                 "n_prompt_tokens": 0 if req is None else len(req.prompt_ids),
                 "n_decoded": 0 if req is None else len(req.output_ids),
             }

@@ -1,42 +1,88 @@
-"""llama.cpp's `POST /tokenize`, `POST /detokenize` and `POST /apply-template`."""
+"""llama.cpp's `POST /tokenize`, `POST /detokenize` and `POST /apply-template`.
+
+A body may be as large as the server accepts (8 MiB by default): each is validated and
+worked on a thread, not on the event loop, so that streams and `/health` go on meanwhile.
+These routes count against the request rate limit like `/v1/*` (`serve/app.py`).
+"""
 
 from __future__ import annotations
 
-from quart import Blueprint
+import asyncio
+from typing import TypeVar
 
-from serve.errors import bad_request, from_library
-from serve.handlers import parse_body, serving
+from pydantic import BaseModel, ValidationError
+from quart import Blueprint, Response, current_app, request
+
+from serve.errors import bad_request, from_library, from_validation
+from serve.handlers import serving
 from serve.schemas import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
 
 bp = Blueprint("tokenize", __name__)
 
+M = TypeVar("M", bound=BaseModel)
+
+
+async def _off_loop(work) -> Response:
+    """`work()`'s result as a JSON response, computed and serialized on a thread (a million
+    token ids take a while to write as JSON too)."""
+    dumps = current_app.json.dumps
+    text = await asyncio.to_thread(lambda: dumps(work()))
+    return Response(text, content_type="application/json")
+
+
+async def _body(model: type[M]) -> M:
+    data = await request.get_data()
+
+    def validate() -> M:
+        try:
+            return model.model_validate_json(data or b"")
+        except ValidationError as e:
+            raise from_validation(e) from None
+
+    return await asyncio.to_thread(validate)
+
 
 @bp.post("/tokenize")
 async def tokenize():
-    body = await parse_body(TokenizeRequest)
+    body = await _body(TokenizeRequest)
     tok = (await serving(body.model))[1].tokenizer
-    ids = tok.encode(body.content, add_bos=body.add_special, parse_special=body.parse_special)
-    if body.with_pieces:
-        return {"tokens": [{"id": t, "piece": tok.token_to_piece(t)} for t in ids]}
-    return {"tokens": ids}
+
+    def work() -> dict:
+        ids = tok.encode(body.content, add_bos=body.add_special, parse_special=body.parse_special)
+        if body.with_pieces:
+            return {"tokens": [{"id": t, "piece": tok.token_to_piece(t)} for t in ids]}
+        return {"tokens": ids}
+
+    return await _off_loop(work)
 
 
 @bp.post("/detokenize")
 async def detokenize():
-    body = await parse_body(DetokenizeRequest)
+    body = await _body(DetokenizeRequest)
     _, gen = await serving(body.model)
-    vocab = gen.config.vocab_size
-    if any(t >= vocab for t in body.tokens):
-        raise bad_request(f"token ids must be in [0, {vocab})", "tokens")
-    return {"content": gen.tokenizer.decode(body.tokens, skip_special=False)}
+
+    def work() -> dict:
+        vocab = gen.config.vocab_size
+        if any(t >= vocab for t in body.tokens):
+            raise bad_request(f"token ids must be in [0, {vocab})", "tokens")
+        return {"content": gen.tokenizer.decode(body.tokens, skip_special=False)}
+
+    return await _off_loop(work)
 
 
 @bp.post("/apply-template")
 async def apply_template():
-    body = await parse_body(ApplyTemplateRequest)
+    body = await _body(ApplyTemplateRequest)
     _, gen = await serving(body.model)
-    try:
-        prompt = gen.render_chat([m.for_template() for m in body.messages], body.add_generation_prompt)
-    except Exception as e:
-        raise from_library(e) from e
-    return {"prompt": prompt}
+
+    def work() -> dict:
+        try:
+            return {
+                "prompt": gen.render_chat(
+                    [m.for_template() for m in body.messages], body.add_generation_prompt
+                )
+            }
+        except Exception as e:
+            raise from_library(e) from e
+
+    return await _off_loop(work)
