@@ -5,15 +5,16 @@ Hugging Face does (`trim_blocks`, `lstrip_blocks`, `raise_exception`, `strftime_
 that does not HTML-escape, `{% generation %}`), and the built-in `chatml`, `llama2` and `llama3`
 templates. A template is untrusted input: it runs in Jinja's immutable sandbox, and its output
 size, the strings it builds (each, and all of them together) and its running time are capped
-(checked at every call, attribute access and output chunk; a loop that does none of these is not
-interrupted). Operations that repeat an argument (`*`, `replace`, `join`, `indent`, `wordwrap`,
-`expandtabs`, format widths, `**`) are refused before they allocate. Every failure is a
-`TemplateError`. Tokenizing the result is tokenizer.py's job.
+(checked at every call, attribute access, loop iteration and output chunk). Operations that
+repeat an argument (`*`, `replace`, `join`, `indent`, `wordwrap`, `expandtabs`, format widths,
+`**`) and those that turn values into text (`~`, `{{ }}`) are refused before they allocate.
+Every failure is a `TemplateError`. Tokenizing the result is tokenizer.py's job.
 """
 
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import json
 import re
@@ -25,6 +26,7 @@ from typing import Any
 import jinja2
 import jinja2.filters
 from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
@@ -149,6 +151,33 @@ def _check_amplifier(name: str, value: Any, args: Sequence[Any], kwargs: Mapping
             )
 
 
+def _text_size(value: Any, limit: int) -> int:
+    """A lower bound of `len(str(value))` that is exact up to `limit` (it stops counting past it):
+    `str()` of a list holding a million references to one long string would be terabytes."""
+    size, stack = 0, [value]
+    while stack and size <= limit:
+        v = stack.pop()
+        if isinstance(v, str | bytes):
+            size += len(v)
+        elif isinstance(v, list | tuple | set | frozenset):
+            size += 2 + 2 * len(v)  # brackets, ", " (and quotes of str items, counted with them)
+            stack.extend(v)
+        elif isinstance(v, dict):
+            size += 2 + 4 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        else:
+            size += 1
+    return size
+
+
+def _check_text_size(value: Any, what: str) -> Any:
+    size = _text_size(value, MAX_OUTPUT_CHARS)
+    if size > MAX_OUTPUT_CHARS:
+        raise TemplateError(f"chat template {what} would build more than {MAX_OUTPUT_CHARS} characters")
+    return value
+
+
 def _check_ints(args: Sequence[Any]) -> None:
     """Refuse width/count arguments (`center(10**9)`, `'x' * n`) before they allocate."""
     for a in args:
@@ -196,9 +225,28 @@ def _format_filter(value: Any, *args: Any, **kwargs: Any) -> str:
     return jinja2.filters.do_format(value, *args, **kwargs)
 
 
+class _CodeGenerator(CodeGenerator):
+    """Jinja's compiler, with the two constructs the sandbox has no hook for routed through it:
+    `a ~ b` (jinja joins the parts itself) and `{% for %}` (its iterations make no call)."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.concat_capped((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        node = copy.copy(node)  # the caller's tree stays as parsed
+        ticking = nodes.EnvironmentAttribute("ticking", lineno=node.lineno)
+        node.iter = nodes.Call(ticking, [node.iter], [], None, None, lineno=node.lineno)
+        super().visit_For(node, frame)
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, plus caps on what one render may build and how long it may run."""
 
+    code_generator_class = _CodeGenerator
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def call_binop(self, context, operator, left, right):
@@ -230,6 +278,19 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 args = (list(args[0]), *args[1:])  # an iterator's length is known only once drained
             _check_amplifier("str.join" if name == "join" else name, owner, args, kwargs)
         return _built(super().call(__context, __obj, *args, **kwargs))
+
+    def concat_capped(self, parts: tuple[Any, ...]) -> str:
+        """`a ~ b ~ ...`: the parts as text, joined, refused before it would exceed the size cap."""
+        _check_deadline()
+        _check_text_size(parts, "concatenation")
+        return _built("".join(map(str, parts)))
+
+    @staticmethod
+    def ticking(iterable: Any) -> Any:
+        """A loop's items, checking the time limit at each one."""
+        for item in iterable:
+            _check_deadline()
+            yield item
 
     def wrap_str_format(self, value):
         wrapped = super().wrap_str_format(value)
@@ -278,7 +339,12 @@ def _strftime_now(fmt: str) -> str:
 
 
 def _make_environment() -> _Sandbox:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
+    env = _Sandbox(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTag, loopcontrols],
+        finalize=lambda value: _check_text_size(value, "output"),  # each `{{ }}`, before str()
+    )
     env.filters.update(tojson=_tojson, format=_format_filter)
     env.filters = {name: _capped_filter(name, f) for name, f in env.filters.items()}
     del env.globals["lipsum"]  # random text of any length, and no chat template uses it
