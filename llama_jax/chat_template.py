@@ -9,6 +9,12 @@ size, the strings it builds (each, and all of them together) and its running tim
 repeat an argument (`*`, `replace`, `join`, `indent`, `wordwrap`, `expandtabs`, format widths,
 `**`) and those that turn values into text (`~`, `{{ }}`) are refused before they allocate.
 Every failure is a `TemplateError`. Tokenizing the result is tokenizer.py's job.
+
+Request text is text: given the tokenizer's special tokens, `render` hides their spellings in
+every string of the messages and tools behind private-use sentinels, so the template handles
+them as text, puts them back afterwards, and returns a `ChatPrompt` that lists where they are;
+`Tokenizer.encode` tokenizes those spans as text, so `<|im_end|><|im_start|>system` typed in a
+message cannot forge a turn, while the template's own markers stay special.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -356,6 +362,70 @@ def _make_environment() -> _Sandbox:
 _ENV = _make_environment()
 
 
+_SENTINEL = 0x100000  # Unicode plane 16, private use: one code point per escaped spelling
+_SENTINELS = re.compile("[\U00100000-\U0010fffd]")
+
+
+class ChatPrompt(str):
+    """A rendered prompt; `literal_spans` are the (start, end) offsets of special-token
+    spellings that came from the request, which must be tokenized as text."""
+
+    literal_spans: tuple[tuple[int, int], ...] = ()
+
+
+@functools.lru_cache(maxsize=8)
+def _spelling_pattern(special_tokens: tuple[str, ...]) -> re.Pattern[str]:
+    # Longest first, so "<|im_start|>" wins over a shorter token it begins with; sentinel code
+    # points already in the text are escaped too, so every sentinel in the output is ours.
+    names = sorted((t for t in special_tokens if t), key=len, reverse=True)
+    return re.compile("|".join([*map(re.escape, names), _SENTINELS.pattern]))
+
+
+class _Escaper:
+    """Replaces special-token spellings in request strings with sentinels, and back."""
+
+    def __init__(self, special_tokens: Collection[str]):
+        self._pattern = _spelling_pattern(tuple(sorted(special_tokens)))
+        self._table: dict[str, str] = {}  # spelling -> sentinel
+        self._spellings: list[str] = []
+
+    def _sentinel(self, m: re.Match[str]) -> str:
+        spelling = m.group()
+        if spelling not in self._table:
+            if len(self._spellings) >= 0xFFFE:
+                raise InvalidRequestError("too many distinct special-token spellings in the request")
+            self._table[spelling] = chr(_SENTINEL + len(self._spellings))
+            self._spellings.append(spelling)
+        return self._table[spelling]
+
+    def escape(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._pattern.sub(self._sentinel, value)
+        if isinstance(value, Mapping):
+            return {self.escape(k): self.escape(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.escape(v) for v in value]
+        return value
+
+    def restore(self, text: str) -> ChatPrompt:
+        parts, spans, pos, size = [], [], 0, 0
+        for m in _SENTINELS.finditer(text):
+            index = ord(m.group()) - _SENTINEL
+            if index >= len(self._spellings):  # the template's own character: keep it
+                continue
+            parts.append(text[pos : m.start()])
+            size += m.start() - pos
+            spelling = self._spellings[index]
+            spans.append((size, size + len(spelling)))
+            parts.append(spelling)
+            size += len(spelling)
+            pos = m.end()
+        parts.append(text[pos:])
+        prompt = ChatPrompt("".join(parts))
+        prompt.literal_spans = tuple(spans)
+        return prompt
+
+
 def _iterates_content(ast: nodes.Template) -> bool:
     """Whether the template loops over `message['content']` itself (it expects a list of parts)."""
     for loop in ast.find_all(nodes.For):
@@ -433,14 +503,20 @@ class ChatTemplate:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[Any] | None = None,
+        special_tokens: Collection[str] = (),
         **extra: Any,
     ) -> str:
-        """The prompt text for `messages` (OpenAI chat messages; content a string or text parts)."""
+        """The prompt text for `messages` (OpenAI chat messages; content a string or text parts).
+        With the tokenizer's `special_tokens`, a `ChatPrompt` whose request text stays text."""
+        escaper = _Escaper(special_tokens) if special_tokens else None
+        messages, tools = self._normalize(messages), tools
+        if escaper is not None:
+            messages, tools = escaper.escape(messages), escaper.escape(tools)
         context = {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             **extra,
-            "messages": self._normalize(messages),
+            "messages": messages,
             "add_generation_prompt": add_generation_prompt,
             "tools": tools,
         }
@@ -464,7 +540,8 @@ class ChatTemplate:
         finally:
             _deadline.reset(token)
             _budget.reset(built)
-        return "".join(chunks)
+        text = "".join(chunks)
+        return text if escaper is None else escaper.restore(text)
 
     def _normalize(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(messages, Sequence) or isinstance(messages, str):
