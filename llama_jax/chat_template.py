@@ -5,26 +5,34 @@ Hugging Face does (`trim_blocks`, `lstrip_blocks`, `raise_exception`, `strftime_
 that does not HTML-escape, `{% generation %}`), and the built-in `chatml`, `llama2` and `llama3`
 templates. A template is untrusted input: it runs in Jinja's immutable sandbox, and its output
 size, the strings it builds (each, and all of them together) and its running time are capped
-(checked at every call, attribute access and output chunk; a loop that does none of these is not
-interrupted). Operations that repeat an argument (`*`, `replace`, `join`, `indent`, `wordwrap`,
-`expandtabs`, format widths, `**`) are refused before they allocate. Every failure is a
-`TemplateError`. Tokenizing the result is tokenizer.py's job.
+(checked at every call, attribute access, loop iteration and output chunk). Operations that
+repeat an argument (`*`, `replace`, `join`, `indent`, `wordwrap`, `expandtabs`, format widths,
+`**`) and those that turn values into text (`~`, `{{ }}`) are refused before they allocate.
+Every failure is a `TemplateError`. Tokenizing the result is tokenizer.py's job.
+
+Request text is text: given the tokenizer's special tokens, `render` hides their spellings in
+every string of the messages and tools behind private-use sentinels, so the template handles
+them as text, puts them back afterwards, and returns a `ChatPrompt` that lists where they are;
+`Tokenizer.encode` tokenizes those spans as text, so `<|im_end|><|im_start|>system` typed in a
+message cannot forge a turn, while the template's own markers stay special.
 """
 
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import jinja2
 import jinja2.filters
 from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
@@ -149,6 +157,33 @@ def _check_amplifier(name: str, value: Any, args: Sequence[Any], kwargs: Mapping
             )
 
 
+def _text_size(value: Any, limit: int) -> int:
+    """A lower bound of `len(str(value))` that is exact up to `limit` (it stops counting past it):
+    `str()` of a list holding a million references to one long string would be terabytes."""
+    size, stack = 0, [value]
+    while stack and size <= limit:
+        v = stack.pop()
+        if isinstance(v, str | bytes):
+            size += len(v)
+        elif isinstance(v, list | tuple | set | frozenset):
+            size += 2 + 2 * len(v)  # brackets, ", " (and quotes of str items, counted with them)
+            stack.extend(v)
+        elif isinstance(v, dict):
+            size += 2 + 4 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        else:
+            size += 1
+    return size
+
+
+def _check_text_size(value: Any, what: str) -> Any:
+    size = _text_size(value, MAX_OUTPUT_CHARS)
+    if size > MAX_OUTPUT_CHARS:
+        raise TemplateError(f"chat template {what} would build more than {MAX_OUTPUT_CHARS} characters")
+    return value
+
+
 def _check_ints(args: Sequence[Any]) -> None:
     """Refuse width/count arguments (`center(10**9)`, `'x' * n`) before they allocate."""
     for a in args:
@@ -196,9 +231,28 @@ def _format_filter(value: Any, *args: Any, **kwargs: Any) -> str:
     return jinja2.filters.do_format(value, *args, **kwargs)
 
 
+class _CodeGenerator(CodeGenerator):
+    """Jinja's compiler, with the two constructs the sandbox has no hook for routed through it:
+    `a ~ b` (jinja joins the parts itself) and `{% for %}` (its iterations make no call)."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.concat_capped((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        node = copy.copy(node)  # the caller's tree stays as parsed
+        ticking = nodes.EnvironmentAttribute("ticking", lineno=node.lineno)
+        node.iter = nodes.Call(ticking, [node.iter], [], None, None, lineno=node.lineno)
+        super().visit_For(node, frame)
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, plus caps on what one render may build and how long it may run."""
 
+    code_generator_class = _CodeGenerator
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def call_binop(self, context, operator, left, right):
@@ -230,6 +284,19 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 args = (list(args[0]), *args[1:])  # an iterator's length is known only once drained
             _check_amplifier("str.join" if name == "join" else name, owner, args, kwargs)
         return _built(super().call(__context, __obj, *args, **kwargs))
+
+    def concat_capped(self, parts: tuple[Any, ...]) -> str:
+        """`a ~ b ~ ...`: the parts as text, joined, refused before it would exceed the size cap."""
+        _check_deadline()
+        _check_text_size(parts, "concatenation")
+        return _built("".join(map(str, parts)))
+
+    @staticmethod
+    def ticking(iterable: Any) -> Any:
+        """A loop's items, checking the time limit at each one."""
+        for item in iterable:
+            _check_deadline()
+            yield item
 
     def wrap_str_format(self, value):
         wrapped = super().wrap_str_format(value)
@@ -278,7 +345,12 @@ def _strftime_now(fmt: str) -> str:
 
 
 def _make_environment() -> _Sandbox:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
+    env = _Sandbox(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_GenerationTag, loopcontrols],
+        finalize=lambda value: _check_text_size(value, "output"),  # each `{{ }}`, before str()
+    )
     env.filters.update(tojson=_tojson, format=_format_filter)
     env.filters = {name: _capped_filter(name, f) for name, f in env.filters.items()}
     del env.globals["lipsum"]  # random text of any length, and no chat template uses it
@@ -288,6 +360,70 @@ def _make_environment() -> _Sandbox:
 
 
 _ENV = _make_environment()
+
+
+_SENTINEL = 0x100000  # Unicode plane 16, private use: one code point per escaped spelling
+_SENTINELS = re.compile("[\U00100000-\U0010fffd]")
+
+
+class ChatPrompt(str):
+    """A rendered prompt; `literal_spans` are the (start, end) offsets of special-token
+    spellings that came from the request, which must be tokenized as text."""
+
+    literal_spans: tuple[tuple[int, int], ...] = ()
+
+
+@functools.lru_cache(maxsize=8)
+def _spelling_pattern(special_tokens: tuple[str, ...]) -> re.Pattern[str]:
+    # Longest first, so "<|im_start|>" wins over a shorter token it begins with; sentinel code
+    # points already in the text are escaped too, so every sentinel in the output is ours.
+    names = sorted((t for t in special_tokens if t), key=len, reverse=True)
+    return re.compile("|".join([*map(re.escape, names), _SENTINELS.pattern]))
+
+
+class _Escaper:
+    """Replaces special-token spellings in request strings with sentinels, and back."""
+
+    def __init__(self, special_tokens: Collection[str]):
+        self._pattern = _spelling_pattern(tuple(sorted(special_tokens)))
+        self._table: dict[str, str] = {}  # spelling -> sentinel
+        self._spellings: list[str] = []
+
+    def _sentinel(self, m: re.Match[str]) -> str:
+        spelling = m.group()
+        if spelling not in self._table:
+            if len(self._spellings) >= 0xFFFE:
+                raise InvalidRequestError("too many distinct special-token spellings in the request")
+            self._table[spelling] = chr(_SENTINEL + len(self._spellings))
+            self._spellings.append(spelling)
+        return self._table[spelling]
+
+    def escape(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._pattern.sub(self._sentinel, value)
+        if isinstance(value, Mapping):
+            return {self.escape(k): self.escape(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.escape(v) for v in value]
+        return value
+
+    def restore(self, text: str) -> ChatPrompt:
+        parts, spans, pos, size = [], [], 0, 0
+        for m in _SENTINELS.finditer(text):
+            index = ord(m.group()) - _SENTINEL
+            if index >= len(self._spellings):  # the template's own character: keep it
+                continue
+            parts.append(text[pos : m.start()])
+            size += m.start() - pos
+            spelling = self._spellings[index]
+            spans.append((size, size + len(spelling)))
+            parts.append(spelling)
+            size += len(spelling)
+            pos = m.end()
+        parts.append(text[pos:])
+        prompt = ChatPrompt("".join(parts))
+        prompt.literal_spans = tuple(spans)
+        return prompt
 
 
 def _iterates_content(ast: nodes.Template) -> bool:
@@ -367,14 +503,20 @@ class ChatTemplate:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[Any] | None = None,
+        special_tokens: Collection[str] = (),
         **extra: Any,
     ) -> str:
-        """The prompt text for `messages` (OpenAI chat messages; content a string or text parts)."""
+        """The prompt text for `messages` (OpenAI chat messages; content a string or text parts).
+        With the tokenizer's `special_tokens`, a `ChatPrompt` whose request text stays text."""
+        escaper = _Escaper(special_tokens) if special_tokens else None
+        messages, tools = self._normalize(messages), tools
+        if escaper is not None:
+            messages, tools = escaper.escape(messages), escaper.escape(tools)
         context = {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             **extra,
-            "messages": self._normalize(messages),
+            "messages": messages,
             "add_generation_prompt": add_generation_prompt,
             "tools": tools,
         }
@@ -398,7 +540,8 @@ class ChatTemplate:
         finally:
             _deadline.reset(token)
             _budget.reset(built)
-        return "".join(chunks)
+        text = "".join(chunks)
+        return text if escaper is None else escaper.restore(text)
 
     def _normalize(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(messages, Sequence) or isinstance(messages, str):

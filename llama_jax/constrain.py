@@ -10,6 +10,15 @@ sampled token advances them. Unconstrained requests have no matcher and cost not
 The grammar engine is llguidance: an Earley parser over lazily built lexer automata, which
 computes a 49k-token mask in tens of microseconds on this machine and compiles a JSON schema
 in milliseconds (`bench/bench_grammar.py` measures it against outlines-core and xgrammar).
+
+A grammar is untrusted input and its masks are computed on the engine thread, so its cost is
+bounded twice: llguidance's own limits (`LIMITS`: lexer fuel, Earley items, grammar size), and
+a time budget measured when it is compiled. Compiling walks the shortest way to complete it,
+a mask per step; a grammar whose compile and walk take longer than `MAX_COMPILE_SECONDS`, or
+whose every mask after the first takes longer than `MAX_MASK_SECONDS` (`"pattern":
+"^(x{300}){300}$"` costs ~35 ms a mask on a 49k vocabulary), is refused with an
+`InvalidRequestError` naming `response_format` or `tools`, and so is the same grammar again.
+Sources are capped in size (`MAX_GRAMMAR_CHARS`).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import dataclasses
 import functools
 import json
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -35,6 +45,20 @@ from llama_jax.tokenizer import Tokenizer
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _CACHE = 64  # compiled grammars kept per compiler (requests copy them)
 _WHOLE_LIMIT = 256  # longest shortest-output searched for when a grammar is compiled
+MAX_GRAMMAR_CHARS = 65_536  # a JSON schema (as JSON text), Lark grammar or regex
+MAX_COMPILE_SECONDS = 1.0  # compile, first mask and the walk to the shortest complete output
+MAX_MASK_SECONDS = 0.005  # the fastest mask of that walk after the first (the first builds the lexer)
+_PROBED_MASKS = 3  # masks of the walk timed against MAX_MASK_SECONDS
+# Tighter than llguidance's defaults (fuel 1M initial / 200k per step, 50k Earley items, 250k
+# lexer states, 500k grammar symbols): a step runs out of fuel in a few milliseconds.
+LIMITS = llguidance.LLParserLimits(
+    initial_lexer_fuel=200_000,
+    step_lexer_fuel=50_000,
+    step_max_items=20_000,
+    max_lexer_states=50_000,
+    max_grammar_size=100_000,
+    verbose_errors=False,
+)
 _CLOSERS = [c.encode() for c in ('""', '"}}', '"}', '"]', '"', "}}", "}", "]", ",", "0", "null", "[]", "{}")]
 
 
@@ -45,6 +69,15 @@ class Grammar:
 
     kind: Literal["json_schema", "json_object", "lark", "regex"]
     source: str = ""
+    param: str | None = None  # the request field it came from; None: response_format or grammar
+
+    def __post_init__(self):
+        if len(self.source) > MAX_GRAMMAR_CHARS:
+            what = "JSON schema" if self.kind == "json_schema" else self.kind
+            raise InvalidRequestError(
+                f"the {what} is {len(self.source)} characters long (limit {MAX_GRAMMAR_CHARS})",
+                param=_param(self),
+            )
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | str) -> Grammar:
@@ -171,29 +204,53 @@ class Matcher:
         """A short way to complete the grammar from here: tokens that end in an accepting state
         (found greedily on a copy: forced tokens, then `prefer` in order, then the lowest
         allowed id), or None if none is found within `limit` tokens."""
-        m = self._m.deep_copy()
-        row = np.empty((1, self.words), np.int32)
-        path: list[int] = []
-        while not m.is_accepting():
-            if len(path) >= limit:
-                return None
-            llguidance.numpy.fill_next_token_bitmask(m, row)
-            bits = row[0]
-            token = next((t for t in prefer if bits[t >> 5] >> (t & 31) & 1), None)
-            if token is None:
-                words = np.flatnonzero(bits)
-                if not len(words):
-                    return None
-                w = int(words[0])
-                token = w * 32 + (int(bits[w]) & -int(bits[w])).bit_length() - 1
-            if not m.consume_token(token):
-                return None
-            path.append(token)
-        return path
+        return _walk(self._m.deep_copy(), self.words, limit, prefer)
 
     def advance(self, token: int) -> bool:
         """Consume a sampled token; False if the grammar rejects it (the matcher is then in error)."""
         return self._m.consume_token(token)
+
+
+def _walk(
+    m: llguidance.LLMatcher,
+    words: int,
+    limit: int,
+    prefer: Sequence[int],
+    mask_seconds: list[float] | None = None,
+) -> list[int] | None:
+    """`Matcher.closing_path`, advancing `m` itself. With `mask_seconds`, each mask's time is
+    appended to it, and the walk gives up (None) as soon as the budget is known to be exceeded."""
+    row = np.empty((1, words), np.int32)
+    path: list[int] = []
+    while not m.is_accepting():
+        if len(path) >= limit:
+            return None
+        t0 = time.perf_counter()
+        llguidance.numpy.fill_next_token_bitmask(m, row)
+        if mask_seconds is not None:
+            mask_seconds.append(time.perf_counter() - t0)
+            if m.is_error() or _over_budget(mask_seconds):
+                return None
+        bits = row[0]
+        token = next((t for t in prefer if bits[t >> 5] >> (t & 31) & 1), None)
+        if token is None:
+            nonzero = np.flatnonzero(bits)
+            if not len(nonzero):
+                return None
+            w = int(nonzero[0])
+            token = w * 32 + (int(bits[w]) & -int(bits[w])).bit_length() - 1
+        if not m.consume_token(token):
+            return None
+        path.append(token)
+    return path
+
+
+def _over_budget(seconds: list[float]) -> bool:
+    """seconds: construction, then each mask. The first mask builds the lexer, so the per-mask
+    limit is judged on the next `_PROBED_MASKS` (their fastest: a busy CPU only slows some)."""
+    probed = seconds[2 : 2 + _PROBED_MASKS]
+    slow = len(probed) == _PROBED_MASKS and min(probed) > MAX_MASK_SECONDS
+    return slow or sum(seconds) > MAX_COMPILE_SECONDS
 
 
 class GrammarCompiler:
@@ -205,9 +262,10 @@ class GrammarCompiler:
         self.words = mask_words(vocab_size)
         self._tokenizer = tokenizer
         self._ll: llguidance.LLTokenizer | None = None
-        self._compiled: collections.OrderedDict[Grammar, tuple[llguidance.LLMatcher, int]] = (
-            collections.OrderedDict()
-        )
+        # A grammar -> its matcher and whole_cost, or the error that refused it.
+        self._compiled: collections.OrderedDict[
+            Grammar, tuple[llguidance.LLMatcher, int] | InvalidRequestError
+        ] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -225,17 +283,44 @@ class GrammarCompiler:
             if entry is not None:
                 self._compiled.move_to_end(grammar)
         if entry is None:
-            source = grammar.to_llguidance()
-            base = llguidance.LLMatcher(ll, source, log_level=0)
-            if base.is_error():
-                raise InvalidRequestError(_describe(grammar, base.get_error()), param=_param(grammar))
-            shortest = Matcher(base.deep_copy(), self.words).closing_path(_WHOLE_LIMIT, self.closers)
-            entry = (base, _WHOLE_LIMIT if shortest is None else len(shortest))
+            source = grammar.to_llguidance()  # a malformed schema is not cached: it costs nothing
+            try:
+                entry = self._compile(grammar, source, ll)
+            except InvalidRequestError as e:
+                entry = e
             with self._lock:
                 self._compiled[grammar] = entry
                 while len(self._compiled) > _CACHE:
                     self._compiled.popitem(last=False)
+        if isinstance(entry, InvalidRequestError):
+            raise InvalidRequestError(str(entry), param=entry.param)
         return Matcher(entry[0].deep_copy(), self.words, entry[1])
+
+    def _compile(
+        self, grammar: Grammar, source: str, ll: llguidance.LLTokenizer
+    ) -> tuple[llguidance.LLMatcher, int]:
+        """The base matcher and whole_cost of a grammar, within the limits and the time budget."""
+        t0 = time.perf_counter()
+        base = llguidance.LLMatcher(ll, source, log_level=0, limits=LIMITS)
+        if base.is_error():
+            raise InvalidRequestError(_describe(grammar, base.get_error()), param=_param(grammar))
+        seconds = [time.perf_counter() - t0]
+        probe = base.deep_copy()
+        shortest = _walk(probe, self.words, _WHOLE_LIMIT, self.closers, seconds)
+        problem = None
+        if probe.is_error():  # out of llguidance's limits
+            problem = probe.get_error().splitlines()[0]
+        elif sum(seconds) > MAX_COMPILE_SECONDS:
+            problem = f"compiling it took over {MAX_COMPILE_SECONDS:g} s"
+        elif _over_budget(seconds):
+            fastest = min(seconds[2 : 2 + _PROBED_MASKS])
+            problem = (
+                f"each token's allowed set takes {fastest * 1e3:.0f} ms to compute "
+                f"(limit {MAX_MASK_SECONDS * 1e3:g} ms)"
+            )
+        if problem is not None:
+            raise InvalidRequestError(f"{_what(grammar)} is too complex: {problem}", param=_param(grammar))
+        return base, _WHOLE_LIMIT if shortest is None else len(shortest)
 
     @functools.cached_property
     def closers(self) -> tuple[int, ...]:
@@ -257,7 +342,16 @@ class GrammarCompiler:
 
 
 def _param(grammar: Grammar) -> str:
+    if grammar.param:
+        return grammar.param
     return "response_format" if grammar.kind.startswith("json") else "grammar"
+
+
+def _what(grammar: Grammar) -> str:
+    if grammar.param == "tools":
+        return "the grammar of the tools' parameters"
+    kinds = {"json_schema": "JSON schema", "json_object": "JSON grammar", "lark": "grammar", "regex": "regex"}
+    return f"the {kinds[grammar.kind]}"
 
 
 def _describe(grammar: Grammar, error: str) -> str:

@@ -102,6 +102,9 @@ class _HFBackend:
     def __init__(self, tok: Any):
         self._tok = tok
         self._plain: Any = None  # a copy that leaves special tokens as text, built on first use
+        self.special = {
+            t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special and t.content
+        }
 
     def encode(self, text: str, parse_special: bool) -> list[int]:
         # encode_batch releases the GIL while it works (encode holds it: seconds for a large
@@ -127,6 +130,7 @@ class _SentencePieceBackend:
     def __init__(self, sp: Any, special: Mapping[str, int], added: Mapping[str, int]):
         self._sp = sp
         self._ids = {**special, **added}
+        self.special = {name: i for name, i in special.items() if name}
 
         def alternation(names: Iterable[str]) -> re.Pattern[str] | None:
             names = sorted((name for name in names if name), key=len, reverse=True)
@@ -188,14 +192,45 @@ class Tokenizer:
     def eos_token(self) -> str:
         return self.token_to_piece(self.eos_ids[0]) if self.eos_ids else ""
 
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The spellings `encode` turns into special token ids (what `ChatTemplate.render` must
+        keep out of request text)."""
+        return tuple(self._backend.special)
+
     def encode(self, text: str, add_bos: bool | None = None, *, parse_special: bool = True) -> list[int]:
         """Token ids of `text`. Special tokens written in it (`<|im_start|>`) become their ids
-        unless `parse_special` is False. `add_bos` None means the model's own setting; bos is
-        not added twice when the text already starts with it (a chat template that writes it)."""
-        ids = self._backend.encode(text, parse_special)
+        unless `parse_special` is False, or unless they are in a `ChatPrompt`'s literal spans
+        (request text). `add_bos` None means the model's own setting; bos is not added twice
+        when the text already starts with it (a chat template that writes it)."""
+        spans = getattr(text, "literal_spans", ())
+        if parse_special and spans:
+            ids = self._encode_around(str(text), spans)
+        else:
+            ids = self._backend.encode(str(text), parse_special)
         wanted = self.add_bos if add_bos is None else add_bos
         if wanted and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
+        return ids
+
+    def _encode_around(self, text: str, literal: Sequence[tuple[int, int]]) -> list[int]:
+        """Special tokens outside the `literal` spans become their ids; the text between them is
+        encoded without special parsing, one stretch at a time, as the backends themselves do
+        after splitting at special tokens."""
+        special = self._backend.special
+        names = sorted(special, key=len, reverse=True)
+        starts = {start for start, _ in literal}
+        ids: list[int] = []
+        pos = 0
+        for m in re.finditer("|".join(map(re.escape, names)), text) if names else ():
+            if m.start() in starts:
+                continue
+            if m.start() > pos:
+                ids += self._backend.encode(text[pos : m.start()], False)
+            ids.append(special[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            ids += self._backend.encode(text[pos:], False)
         return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = True, *, continuation: bool = False) -> str:

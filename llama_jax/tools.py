@@ -27,11 +27,12 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llama_jax.constrain import JSON_OPTIONS, Grammar, closed_objects
+from llama_jax.constrain import JSON_OPTIONS, MAX_GRAMMAR_CHARS, Grammar, closed_objects
 from llama_jax.errors import InvalidRequestError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_TOOLS = 128  # OpenAI's limit
 _PYTHON_TAG = "<|python_tag|>"
 
 BUILTIN_PROMPT = """# Tools
@@ -74,7 +75,11 @@ def new_call_id() -> str:
 
 
 def check_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
-    """OpenAI `tools`, validated: function tools with unique names and object parameter schemas."""
+    """OpenAI `tools`, validated: at most MAX_TOOLS function tools with unique names and object
+    parameter schemas, all of them together at most MAX_GRAMMAR_CHARS of JSON (they become one
+    grammar when a call is required)."""
+    if tools and len(tools) > MAX_TOOLS:
+        raise InvalidRequestError(f"{len(tools)} tools given (limit {MAX_TOOLS})", param="tools")
     out, names = [], set()
     for i, tool in enumerate(tools or ()):
         where = f"tools[{i}]"
@@ -98,6 +103,12 @@ def check_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any
                 f"{where}.function.parameters must be a JSON schema object", param=where
             )
         out.append({"type": "function", "function": {**fn, "parameters": dict(params)}})
+    size = len(json.dumps([t["function"]["parameters"] for t in out], default=str))
+    if size > MAX_GRAMMAR_CHARS:
+        raise InvalidRequestError(
+            f"the tools' parameter schemas are {size} characters of JSON (limit {MAX_GRAMMAR_CHARS})",
+            param="tools",
+        )
     return out
 
 
@@ -147,7 +158,7 @@ def tool_grammar(tools: list[dict[str, Any]], parallel: bool = True) -> Grammar:
     body = {"anyOf": calls, "x-guidance": JSON_OPTIONS}
     repeat = ' ("\\n" call)*' if parallel else ""
     lark = f'start: call{repeat}\ncall: "{OPEN}\\n" body "\\n{CLOSE}"\nbody: %json {json.dumps(body)}\n'
-    return Grammar.lark(lark)
+    return Grammar("lark", lark, param="tools")
 
 
 # -- prompts ----------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llama_jax.stopping import MAX_STOP_CHARS
 
 MAX_STOP = 16
 MAX_N = 16
@@ -102,6 +104,15 @@ class SamplingFields(_Body):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_total(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        # Matching is linear, but building the matcher is too: bound it per request.
+        total = len(stop) if isinstance(stop, str) else sum(len(s) for s in stop or [])
+        if total > MAX_STOP_CHARS:
+            raise ValueError(f"the stop strings total {total} characters (limit {MAX_STOP_CHARS})")
+        return stop
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

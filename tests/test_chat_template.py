@@ -147,9 +147,9 @@ def test_template_lines_trimmed_as_hf_does():
         ("{{ '{:>100000000}'.format('x') }}", "where a size is expected"),
         (
             "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-            "built a value",
+            "concatenation would build",
         ),
-        ("{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}{{ f('x') }}", "built a value"),
+        ("{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}{{ f('x') }}", "concatenation would build"),
         ("{{ 2 ** 100000 }}", "power"),
         ("{{ raise_exception('No tools here') }}", "^No tools here$"),
         ("{{ 1 + 'a' }}", "TypeError"),

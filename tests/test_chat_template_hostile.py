@@ -70,6 +70,14 @@ def test_python_internals_stay_out_of_reach(source):
         ),
         ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
         ("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}", "RecursionError"),
+        (
+            "{% set s = 'x' * 10000 %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{{ s | length }}",
+            "concatenation would build",
+        ),
+        ("{% set s = 'x' * 999999 %}{{ s ~ s ~ s }}", "concatenation would build"),
+        ("{% set l = ['x' * 999999] * 999999 %}{{ 'a' ~ l }}", "concatenation would build"),
+        ("{% set l = ['x' * 999999] * 999999 %}{{ l }}", "output would build"),
+        ("{% set d = {'k': ['x' * 999999] * 999999} %}{{ d }}", "output would build"),
         ("{% include 'other' %}", "no loader"),
         ("{% extends 'base' %}", "no loader"),
     ],
@@ -94,6 +102,11 @@ def test_amplifiers_are_refused_before_they_allocate(source, problem):
         "{% for i in range(100000) %}{% for j in range(100000) %}{% if j %}{% endif %}{% endfor %}{% endfor %}",
         "{% for i in range(100000) recursive %}{% if loop.depth < 9 %}{{ loop(range(100000)) }}{% endif %}{% endfor %}",
         "{% for i in range(100000) %}{% for m in messages * 10 %}{% set x = m.role %}{% endfor %}{% endfor %}",
+        # loops that make no call, attribute access or output: only their iterations can check
+        "{% set l = range(3000) | list %}{% for a in l %}{% for b in l %}{% for c in l %}"
+        "{% endfor %}{% endfor %}{% endfor %}",
+        "{% set l = messages * 30000 %}{% for m in l %}{% for n in l %}{% if m is none or n %}{% endif %}"
+        "{% endfor %}{% endfor %}",
     ],
 )
 def test_endless_loops_are_stopped_by_the_time_limit(monkeypatch, source):

@@ -1,4 +1,10 @@
-from llama_jax.stopping import StopMatcher
+import random
+import time
+
+import pytest
+
+from llama_jax.errors import InvalidRequestError
+from llama_jax.stopping import MAX_STOP_CHARS, StopMatcher
 
 
 def run(stops, deltas):
@@ -33,3 +39,49 @@ def test_earliest_of_several_stops_wins():
 def test_no_stops_passes_everything_through():
     out, m = run([], ["a", "b"])
     assert out == ["a", "b"] and m.flush() == ""
+
+
+def reference(stops, deltas):
+    """What a stream must show: the text up to the earliest-starting stop found in what has been
+    generated so far, each delta holding back any tail that could start a stop."""
+    out, text, shown = [], "", 0
+    for d in deltas:
+        text += d
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            out.append(text[shown : min(hits)])
+            return out, True
+        hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        safe = max(shown, len(text) - hold)
+        out.append(text[shown:safe])
+        shown = safe
+    return out, False
+
+
+def test_matches_a_brute_force_reference_on_random_streams():
+    rng = random.Random(0)
+    for _ in range(2000):
+        stops = ["".join(rng.choices("ab", k=rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
+        deltas = ["".join(rng.choices("abc", k=rng.randint(0, 4))) for _ in range(rng.randint(1, 8))]
+        out, m = run(stops, deltas)
+        want, stopped = reference(stops, deltas)
+        assert out[: len(want)] == want and m.stopped == stopped, (stops, deltas)
+
+
+def test_each_token_costs_time_linear_in_its_text_not_in_the_held_back_text():
+    # 15 stops that never match listed before one whose prefix keeps 255 characters held:
+    # re-checking every prefix of every stop against the held text each token was quadratic.
+    stops = ["b" * 255 + chr(65 + i) for i in range(15)] + ["a" * 255 + "c"]
+    m = StopMatcher(stops)
+    m.feed("a" * 255)
+    start = time.perf_counter()
+    for _ in range(5000):
+        assert m.feed("a") == "a"
+    assert time.perf_counter() - start < 0.25
+
+
+def test_stop_strings_longer_than_the_cap_in_all_are_refused():
+    StopMatcher(["x" * (MAX_STOP_CHARS // 2)] * 2)
+    with pytest.raises(InvalidRequestError) as e:
+        StopMatcher(["x" * 2000] * 16)
+    assert e.value.param == "stop" and str(MAX_STOP_CHARS) in str(e.value)

@@ -4,12 +4,14 @@ the real tokenizer and llguidance) and parsing calls out of outputs, whole and s
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
-from llama_jax.constrain import Grammar, GrammarCompiler
+from llama_jax.constrain import MAX_GRAMMAR_CHARS, Grammar, GrammarCompiler
 from llama_jax.errors import InvalidRequestError
 from llama_jax.tools import (
+    MAX_TOOLS,
     ToolCallStream,
     builtin_messages,
     check_tools,
@@ -60,12 +62,52 @@ def _accepts(compiler, grammar: Grammar, text: str) -> bool:
         ([{"type": "function", "function": {"name": "has space"}}], "tools[0].function.name"),
         ([WEATHER, WEATHER], "tools[1].function.name"),
         ([{"type": "function", "function": {"name": "f", "parameters": [1]}}], "tools[0]"),
+        ([{"type": "function", "function": {"name": f"f{i}"}} for i in range(MAX_TOOLS + 1)], "tools"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"description": "x" * 70_000}}}],
+            "tools",
+        ),
     ],
 )
 def test_bad_tools_are_invalid_requests_naming_the_field(tools, param):
     with pytest.raises(InvalidRequestError) as e:
         check_tools(tools)
     assert e.value.param == param
+
+
+SLOW = {"type": "string", "pattern": "^(x{300}){300}$"}  # 47 bytes; ~35 ms a mask on 49k tokens
+
+
+def test_grammars_whose_masks_are_slow_are_refused_naming_their_field(compiler):
+    comp, _ = compiler
+    for _ in range(2):  # the second time from the cache of refusals, at once
+        start = time.perf_counter()
+        with pytest.raises(InvalidRequestError, match="too complex.*allowed set") as e:
+            comp.matcher(Grammar.json_schema(SLOW))
+        assert e.value.param == "response_format"
+    assert time.perf_counter() - start < 0.05
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {"type": "object", "properties": {"a": SLOW}, "required": ["a"]},
+        },
+    }
+    with pytest.raises(InvalidRequestError, match="too complex") as e:
+        comp.matcher(tool_grammar(check_tools([tool])))
+    assert e.value.param == "tools"
+
+
+def test_grammars_beyond_llguidance_limits_are_refused_and_sources_are_capped(compiler):
+    comp, _ = compiler
+    start = time.perf_counter()
+    with pytest.raises(InvalidRequestError, match="too complex") as e:
+        comp.matcher(Grammar.json_schema({"type": "string", "pattern": "^(x{1000}){1000}$"}))
+    assert e.value.param == "response_format" and time.perf_counter() - start < 1.5
+    with pytest.raises(InvalidRequestError, match=str(MAX_GRAMMAR_CHARS)) as e:
+        Grammar.json_schema({"type": "string", "description": "x" * MAX_GRAMMAR_CHARS})
+    assert e.value.param == "response_format"
+    comp.matcher(Grammar.json_schema({"type": "object", "properties": {"a": {"type": "string"}}}))
 
 
 def test_tool_choice_modes_and_errors():
