@@ -181,6 +181,7 @@ class Generator:
             tools=tools,
             bos_token=self.tokenizer.bos_token,
             eos_token=self.tokenizer.eos_token,
+            special_tokens=self.tokenizer.special_tokens,
         )
 
     def encode_chat(
