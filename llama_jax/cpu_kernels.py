@@ -38,7 +38,24 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.cc"
-TARGETS = ("lj_matmul_f32", "lj_matmul_i8", "lj_matmul_q4", "lj_attend", "lj_attend_chunk", "lj_top_k")
+TARGETS = (
+    "lj_matmul_f32",
+    "lj_matmul_i8",
+    "lj_matmul_q4",
+    "lj_attend",
+    "lj_attend_f16",
+    "lj_attend_chunk",
+    "lj_attend_chunk_f16",
+    "lj_top_k",
+)
+CACHE_DTYPES = (jnp.float32, jnp.float16)  # KV cache element types the attention kernels read
+
+
+def _cache_operand(x: jax.Array) -> tuple[jax.Array, str]:
+    """A cache operand as the kernels take it, and their name's suffix: float16 as its bits."""
+    if x.dtype == jnp.float16:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16), "_f16"
+    return x.astype(jnp.float32), ""
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -187,10 +204,13 @@ def attend(q, k_new, v_new, k_cache, v_cache, layer, lengths) -> jax.Array:
     """One new token per row over layer `layer` of the cache plus itself.
 
     q [B, KV, G, H]; k_new, v_new [B, KV, H]; k_cache, v_cache [L, Bmax, S, KV, H] (B <= Bmax:
-    row b is slot b); layer int32 scalar; lengths [B] valid cached positions. -> [B, KV, G, H].
+    row b is slot b; float32 or float16); layer int32 scalar; lengths [B] valid cached positions.
+    -> [B, KV, G, H].
     """
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return jax.ffi.ffi_call("lj_attend", out)(
+    k_cache, suffix = _cache_operand(k_cache)
+    v_cache, _ = _cache_operand(v_cache)
+    return jax.ffi.ffi_call("lj_attend" + suffix, out)(
         q.astype(jnp.float32),
         k_new.astype(jnp.float32),
         v_new.astype(jnp.float32),
@@ -205,7 +225,7 @@ def attend_chunk(q, k_new, v_new, k_ctx, v_ctx, start, valid) -> jax.Array:
     """A prefill chunk of one slot attending causally over the slot's cache and itself.
 
     q [T, KV, G, H]; k_new, v_new [T, KV, H] (the chunk's keys and values); k_ctx, v_ctx
-    [C, KV, H] or None (no cache); start: valid cache positions (int32 scalar, clamped to C);
+    [C, KV, H] (float32 or float16) or None (no cache); start: valid cache positions (int32 scalar, clamped to C);
     valid: rows to compute (int32 scalar; later rows are padding, returned as zeros).
     -> [T, KV, G, H]."""
     if k_ctx is None:  # nothing cached: any [C, KV, H] operand with start 0
@@ -213,9 +233,9 @@ def attend_chunk(q, k_new, v_new, k_ctx, v_ctx, start, valid) -> jax.Array:
     ctl = jnp.stack([jnp.asarray(start, jnp.int32), jnp.asarray(valid, jnp.int32)])
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    return jax.ffi.ffi_call("lj_attend_chunk", out)(
-        f32(q), f32(k_new), f32(v_new), f32(k_ctx), f32(v_ctx), ctl
-    )
+    k_ctx, suffix = _cache_operand(k_ctx)
+    v_ctx, _ = _cache_operand(v_ctx)
+    return jax.ffi.ffi_call("lj_attend_chunk" + suffix, out)(f32(q), f32(k_new), f32(v_new), k_ctx, v_ctx, ctl)
 
 
 @jax.tree_util.register_dataclass

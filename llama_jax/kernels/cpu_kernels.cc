@@ -73,6 +73,25 @@ inline v8f load(const int8_t* p) {
 
 inline void store(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
+float half_to_float(uint16_t h);
+
+// 8 float16 values (a 16-bit KV cache) widened to float32.
+inline v8f load(const uint16_t* p) {
+#if defined(__F16C__)
+  __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  v8f v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+#else
+  v8f v;
+  for (int j = 0; j < 8; ++j) v[j] = half_to_float(p[j]);
+  return v;
+#endif
+}
+
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) { return half_to_float(x); }
+
 // Whether any lane of a is greater than b's (false for NaN, as a scalar compare).
 inline bool any_greater(v8f a, v8f b) {
 #if defined(__AVX2__)
@@ -513,7 +532,7 @@ void quantize_rows(const float* x, int64_t R, int64_t K, QuantRows* out) {
   }
 }
 
-inline float half_to_float(uint16_t h) {
+float half_to_float(uint16_t h) {
 #if defined(__F16C__)
   return _cvtsh_ss(h);
 #else
@@ -723,8 +742,10 @@ ffi::Error MatmulQ4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer
 // One query row over two runs of positions, each [n, KV, H] contiguous (all heads of a
 // position together, so a run is one sequential read): n1 from k1, v1 (the row's cache), then
 // n2 from k2, v2 (new tokens: the decode step's one, or a prefill chunk's first rows up to
-// this one). q, out [KV, G, H].
-void attend_row(const float* q, const float* k1, const float* v1, int64_t n1, const float* k2,
+// this one). q, out [KV, G, H]. The cache run is float32 or float16 (CacheT uint16_t: a 16-bit
+// KV cache, half the memory and the bandwidth), widened as it is read.
+template <typename CacheT>
+void attend_row(const float* q, const CacheT* k1, const CacheT* v1, int64_t n1, const float* k2,
                 const float* v2, int64_t n2, int64_t KV, int64_t G, int64_t H, float scale,
                 float* out) {
   const int64_t NQ = KV * G, stride = KV * H, ld = n1 + n2;
@@ -732,7 +753,7 @@ void attend_row(const float* q, const float* k1, const float* v1, int64_t n1, co
   buf.resize(ld * NQ);
   float* sc = buf.data();  // [KV * G, n1 + n2]
   const bool vec = H % 8 == 0;
-  auto dot = [&](const float* a, const float* c) {
+  auto dot = [&](const float* a, const auto* c) {
     if (vec) {
       v8f acc0 = {}, acc1 = {};
       int64_t h = 0;
@@ -744,10 +765,10 @@ void attend_row(const float* q, const float* k1, const float* v1, int64_t n1, co
       return hsum(acc0 + acc1);
     }
     float s = 0;
-    for (int64_t h = 0; h < H; ++h) s += a[h] * c[h];
+    for (int64_t h = 0; h < H; ++h) s += a[h] * widen(c[h]);
     return s;
   };
-  auto scores = [&](const float* kt, int64_t t) {
+  auto scores = [&](const auto* kt, int64_t t) {
     for (int64_t kh = 0; kh < KV; ++kh) {
       for (int64_t g = 0; g < G; ++g) {
         sc[(kh * G + g) * ld + t] = dot(q + (kh * G + g) * H, kt + kh * H) * scale;
@@ -769,16 +790,16 @@ void attend_row(const float* q, const float* k1, const float* v1, int64_t n1, co
     for (int64_t t = 0; t < ld; ++t) s[t] *= inv;
   }
   for (int64_t i = 0; i < NQ * H; ++i) out[i] = 0.0f;
-  auto values = [&](const float* vt, int64_t t) {
+  auto values = [&](const auto* vt, int64_t t) {
     for (int64_t kh = 0; kh < KV; ++kh) {
-      const float* x = vt + kh * H;
+      const auto* x = vt + kh * H;
       for (int64_t g = 0; g < G; ++g) {
         float* o = out + (kh * G + g) * H;
         const float a = sc[(kh * G + g) * ld + t];
         if (vec) {
           for (int64_t h = 0; h < H; h += 8) store(o + h, load(o + h) + a * load(x + h));
         } else {
-          for (int64_t h = 0; h < H; ++h) o[h] += a * x[h];
+          for (int64_t h = 0; h < H; ++h) o[h] += a * widen(x[h]);
         }
       }
     }
@@ -788,8 +809,9 @@ void attend_row(const float* q, const float* k1, const float* v1, int64_t n1, co
 }
 
 // All rows of one layer; kc, vc point at the layer's [Bmax, S, KV, H].
-void attend(const float* q, const float* k_new, const float* v_new, const float* kc,
-            const float* vc, const int32_t* len, float* out, int64_t B, int64_t KV, int64_t G,
+template <typename CacheT>
+void attend(const float* q, const float* k_new, const float* v_new, const CacheT* kc,
+            const CacheT* vc, const int32_t* len, float* out, int64_t B, int64_t KV, int64_t G,
             int64_t H, int64_t S) {
   const float scale = 1.0f / std::sqrt(float(H));
   parallel_for(B, [=](int64_t b) {
@@ -799,9 +821,10 @@ void attend(const float* q, const float* k_new, const float* v_new, const float*
   });
 }
 
+template <ffi::DataType CT>
 ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
-                  ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_cache,
-                  ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> layer,
+                  ffi::Buffer<ffi::F32> v_new, ffi::Buffer<CT> k_cache,
+                  ffi::Buffer<CT> v_cache, ffi::Buffer<ffi::S32> layer,
                   ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), cd = k_cache.dimensions();
   if (qd.size() != 4 || cd.size() != 5 || cd[3] != qd[1] || cd[4] != qd[3] || cd[1] < qd[0] ||
@@ -825,9 +848,10 @@ ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
 // causally over the valid cache and the chunk's rows 0..t; rows at or past `valid` (padding)
 // are zeros, not computed. out [T, KV, G, H]. (XLA's masked einsums attend over the whole
 // context bucket and every padded row.)
+template <ffi::DataType CT>
 ffi::Error AttendChunk(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
-                       ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> k_ctx,
-                       ffi::Buffer<ffi::F32> v_ctx, ffi::Buffer<ffi::S32> ctl,
+                       ffi::Buffer<ffi::F32> v_new, ffi::Buffer<CT> k_ctx,
+                       ffi::Buffer<CT> v_ctx, ffi::Buffer<ffi::S32> ctl,
                        ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), nd = k_new.dimensions(), cd = k_ctx.dimensions();
   if (qd.size() != 4 || nd.size() != 3 || cd.size() != 3 || nd[0] != qd[0] || nd[1] != qd[1] ||
@@ -842,7 +866,7 @@ ffi::Error AttendChunk(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
   const int64_t valid = std::clamp<int64_t>(ctl.typed_data()[1], 0, T);
   const float scale = 1.0f / std::sqrt(float(H));
   const float *qp = q.typed_data(), *kn = k_new.typed_data(), *vn = v_new.typed_data();
-  const float *kc = k_ctx.typed_data(), *vc = v_ctx.typed_data();
+  const auto *kc = k_ctx.typed_data(), *vc = v_ctx.typed_data();
   float* o = out->typed_data();
   const int64_t row = KV * G * H;
   std::memset(o + valid * row, 0, sizeof(float) * (T - valid) * row);
@@ -939,7 +963,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_matmul_q4, MatmulQ4,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend, Attend,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend, Attend<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -950,12 +974,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend, Attend,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend_chunk, AttendChunk,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend_f16, Attend<ffi::U16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend_chunk, AttendChunk<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend_chunk_f16, AttendChunk<ffi::U16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
