@@ -201,10 +201,14 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        client: str | None = None,
     ) -> Request:
         """Validate and queue a request (single-threaded use; `EngineLoop` has its own submit)."""
-        req = self.make_request(prompt_ids, params, request_id)
+        req = self.make_request(prompt_ids, params, request_id, client)
         self.check_room(1, req.client)
         self.enqueue(req)
         return req
