@@ -19,6 +19,13 @@ queue holds arrives at once. Afterwards:
   request of each kind, then the soak's first quarter);
 - greedy "What is the capital of France?" still answers Paris.
 
+`--hostile` runs the other check instead: a normal 64-token stream alone (its quiet
+inter-token latency), then again while hostile requests run: an embeddings flood of
+`--docs` documents of ~450 tokens, `n`=2 streams dropped after a few events, one after the
+other, and `/health` polled throughout. It passes when the loaded median inter-token latency
+is within 3x the quiet one, the first token comes within 10 s, the longest gap is under 5 s,
+and `/health` answers 200 within 1 s every time.
+
 Prints one table and exits 1 when a check fails. tests/test_soak.py runs a 60-second soak in CI
 against the test server; the long one is `pytest -m soak` (`LLAMA_JAX_SOAK_SECONDS`) or this script.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import os
 import random
 import re
@@ -333,6 +341,122 @@ async def soak(
     return report
 
 
+@dataclasses.dataclass
+class HostileReport:
+    quiet_itl: float = 0.0  # median seconds between tokens of the normal stream, alone
+    loaded_itl: float = 0.0  # ... while the hostile requests run
+    loaded_max_gap: float = 0.0
+    loaded_ttft: float = 0.0
+    health_max_s: float = 0.0  # the slowest /health answer meanwhile
+    health_statuses: set = dataclasses.field(default_factory=set)
+    flood_running_at_end: bool = False  # the embeddings flood overlapped the whole measurement
+    dropped_groups: int = 0
+    left: str | None = None  # what was still live after the clients left (None: nothing)
+
+    @property
+    def failures(self) -> list[str]:
+        out = []
+        if self.loaded_itl > 3 * self.quiet_itl:
+            out.append(f"median inter-token latency {self.loaded_itl:.3f} s > 3x {self.quiet_itl:.3f} s")
+        if self.loaded_ttft > 10 or self.loaded_max_gap > 5:
+            out.append(f"first token after {self.loaded_ttft:.1f} s, longest gap {self.loaded_max_gap:.1f} s")
+        if self.health_max_s > 1.0 or self.health_statuses != {200}:
+            out.append(f"/health: slowest {self.health_max_s:.2f} s, statuses {self.health_statuses}")
+        if self.left:
+            out.append(f"after the clients left: {self.left}")
+        return out
+
+    def table(self) -> str:
+        rows = [
+            (
+                "normal stream: median ITL quiet / loaded (ms)",
+                f"{self.quiet_itl * 1e3:.1f} / {self.loaded_itl * 1e3:.1f}",
+            ),
+            ("loaded: first token / longest gap (s)", f"{self.loaded_ttft:.2f} / {self.loaded_max_gap:.2f}"),
+            (
+                "/health: slowest answer (s), statuses",
+                f"{self.health_max_s:.3f} {sorted(self.health_statuses)}",
+            ),
+            ("flood still running at the end", self.flood_running_at_end),
+            ("n=2 streams dropped", self.dropped_groups),
+        ]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"| {k:<{width}} | {v!s:>16} |" for k, v in rows)
+
+
+async def _normal_stream(client: httpx.AsyncClient) -> tuple[float, list[float]]:
+    """(time to first token, gaps between tokens) of a greedy 64-token chat stream."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 64}
+    body.update(stream=True, temperature=0, ignore_eos=True)
+    t0 = time.monotonic()
+    times = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                times.append(time.monotonic())
+    return times[0] - t0, [b - a for a, b in itertools.pairwise(times)]
+
+
+async def hostile(url: str, docs: int = 128) -> HostileReport:
+    """The hostile check of `--hostile` (see the module docstring)."""
+    import statistics
+
+    report = HostileReport()
+    timeout = httpx.Timeout(300.0)
+    inputs = [f"Document {i} talks about the sea, the sky and the land. " * 30 for i in range(docs)]
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
+        # Compile what the check meets (a server without warm-up would compile mid-stream).
+        r = await c.post("/v1/embeddings", json={"model": MODEL, "input": inputs[:2]})
+        r.raise_for_status()
+        await c.post("/v1/completions", json={"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 2, "n": 2})
+        await _normal_stream(c)
+        _, gaps = await _normal_stream(c)
+        report.quiet_itl = statistics.median(gaps)
+    stop = asyncio.Event()
+    flood_done = asyncio.Event()
+
+    async def flood() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
+            try:
+                await c.post("/v1/embeddings", json={"model": MODEL, "input": inputs})
+            finally:
+                flood_done.set()
+
+    async def groups() -> None:
+        body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 200, "n": 2, "stream": True}
+        async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
+            while not stop.is_set():
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    seen = 0
+                    async for line in r.aiter_lines():
+                        seen += line.startswith("data: ")
+                        if seen >= 6:
+                            break
+                report.dropped_groups += 1
+
+    async def health() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                r = await c.get("/health")
+                report.health_max_s = max(report.health_max_s, time.monotonic() - t0)
+                report.health_statuses.add(r.status_code)
+                await asyncio.sleep(0.2)
+
+    tasks = [asyncio.create_task(f()) for f in (flood, groups, health)]
+    await asyncio.sleep(2.0)  # the flood and the groups are under way
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
+        report.loaded_ttft, gaps = await _normal_stream(c)
+    report.loaded_itl, report.loaded_max_gap = statistics.median(gaps), max(gaps)
+    report.flood_running_at_end = not flood_done.is_set()
+    stop.set()
+    for t in tasks:
+        t.cancel()  # the flood's client leaves: the server must drop the rest of its work
+    await asyncio.gather(*tasks, return_exceptions=True)
+    report.left = await settled(url, timeout=10)
+    return report
+
+
 def _start_server() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -370,6 +494,8 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=40, help="requests at once, more than slots + queue")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-rss-growth", type=float, default=0.05)
+    ap.add_argument("--hostile", action="store_true", help="the hostile-requests check instead")
+    ap.add_argument("--docs", type=int, default=128, help="--hostile: documents in the embeddings flood")
     args = ap.parse_args()
     proc = None
     if args.url:
@@ -378,6 +504,12 @@ def main() -> int:
         proc, url = _start_server()
         pid = proc.pid
     try:
+        if args.hostile:
+            hostile_report = asyncio.run(hostile(url, args.docs))
+            print(hostile_report.table())
+            for why in hostile_report.failures:
+                print("FAIL:", why)
+            return 1 if hostile_report.failures else 0
         report = asyncio.run(soak(url, pid, args.duration, args.clients, args.burst, args.seed))
     finally:
         if proc is not None:

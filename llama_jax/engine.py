@@ -24,6 +24,12 @@ A request's life, one `step()` at a time:
    tokens, stop strings and limits, and pushed as a `Delta` to the request; finished
    requests free their slot.
 
+Embeddings (`make_embedding`) share the same steps: each step embeds at most one bounded chunk
+of rows (`embed_budget` tokens, shortest rows first), and while anything generates, embedding
+takes at most `embed_share` of the engine's time, so a flood of documents slows streams by a
+bounded factor instead of stopping them, and a cancelled embedding request stops after its
+current chunk.
+
 Constrained requests (a `Grammar` in their sampling) carry a matcher that gives each step an
 allowed-token bitmask and consumes each sampled token. Its next mask depends on the token just
 sampled, so while such a request decodes, a step processes the previous step's tokens before
@@ -58,6 +64,8 @@ log = logging.getLogger(__name__)
 CLOSE_WINDOW = 64  # a constrained request this close to its token limit looks for a way to finish
 CLOSE_MARGIN = 2  # ...and takes it when the tokens left exceed its length by no more than this
 CLOSE_RETRY = 4  # tokens before looking again when no way to finish in time was found (doubling)
+EMBED_MAX_BATCH = 16  # rows per embedding chunk (`ModelRunner.embed`'s largest batch)
+CLIENT_SHARE = 4  # by default one client may hold at most 1/CLIENT_SHARE of the waiting queue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +126,27 @@ class Request:
     matcher: Matcher | None = None  # constrained decoding: the request's place in its grammar
     close_retry_at: int = 0  # output length at which to look for a way to finish in time again
     close_failures: int = 0  # searches for a way to finish in time that found none
+    client: str | None = None  # who sent it (an API key or an address), for the per-client queue share
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclasses.dataclass(eq=False)
+class EmbedJob:
+    """An embeddings request: its rows are embedded a chunk per step, shortest first (so a
+    chunk's rows pad little), into `out` [len(rows), D]."""
+
+    rows: list[list[int]]
+    out: np.ndarray
+    order: list[int]  # row indices, shortest first
+    done: int = 0  # rows of `order` embedded so far
+    cancelled: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.cancelled or self.done == len(self.rows)
 
 
 class Engine:
@@ -133,11 +158,17 @@ class Engine:
         max_queue: int = 256,
         prefix_cache: bool = True,
         prefill_budget: int | None = None,
+        max_queue_per_client: int | None = None,
+        embed_budget: int | None = None,
+        embed_share: float = 0.5,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids) | frozenset(tokenizer.eos_ids)
         self.max_queue = max_queue
+        # One client (a key, an address) cannot fill the queue and lock everyone else out.
+        self.max_queue_per_client = max_queue_per_client or max(1, max_queue // CLIENT_SHARE)
+        self.queued_by_client: collections.Counter[str] = collections.Counter()
         self.max_seq_len = runner.max_seq_len
         self.state = runner.init_state()
         self.waiting: collections.deque[Request] = collections.deque()
@@ -148,6 +179,12 @@ class Engine:
         self.metrics = EngineMetrics()
         # Prompt tokens prefilled per step (default: one full chunk).
         self.prefill_budget = prefill_budget or runner.max_prefill_chunk
+        # Embedding tokens per step (a row longer than this is one chunk of its own), and the
+        # share of engine time embeddings may take while requests generate.
+        self.embed_budget = embed_budget or self.prefill_budget
+        self.embed_share = embed_share
+        self.embeddings: collections.deque[EmbedJob] = collections.deque()
+        self._embed_debt = 0.0  # seconds of other work owed before the next embedding chunk
         # Called in the middle of a step whenever requests have new deltas (`EngineLoop` sets
         # it to hand them to their callers); the end of each step is the caller's to handle.
         self.deliver: Callable[[], None] | None = None
@@ -164,22 +201,51 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        client: str | None = None,
     ) -> Request:
         """Validate and queue a request (single-threaded use; `EngineLoop` has its own submit)."""
-        req = self.make_request(prompt_ids, params, request_id)
-        if len(self.waiting) >= self.max_queue:
-            raise OverloadedError(f"the waiting queue is full ({self.max_queue} requests)")
+        req = self.make_request(prompt_ids, params, request_id, client)
+        self.check_room(1, req.client)
         self.enqueue(req)
         return req
+
+    def check_room(self, n: int, client: str | None, posted: int = 0, posted_by_client: int = 0) -> None:
+        """Raise `OverloadedError` unless `n` more requests of `client` fit in the queue (with
+        `posted` requests on their way to it, `posted_by_client` of them the client's)."""
+        if posted + len(self.waiting) + n > self.max_queue:
+            raise OverloadedError(f"the waiting queue is full ({self.max_queue} requests)")
+        if (
+            client is not None
+            and posted_by_client + self.queued_by_client[client] + n > self.max_queue_per_client
+        ):
+            raise OverloadedError(
+                f"you have too many requests waiting (at most {self.max_queue_per_client} per client)"
+            )
 
     def enqueue(self, req: Request) -> None:
         """Queue a request made by `make_request` (engine thread only)."""
         self.metrics.requests_submitted += 1
         self.waiting.append(req)
+        if req.client is not None:
+            self.queued_by_client[req.client] += 1
+
+    def _unqueue(self, req: Request) -> None:
+        """`req` left the waiting queue (admitted or cancelled)."""
+        if req.client is not None:
+            self.queued_by_client[req.client] -= 1
+            if self.queued_by_client[req.client] <= 0:
+                del self.queued_by_client[req.client]  # the counter stays as small as the queue
 
     def make_request(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        client: str | None = None,
     ) -> Request:
         """A validated request, not yet queued. Touches no engine state: safe from any thread."""
         prompt_ids = [int(t) for t in prompt_ids]
@@ -197,7 +263,7 @@ class Engine:
                 param="messages",
             )
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        req = Request(prompt_ids, params, seed, request_id or f"req-{next(self._ids)}")
+        req = Request(prompt_ids, params, seed, request_id or f"req-{next(self._ids)}", client=client)
         req.detok = IncrementalDetokenizer(self.tokenizer)
         req.stops = StopMatcher(params.stop)
         try:  # the device rows are built here, on the caller's thread: a value that does not fit fails now
@@ -214,11 +280,51 @@ class Engine:
             return
         if req in self.waiting:
             self.waiting.remove(req)
+            self._unqueue(req)
         self._finish(req, "cancelled", emit=False)
+
+    # -- embeddings ----------------------------------------------------------------------------
+
+    def make_embedding(self, rows: Sequence[Sequence[int]]) -> EmbedJob:
+        """An embeddings request for validated rows of token ids, not yet queued (any thread)."""
+        rows = [list(r) for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        return EmbedJob(rows, np.zeros((len(rows), self.runner.cfg.dim), np.float32), order)
+
+    def enqueue_embedding(self, job: EmbedJob) -> None:
+        """Queue an embeddings request (engine thread only); `job.finished` tells when it is done."""
+        if not job.finished:
+            self.embeddings.append(job)
+
+    def cancel_embedding(self, job: EmbedJob) -> None:
+        """Drop what is left of an embeddings request (engine thread only)."""
+        job.cancelled = True
+        if job in self.embeddings:
+            self.embeddings.remove(job)
+
+    def _embed_chunk(self) -> None:
+        """Embed the next chunk of the oldest embeddings request: up to `EMBED_MAX_BATCH` rows
+        and `embed_budget` tokens (at least one row). Requests take turns, chunk by chunk."""
+        job = self.embeddings[0]
+        rows = [job.rows[i] for i in job.order[job.done :]]
+        n = 1
+        while n < min(EMBED_MAX_BATCH, len(rows)) and (n + 1) * len(rows[n]) <= self.embed_budget:
+            n += 1  # rows are shortest first: the (n+1)th is the chunk's longest
+        idx = job.order[job.done : job.done + n]
+        job.out[idx] = self.runner.embed(rows[:n], max_batch=EMBED_MAX_BATCH)
+        job.done += n
+        self.embeddings.popleft()
+        if not job.finished:
+            self.embeddings.append(job)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(r is not None for r in self.slots) or self._pending is not None
+        return (
+            bool(self.waiting)
+            or any(r is not None for r in self.slots)
+            or self._pending is not None
+            or bool(self.embeddings)
+        )
 
     @property
     def live_slots(self) -> int:
@@ -238,7 +344,21 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """Admit, prefill one chunk per admitting request, decode once, process last step's tokens."""
+        """Admit, prefill one chunk per admitting request, decode once, process last step's
+        tokens, and embed one chunk when embeddings are owed their share of the time."""
+        t0 = time.perf_counter()
+        self._generate()
+        generating = any(r is not None for r in self.slots)
+        if self.embeddings and (not generating or self._embed_debt <= 0):
+            self._notify()  # this step's tokens leave before the chunk, not after it
+            t1 = time.perf_counter()
+            self._embed_chunk()
+            if generating:  # `embed_share` of the time for embeddings, the rest for streams
+                self._embed_debt += (time.perf_counter() - t1) * (1 - self.embed_share) / self.embed_share
+        else:
+            self._embed_debt = max(0.0, self._embed_debt - (time.perf_counter() - t0))
+
+    def _generate(self) -> None:
         self._admit()
         admitting = sorted(
             ((s, r) for s, r in enumerate(self.slots) if r is not None and r.prefilled < len(r.prompt_ids)),
@@ -318,19 +438,26 @@ class Engine:
         mask[path[0] >> 5] = np.int32(np.uint32(1 << (path[0] & 31)).view(np.int32))
 
     def make_group(
-        self, prompt_ids: Sequence[int], params: SamplingParams, n: int, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        n: int,
+        request_id: str | None = None,
+        client: str | None = None,
     ) -> list[Request]:
         """`n` samples of one prompt (OpenAI's `n`), queued together: the first is prefilled, and
         the others, sharing its whole prompt (`_admit`), copy its cache and prefill only the
         last prompt token. With a seed, sample i uses seed + i."""
         if n < 1:
             raise InvalidRequestError(f"n must be >= 1, got {n}", param="n")
-        first = self.make_request(prompt_ids, params, request_id)
+        first = self.make_request(prompt_ids, params, request_id, client)
         group = [first]
         for i in range(1, n):
             seed = None if params.seed is None else params.seed + i
             group.append(
-                self.make_request(prompt_ids, dataclasses.replace(params, seed=seed), f"{first.id}-{i}")
+                self.make_request(
+                    prompt_ids, dataclasses.replace(params, seed=seed), f"{first.id}-{i}", client
+                )
             )
         return group
 
@@ -343,6 +470,7 @@ class Engine:
         prompt, prefill it once."""
         while self.waiting and None in self.slots:
             req = self.waiting.popleft()
+            self._unqueue(req)
             free = [s for s, r in enumerate(self.slots) if r is None]
             slot, reuse = free[0], 0
             # At least the last prompt token is prefilled: its logits give the first sample.

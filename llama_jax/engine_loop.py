@@ -3,14 +3,18 @@
     loop = EngineLoop(engine).start()
     async for delta in loop.astream(prompt_ids, SamplingParams()): ...   # asyncio (the server)
     for delta in loop.stream(prompt_ids, SamplingParams()): ...          # threads, notebooks
-    vectors = loop.call(lambda: runner.embed(rows))                      # any device work
+    vectors = loop.embed(rows)                                           # embeddings
+    loop.call(lambda: engine.warmup())                                   # any device work
 
 Callers never touch the engine: `submit` validates on the caller's thread (so a bad request
 fails at once, before any device work) and posts the request to an inbox; the engine thread
 drains the inbox, runs `Engine.step()` while there is work, and hands each request's deltas to
 its sink (`loop.call_soon_threadsafe` for asyncio). With nothing to do it blocks on the inbox,
 so an idle server uses no CPU. Cancelling (a client that went away, a closed generator) posts
-a cancel that frees the slot before the next decode step.
+a cancel that frees the slot before the next decode step; a cancelled embeddings request
+stops after its current chunk. Since every step is bounded, commands (cancels, a stop) take
+effect within one step, and `stalled_for()` tells a health check when the thread has had work
+but finished no step for a while (a device call that hangs).
 
 If the thread dies, every waiting request receives `EngineDeadError` and later submits raise
 it at once: callers never hang on a dead engine.
@@ -20,15 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
-from llama_jax.engine import Delta, Engine, Request
-from llama_jax.errors import EngineDeadError, OverloadedError
+import numpy as np
+
+from llama_jax.engine import Delta, EmbedJob, Engine, Request
+from llama_jax.errors import EngineDeadError
 from llama_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,11 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[Request, Sink] = {}
         self._posted = 0  # submits in the inbox, not yet in engine.waiting
+        self._posted_by_client: collections.Counter[str] = collections.Counter()
+        self._embeds: dict[EmbedJob, concurrent.futures.Future] = {}
+        # When the thread last finished a step or woke up with work; `_idle` while it waits.
+        self.progress_at = time.monotonic()
+        self._idle = True
         self._stopped = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -65,6 +78,13 @@ class EngineLoop:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def stalled_for(self) -> float:
+        """Seconds the thread has had work (a step, a posted command) without finishing a step;
+        0 while it waits for work or keeps finishing steps."""
+        if self._idle or not self._thread.is_alive():
+            return 0.0
+        return time.monotonic() - self.progress_at
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop the thread after the current step; requests still running are cancelled."""
         atexit.unregister(self.close)
@@ -75,17 +95,18 @@ class EngineLoop:
     # -- from any thread ------------------------------------------------------------------------
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, sink: Sink, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        sink: Sink,
+        request_id: str | None = None,
+        client: str | None = None,
     ) -> Request:
-        """Validate and post a request; `sink` receives its deltas on the engine thread."""
+        """Validate and post a request; `sink` receives its deltas on the engine thread.
+        `client` (a key, an address) is held to its share of the queue."""
         self._check_alive()
-        req = self.engine.make_request(prompt_ids, params, request_id)
-        with self._lock:  # with _run's exit under the same lock, nothing is posted to a dead loop
-            self._check_alive()
-            if self._posted + len(self.engine.waiting) >= self.engine.max_queue:
-                raise OverloadedError(f"the waiting queue is full ({self.engine.max_queue} requests)")
-            self._posted += 1
-            self._inbox.put(("submit", req, sink))
+        req = self.engine.make_request(prompt_ids, params, request_id, client)
+        self._post([req], [sink])
         return req
 
     def submit_group(
@@ -94,22 +115,58 @@ class EngineLoop:
         params: SamplingParams,
         sinks: Sequence[Sink],
         request_id: str | None = None,
+        client: str | None = None,
     ) -> list[Request]:
         """`len(sinks)` samples of one prompt sharing one prefill (OpenAI's `n`), posted together."""
         self._check_alive()
-        group = self.engine.make_group(prompt_ids, params, len(sinks), request_id)
-        with self._lock:
+        group = self.engine.make_group(prompt_ids, params, len(sinks), request_id, client)
+        self._post(group, sinks)
+        return group
+
+    def _post(self, group: list[Request], sinks: Sequence[Sink]) -> None:
+        client = group[0].client
+        with self._lock:  # with _run's exit under the same lock, nothing is posted to a dead loop
             self._check_alive()
-            if self._posted + len(self.engine.waiting) + len(group) > self.engine.max_queue:
-                raise OverloadedError(f"the waiting queue is full ({self.engine.max_queue} requests)")
+            mine = self._posted_by_client[client] if client is not None else 0
+            self.engine.check_room(len(group), client, self._posted, mine)
             self._posted += len(group)
+            if client is not None:
+                self._posted_by_client[client] += len(group)
             for req, sink in zip(group, sinks, strict=True):
                 self._inbox.put(("submit", req, sink))
-        return group
 
     def cancel(self, req: Request) -> None:
         if not req.finished:
             self._inbox.put(("cancel", req))
+
+    def embed(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Embeddings [len(rows), D] of validated token-id rows, computed a chunk per engine step."""
+        job, fut = self.submit_embedding(rows)
+        try:
+            return fut.result()
+        finally:
+            self.cancel_embedding(job)
+
+    async def aembed(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """`embed` for asyncio: cancelling the awaiting task stops the work after its current chunk."""
+        job, fut = self.submit_embedding(rows)
+        try:
+            return await asyncio.wrap_future(fut)
+        finally:
+            self.cancel_embedding(job)
+
+    def submit_embedding(self, rows: Sequence[Sequence[int]]) -> tuple[EmbedJob, concurrent.futures.Future]:
+        job = self.engine.make_embedding(rows)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._check_alive()
+            self._inbox.put(("embed", job, fut))
+        return job, fut
+
+    def cancel_embedding(self, job: EmbedJob) -> None:
+        """Stop an embeddings request (no-op once it is done)."""
+        if not job.finished:
+            self._inbox.put(("cancel_embedding", job))
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread (device work such as embeddings) and return its result."""
@@ -176,9 +233,12 @@ class EngineLoop:
                     break
                 if self.engine.has_work:
                     self.engine.step()
+                    self.progress_at = time.monotonic()
                     self._deliver()
             for req in list(self._sinks):
                 self.engine.cancel(req)
+            for job in list(self._embeds):
+                self.engine.cancel_embedding(job)
         except BaseException as e:  # noqa: BLE001 - any failure must reach every waiting caller
             log.exception("engine thread died")
             self.error = error = e
@@ -190,10 +250,14 @@ class EngineLoop:
         """Apply posted commands; False when asked to stop."""
         while True:
             try:
+                if block:
+                    self._idle = True
                 item = self._inbox.get(block=block)
             except queue.Empty:
                 return True
-            block = False
+            if block:
+                self.progress_at = time.monotonic()  # a stall counts from when work arrived
+                self._idle = block = False
             if item is _STOP:
                 return False
             kind = item[0]
@@ -201,12 +265,27 @@ class EngineLoop:
                 _, req, sink = item
                 with self._lock:
                     self._posted -= 1
+                    if req.client is not None:
+                        self._posted_by_client[req.client] -= 1
+                        if self._posted_by_client[req.client] <= 0:
+                            del self._posted_by_client[req.client]
                 self._sinks[req] = sink
                 self.engine.enqueue(req)
             elif kind == "cancel":
                 req = item[1]
                 self.engine.cancel(req)
                 self._sinks.pop(req, None)
+            elif kind == "embed":
+                _, job, fut = item
+                if fut.set_running_or_notify_cancel():  # else its caller already gave up
+                    self._embeds[job] = fut
+                    self.engine.enqueue_embedding(job)
+            elif kind == "cancel_embedding":
+                job = item[1]
+                self.engine.cancel_embedding(job)
+                fut = self._embeds.pop(job, None)
+                if fut is not None:
+                    fut.set_exception(concurrent.futures.CancelledError())
             elif kind == "call":
                 _, fn, fut = item
                 if fut.set_running_or_notify_cancel():
@@ -228,6 +307,8 @@ class EngineLoop:
                 continue
             if req.finished:
                 del self._sinks[req]
+        for job in [j for j in self._embeds if j.finished]:
+            self._embeds.pop(job).set_result(job.out)
 
     def _fail_all(self, error: BaseException) -> None:
         """Every waiting caller gets `EngineDeadError` (runs after `_stopped`: no new posts)."""
@@ -236,6 +317,8 @@ class EngineLoop:
         )
         sinks = list(self._sinks.values())
         self._sinks.clear()
+        futures = list(self._embeds.values())
+        self._embeds.clear()
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -243,8 +326,12 @@ class EngineLoop:
                 break
             if item is not _STOP and item[0] == "submit":
                 sinks.append(item[2])
-            elif item is not _STOP and item[0] == "call" and item[2].set_running_or_notify_cancel():
+            elif (
+                item is not _STOP and item[0] in ("call", "embed") and item[2].set_running_or_notify_cancel()
+            ):
                 item[2].set_exception(dead)  # a caller that already gave up has nothing to hear
+        for fut in futures:
+            fut.set_exception(dead)
         for sink in sinks:
             try:
                 sink(dead)

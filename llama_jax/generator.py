@@ -333,13 +333,12 @@ class Generator:
     def embed(self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]]) -> np.ndarray:
         """Mean-pooled final hidden states, L2-normalized: float32 [len(inputs), D].
         Each input is a text or a list of token ids."""
-        rows = self.embedding_rows(inputs)
-        return self.loop.call(lambda: self.runner.embed(rows))
+        return self.loop.embed(self.embedding_rows(inputs))
 
     async def aembed(self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]]) -> np.ndarray:
-        """`embed` for asyncio code: the event loop keeps running while the device works."""
-        rows = self.embedding_rows(inputs)
-        return await asyncio.wrap_future(self.loop.call_async(lambda: self.runner.embed(rows)))
+        """`embed` for asyncio code: the event loop keeps running while the device works, and
+        cancelling the awaiting task stops the work after its current chunk."""
+        return await self.loop.aembed(self.embedding_rows(inputs))
 
     def embedding_rows(self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]]) -> list[list[int]]:
         """Validated token ids of each input (texts are encoded without BOS)."""

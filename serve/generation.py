@@ -78,15 +78,25 @@ class Samples:
 
     Choice `index` is `prompt * n + sample`. Submitting raises the library's errors at once
     (queue full, context too long), before any response is sent. Leaving the iteration early
-    (a client that went away) cancels every request still running."""
+    (a client that went away) cancels every request still running. `client` (a key, an
+    address) is held to its share of the queue: more requests than the share are a 400, more
+    than is left of it a 503."""
 
-    def __init__(self, gen: Generator, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int):
+    def __init__(
+        self,
+        gen: Generator,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        n: int,
+        client: str | None = None,
+    ):
         self._loop = gen.loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self.requests: list[Request] = []
-        if len(prompts) * n > gen.engine.max_queue:
+        most = min(gen.engine.max_queue, gen.engine.max_queue_per_client)
+        if len(prompts) * n > most:
             raise bad_request(
-                f"{len(prompts)} prompts x n={n} is more than this server queues ({gen.engine.max_queue})",
+                f"{len(prompts)} prompts x n={n} is more than this server queues for one client ({most})",
                 "prompt" if len(prompts) > 1 else "n",
             )
         aloop = asyncio.get_running_loop()
@@ -96,7 +106,7 @@ class Samples:
         try:
             for p, ids in enumerate(prompts):
                 sinks = [_sink(aloop, self._queue, p * n + j) for j in range(n)]
-                self.requests += self._loop.submit_group(ids, params, sinks)
+                self.requests += self._loop.submit_group(ids, params, sinks, client=client)
         except Exception as e:
             self.cancel()
             raise from_library(e) from e

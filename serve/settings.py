@@ -87,6 +87,7 @@ class Settings:
     rate_limits: Mapping[str, RateLimit] = dataclasses.field(default_factory=dict)  # per key
     cors_origins: tuple[str, ...] = ()
     webui: bool = True
+    stall_timeout_s: int = 60  # /health says "stalled" when an engine has work but no step ends for this long
     config: str | None = None  # the TOML file these settings came from, if any
 
     def model_specs(self) -> tuple[ModelSpec, ...]:

@@ -94,6 +94,11 @@ class ModelEntry:
         gen = self.generator
         return self.status == "ok" and gen is not None and gen.loop.error is None and gen.loop.running
 
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work without finishing a step (0: it is keeping up)."""
+        gen = self.generator
+        return gen.loop.stalled_for() if gen is not None and gen.loop.running else 0.0
+
     def estimate(self) -> int:
         """Bytes of weights and KV cache this model holds when loaded."""
         if self._estimate is None:

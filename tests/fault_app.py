@@ -1,19 +1,24 @@
 """`hypercorn fault_app:app` (with `tests/` on PYTHONPATH): the real app, with a fault that
 can be injected into the engine thread. Once the file named by `LLAMA_JAX_TEST_FAULT_FILE`
-exists, the next `Engine.step()` raises, as a device or XLA failure would."""
+exists, the next `Engine.step()` raises, as a device or XLA failure would. While the file
+named by `LLAMA_JAX_TEST_STALL_FILE` exists, a step does not return, as a hung device call."""
 
 import os
+import time
 from pathlib import Path
 
 from llama_jax.engine import Engine
 
 _step = Engine.step
 _trigger = Path(os.environ["LLAMA_JAX_TEST_FAULT_FILE"])
+_stall = Path(os.environ.get("LLAMA_JAX_TEST_STALL_FILE", "/nonexistent/stall"))
 
 
 def _faulty_step(self: Engine) -> None:
     if _trigger.exists():
         raise RuntimeError("injected engine fault")
+    while _stall.exists():
+        time.sleep(0.05)
     _step(self)
 
 

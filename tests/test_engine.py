@@ -414,3 +414,50 @@ def test_a_request_whose_prefix_source_is_cancelled_prefills_it_itself(engine, p
     fresh = Engine(runner, tokenizer, prefix_cache=False)
     (alone,) = run(fresh, [fresh.submit(b.prompt_ids, GREEDY)])
     assert alone.output_ids == b.output_ids
+
+
+def test_one_client_holds_at_most_its_share_of_the_queue(parts, rng):
+    runner, tokenizer = parts
+    engine = Engine(runner, tokenizer, eos_ids=(2,), max_queue=8)  # a share of 8 // 4 = 2
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first = [engine.submit(prompt(rng, 5), params, client="a") for _ in range(2)]
+    with pytest.raises(OverloadedError, match="per client"):
+        engine.submit(prompt(rng, 5), params, client="a")
+    other = engine.submit(prompt(rng, 5), params, client="b")  # another client still gets in
+    engine.step()  # admitted to slots: no longer waiting, so "a" has room again
+    late = engine.submit(prompt(rng, 5), params, client="a")
+    run(engine, [*first, other, late])
+    assert not engine.queued_by_client  # nothing counted once nothing waits
+
+
+def test_embeddings_run_a_bounded_chunk_per_step_between_decode_steps(parts, rng):
+    runner, tokenizer = parts
+    engine = Engine(runner, tokenizer, eos_ids=(2,), embed_budget=64)
+    rows = [prompt(rng, int(n)) for n in rng.integers(5, 32, 30)]
+    stream = engine.submit(prompt(rng, 8), GREEDY)
+    job = engine.make_embedding(rows)
+    engine.enqueue_embedding(job)
+    done, tokens = [0], [0]
+    while not job.finished:
+        engine.step()
+        chunk = sorted(map(len, rows))[done[-1] : job.done]
+        assert len(chunk) <= 1 or len(chunk) * max(chunk) <= 64  # a bounded chunk per step
+        done.append(job.done)
+        tokens.append(len(stream.output_ids))
+    assert len(done) > 5  # many steps, not one long call ...
+    assert stream.finished or tokens[-1] > 0  # ... and the stream decoded meanwhile
+    np.testing.assert_allclose(job.out, runner.embed(rows), rtol=1e-5, atol=1e-6)
+    run(engine, [stream])
+
+
+def test_a_cancelled_embedding_stops_after_its_current_chunk(parts, rng):
+    runner, tokenizer = parts
+    engine = Engine(runner, tokenizer, eos_ids=(2,), embed_budget=32)
+    job = engine.make_embedding([prompt(rng, 30) for _ in range(10)])
+    engine.enqueue_embedding(job)
+    engine.step()
+    assert job.done == 1
+    engine.cancel_embedding(job)
+    assert job.finished and not engine.has_work
+    engine.step()
+    assert job.done == 1

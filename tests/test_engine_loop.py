@@ -4,7 +4,9 @@ calls, and what callers see when the thread dies."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -250,3 +252,32 @@ def test_first_tokens_are_delivered_one_prefill_apart(loop, parts):
     finally:
         del runner.prefill
     assert first_at == {0: 1, 1: 2, 2: 3}
+
+
+def test_embeddings_are_computed_in_chunks_and_a_cancel_stops_them(loop, parts):
+    runner, _ = parts
+    rows = prompts(20, seed=3)
+    rows = [r[:32] for r in rows]  # within the tiny runner's embedding buckets
+    np.testing.assert_allclose(loop.embed(rows), runner.embed(rows), rtol=1e-5, atol=1e-6)
+    gate = threading.Event()
+    loop.call_async(gate.wait)  # hold the thread so that the cancel lands mid-request
+    job, fut = loop.submit_embedding(rows * 20)
+    loop.cancel_embedding(job)
+    gate.set()
+    with pytest.raises(concurrent.futures.CancelledError):
+        fut.result(30)
+    assert job.done < len(job.rows) and not loop.engine.embeddings
+
+
+def test_stalled_for_counts_only_while_work_waits_on_a_long_call(loop):
+    time.sleep(0.3)
+    assert loop.stalled_for() == 0.0  # idle is not stalled
+    gate = threading.Event()
+    done = loop.call_async(gate.wait)  # a device call that does not return
+    time.sleep(0.5)
+    assert loop.stalled_for() >= 0.4
+    gate.set()
+    done.result(10)
+    loop.call(lambda: None)
+    time.sleep(0.2)
+    assert loop.stalled_for() == 0.0

@@ -135,3 +135,77 @@ def test_engine_fault_under_llama_jax_serve_stops_gracefully_and_exits_for_a_res
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _tiny_model(tmp_path: Path) -> Path:
+    from tiny import random_tensors, tiny_config, write_gguf
+
+    cfg = tiny_config()
+    path = tmp_path / "tiny-chat.gguf"
+    write_gguf(path, cfg, random_tensors(cfg))
+    return path
+
+
+def test_health_says_stalled_while_an_engine_with_work_finishes_no_step(tmp_path):
+    port, stall, log = _free_port(), tmp_path / "stall", tmp_path / "server.log"
+    env = {
+        "LLAMA_JAX_MODEL": str(_tiny_model(tmp_path)),
+        "LLAMA_JAX_MAX_SEQ_LEN": "128",
+        "LLAMA_JAX_WARMUP": "0",
+        "LLAMA_JAX_STALL_TIMEOUT_S": "2",
+        "LLAMA_JAX_TEST_FAULT_FILE": str(tmp_path / "no-fault"),
+        "LLAMA_JAX_TEST_STALL_FILE": str(stall),
+        "PYTHONPATH": str(ROOT / "tests"),
+    }
+    cmd = [sys.executable, "-m", "hypercorn", "fault_app:app", "--bind", f"127.0.0.1:{port}"]
+    proc = _start(cmd, env, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log)
+        stall.touch()
+        result: dict = {}
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        chat = threading.Thread(
+            target=lambda: result.update(r=httpx.post(url + "/v1/chat/completions", json=body, timeout=60))
+        )
+        chat.start()
+        time.sleep(1)
+        assert httpx.get(url + "/health", timeout=1).status_code == 200  # not yet the stall timeout
+        deadline = time.monotonic() + 10
+        while (health := httpx.get(url + "/health", timeout=1)).status_code == 200:
+            assert time.monotonic() < deadline, health.json()
+            time.sleep(0.2)
+        assert health.status_code == 503 and health.json()["status"] == "stalled", health.text
+        assert health.json()["stalled_seconds"]["tiny-chat"] >= 2
+        stall.unlink()  # the engine moves again: the request finishes and health recovers
+        chat.join(60)
+        assert result["r"].status_code == 200
+        assert httpx.get(url + "/health", timeout=1).json() == {"status": "ok"}
+    finally:
+        proc.kill()
+
+
+def test_health_names_no_file_paths_when_a_model_fails_to_load(tmp_path):
+    bad = tmp_path / "private-models" / "broken.gguf"
+    bad.parent.mkdir()
+    bad.write_bytes(b"GGUF not really")
+    port, log = _free_port(), tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "hypercorn", "serve.app:app", "--bind", f"127.0.0.1:{port}"]
+    proc = _start(cmd, {"LLAMA_JAX_MODEL": str(bad)}, log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                if health.json()["status"] == "error":
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert health.status_code == 503
+        assert "private-models" not in health.text and "GGUF" not in health.text, health.text
+        assert "server log" in health.json()["errors"]["broken"]
+        assert "private-models" in log.read_text()  # the details are for the operator
+    finally:
+        proc.kill()

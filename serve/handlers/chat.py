@@ -50,7 +50,7 @@ async def chat_completions():
     top = (body.top_logprobs or 0) if body.logprobs else 0
     params = prep.sampling(sampling_params(body, gen, len(ids), max_tokens, top_logprobs=top))
     record().reserve(len(ids) + body.n * params.max_tokens)
-    samples = Samples(gen, [ids], params, body.n)
+    samples = Samples(gen, [ids], params, body.n, client=record().client)
     record().count = lambda: (len(ids), samples.generated)
     skip = gen.engine.eos_ids | frozenset(params.stop_token_ids)
     cid, created = new_id("chatcmpl"), now()

@@ -45,7 +45,7 @@ async def completions():
     params = sampling_params(body, gen, max(map(len, ids)), body.max_tokens, top_logprobs=top)
     record().reserve(sum(map(len, ids)) + len(ids) * body.n * params.max_tokens)
     try:
-        samples = Samples(gen, ids, params, body.n)
+        samples = Samples(gen, ids, params, body.n, client=record().client)
     except APIError as e:
         if e.code == "context_length_exceeded":
             e.param = "prompt"

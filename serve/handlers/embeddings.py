@@ -1,5 +1,8 @@
 """`POST /v1/embeddings`: mean-pooled, L2-normalized hidden states, as floats or base64
-(little-endian float32, what the official client asks for by default)."""
+(little-endian float32, what the official client asks for by default).
+
+A request holds at most `MAX_EMBEDDING_TOKENS` tokens. The engine embeds it a chunk per step
+between decode steps, and a client that goes away stops it after the current chunk."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from serve.handlers import note_tokens, parse_body, record, serving
 from serve.schemas import MAX_EMBEDDING_INPUTS, EmbeddingRequest
 
 bp = Blueprint("embeddings", __name__)
+
+MAX_EMBEDDING_TOKENS = 131_072  # per request, all inputs together (OpenAI's is 300,000)
 
 
 @bp.post("/v1/embeddings")
@@ -30,11 +35,18 @@ async def embeddings():
         )
     try:
         rows = await asyncio.to_thread(gen.embedding_rows, inputs)
-        record().reserve(sum(map(len, rows)))
-        vectors = await gen.aembed(rows)
     except Exception as e:
         raise from_library(e) from e
     tokens = sum(map(len, rows))
+    if tokens > MAX_EMBEDDING_TOKENS:
+        raise bad_request(
+            f"the inputs hold {tokens} tokens; at most {MAX_EMBEDDING_TOKENS} per request", "input"
+        )
+    record().reserve(tokens)
+    try:  # a client that leaves cancels this task, and with it the rest of the work
+        vectors = await gen.aembed(rows)
+    except Exception as e:
+        raise from_library(e) from e
     note_tokens(tokens)
     vectors = np.asarray(vectors, dtype="<f4")
     if body.encoding_format == "base64":

@@ -1,5 +1,8 @@
-"""`GET /health` (200 ok; 503 while loading, after a failure or when shutting down) and
-`GET /slots` (what each slot of a model is doing)."""
+"""`GET /health` (200 ok; 503 while loading, after a failure, when an engine is stalled or when
+shutting down) and `GET /slots` (what each slot of a model is doing).
+
+`/health` needs no key, so it says what is wrong in general words; the details (a model file's
+path, an exception's text) are in the server log."""
 
 from __future__ import annotations
 
@@ -9,27 +12,47 @@ from serve.handlers import state
 
 bp = Blueprint("health", __name__)
 
+LOAD_FAILED = "the model failed to load; the server log says why"
+ENGINE_STOPPED = "the inference engine stopped"
+
 
 @bp.get("/health")
 async def health():
     st = state()
-    per_model = {m.id: ("ok" if m.healthy else m.status if m.status != "ok" else "error") for m in st.models}
-    if st.healthy and not st.draining:
-        status, code = "ok", 200
-    elif st.draining:
+    limit = st.settings.stall_timeout_s
+    stalled = {m.id: s for m in st.models if (s := m.stalled_for()) > limit > 0}
+    per_model = {
+        m.id: (
+            ("stalled" if m.id in stalled else "ok")
+            if m.healthy
+            else m.status
+            if m.status != "ok"
+            else "error"
+        )
+        for m in st.models
+    }
+    if st.draining:
         status, code = "shutting_down", 503
     elif any(s == "error" for s in per_model.values()):
         status, code = "error", 503
+    elif stalled:
+        status, code = "stalled", 503
+    elif st.healthy:
+        status, code = "ok", 200
     else:
         status, code = "loading", 503
     body: dict = {"status": status}
     if len(st.models) > 1:
         body["models"] = per_model
     errors = {
-        m.id: m.error or "the inference engine stopped" for m in st.models if per_model[m.id] == "error"
+        m.id: LOAD_FAILED if m.status == "error" else ENGINE_STOPPED
+        for m in st.models
+        if per_model[m.id] == "error"
     }
     if errors:
         body["errors"] = errors
+    if stalled:  # an engine with work that has finished no step for this long
+        body["stalled_seconds"] = {k: round(v, 1) for k, v in stalled.items()}
     return body, code, ({"Retry-After": "1"} if status == "loading" else {})
 
 
