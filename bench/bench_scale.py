@@ -96,7 +96,9 @@ def write_gguf(path: Path, shape: tuple[int, ...], fmt: str) -> None:
             d = rng.uniform(0.002, 0.004, (rows, nb)).astype(np.float16)
             raw[..., 0:2] = d.view(np.uint8).reshape(rows, nb, 2)
             if fmt == "Q4_1":
-                raw[..., 2:4] = (d.astype(np.float32) * -8).astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+                raw[..., 2:4] = (
+                    (d.astype(np.float32) * -8).astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+                )
             w.add_tensor(name, raw.reshape(rows, nb * size), raw_dtype=qt)
         else:
             x = (rng.standard_normal((rows, cols), np.float32) * 0.02).astype(np.float32)
@@ -196,7 +198,9 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=1024, help="positions per slot")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/llama-jax/bench-scale"))
-    ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server (default: llama-cpp-peer.sh)")
+    ap.add_argument(
+        "--llama-server", default=None, help="llama.cpp's llama-server (default: llama-cpp-peer.sh)"
+    )
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--serve-args", default="", help="extra llama-jax serve arguments")
     ap.add_argument("--start-timeout", type=float, default=1800)
@@ -205,7 +209,9 @@ def main() -> None:
     peer = args.llama_server
     if not args.skip_peer and peer is None:
         script = Path(__file__).resolve().parents[2] / "shared" / "tools" / "llama-cpp-peer.sh"
-        peer = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout.strip()
+        peer = subprocess.run(
+            ["bash", str(script)], capture_output=True, text=True, check=True
+        ).stdout.strip()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -215,7 +221,9 @@ def main() -> None:
             if not path.exists():
                 t0 = time.perf_counter()
                 write_gguf(path, SHAPES[model], fmt)
-                print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s")
+                print(
+                    f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s"
+                )
             size = path.stat().st_size / 1e9
             port = free_port()
             exe = Path(sys.executable).parent / "llama-jax"

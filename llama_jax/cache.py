@@ -1,7 +1,7 @@
 """The decode state: KV cache, per-slot lengths, last tokens and sampling rows.
 
 Private layout (only this module and the jitted steps in `runner.py` know it):
-`k, v: [L, B, S, K, H]` for L layers, B slots, S = max_seq_len positions, K KV heads, H head
+`k, v: [L, B, S, K, H]` (float32, or 16-bit: `ModelRunner`'s `kv_dtype`) for L layers, B slots, S = max_seq_len positions, K KV heads, H head
 dim; `lengths[b]` is the number of valid positions of slot b, which is also where its next
 token is written. Entries at or past `lengths[b]` are garbage and always masked, so a slot
 is reused without clearing it.
@@ -60,10 +60,10 @@ def write_chunk(cache: jax.Array, new: jax.Array, slot: jax.Array, start: jax.Ar
     clamp the start and shift a padded chunk that overhangs the end of the cache.
     """
     T = new.shape[2]
-    return cache.at[:, slot, start + jnp.arange(T)].set(new[:, 0], mode="drop")
+    return cache.at[:, slot, start + jnp.arange(T)].set(new[:, 0].astype(cache.dtype), mode="drop")
 
 
 def write_step(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
     """Write one token per slot: new [L, B, 1, K, H] at positions[b] (>= S means skip)."""
     B = new.shape[1]
-    return cache.at[:, jnp.arange(B), positions].set(new[:, :, 0], mode="drop")
+    return cache.at[:, jnp.arange(B), positions].set(new[:, :, 0].astype(cache.dtype), mode="drop")

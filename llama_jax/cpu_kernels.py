@@ -56,6 +56,8 @@ def _cache_operand(x: jax.Array) -> tuple[jax.Array, str]:
     if x.dtype == jnp.float16:
         return jax.lax.bitcast_convert_type(x, jnp.uint16), "_f16"
     return x.astype(jnp.float32), ""
+
+
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -235,7 +237,9 @@ def attend_chunk(q, k_new, v_new, k_ctx, v_ctx, start, valid) -> jax.Array:
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     k_ctx, suffix = _cache_operand(k_ctx)
     v_ctx, _ = _cache_operand(v_ctx)
-    return jax.ffi.ffi_call("lj_attend_chunk" + suffix, out)(f32(q), f32(k_new), f32(v_new), k_ctx, v_ctx, ctl)
+    return jax.ffi.ffi_call("lj_attend_chunk" + suffix, out)(
+        f32(q), f32(k_new), f32(v_new), k_ctx, v_ctx, ctl
+    )
 
 
 @jax.tree_util.register_dataclass

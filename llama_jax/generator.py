@@ -86,6 +86,7 @@ class Generator:
         max_slots: int = 8,
         max_seq_len: int = 2048,
         max_queue: int = 256,
+        kv_dtype: str | None = "auto",
     ):
         self.loaded = loaded
         self.config = loaded.config
@@ -95,7 +96,13 @@ class Generator:
         self.max_seq_len = max_seq_len
         # Several processes (jax.distributed): process 0's device calls are broadcast to the rest.
         self.runner = lockstep.for_process(
-            ModelRunner(loaded.model, max_slots=max_slots, max_seq_len=max_seq_len, mesh=loaded.mesh)
+            ModelRunner(
+                loaded.model,
+                max_slots=max_slots,
+                max_seq_len=max_seq_len,
+                mesh=loaded.mesh,
+                kv_dtype=kv_dtype,
+            )
         )
         self.engine = Engine(self.runner, tokenizer, eos_ids=loaded.config.eos_ids, max_queue=max_queue)
         self._loop: EngineLoop | None = None
@@ -126,6 +133,7 @@ class Generator:
         compilation_cache: str | None = "default",
         mesh: str | Mesh | None = None,
         kernels: bool | None = None,
+        kv_dtype: str | None = "auto",
     ) -> Generator:
         """Load an alias (default: smollm2-135m-instruct), a GGUF file or a Hugging Face folder.
 
@@ -137,7 +145,8 @@ class Generator:
         `jax.sharding.Mesh`) runs tensor-parallel over M devices with D replicas of the slot
         batch (`max_slots` a multiple of D); None: one device. `kernels`: the hand-written CPU
         decode kernels (`cpu_kernels.py`); None uses them on the CPU backend when they build
-        (`LLAMA_JAX_CPU_KERNELS=0` turns them off).
+        (`LLAMA_JAX_CPU_KERNELS=0` turns them off). `kv_dtype`: the KV cache's element type;
+        "auto" is float16 where the CPU kernels serve (as llama.cpp's cache), else `dtype`.
         """
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache == "default" else compilation_cache)
@@ -152,7 +161,13 @@ class Generator:
         template = ChatTemplate.resolve(tokenizer.chat_template, chat_template)
         max_seq_len = min(max_seq_len, loaded.config.context_length)
         return cls(
-            loaded, tokenizer, template, max_slots=max_slots, max_seq_len=max_seq_len, max_queue=max_queue
+            loaded,
+            tokenizer,
+            template,
+            max_slots=max_slots,
+            max_seq_len=max_seq_len,
+            max_queue=max_queue,
+            kv_dtype=kv_dtype,
         )
 
     def warmup(self, progress: bool | None = None) -> None:

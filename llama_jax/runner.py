@@ -95,11 +95,20 @@ class ModelRunner:
         min_prefill_bucket: int = 16,
         min_context_bucket: int = 128,
         mesh: Mesh | None = None,
+        kv_dtype: str | None = None,
     ):
         """`mesh`: run tensor-parallel over a `data` x `model` mesh (`sharding.py`); None: one
-        device, no declared shardings."""
+        device, no declared shardings. `kv_dtype`: the KV cache's element type ("float32",
+        "bfloat16", "float16"); None or "auto": float16 where the CPU kernels read the cache
+        (half the memory and bandwidth of float32, llama.cpp's default), else the model's
+        activation dtype (bfloat16 on GPU/TPU, float32 on XLA:CPU, which has no fast 16-bit
+        math)."""
         self.cfg = model.cfg
         self.dtype = model.dtype
+        if kv_dtype in (None, "auto"):
+            self.kv_dtype = jnp.float16 if model.kernels else model.dtype
+        else:
+            self.kv_dtype = jnp.dtype(kv_dtype).type
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
         self.prefill_buckets = pow2_buckets(
@@ -152,7 +161,7 @@ class ModelRunner:
         return logits if self._shard is None else self._shard.whole_rows(logits)
 
     def _new_state(self) -> DecodeState:
-        return kv.init_state(self.cfg, self.max_slots, self.max_seq_len, self.dtype)
+        return kv.init_state(self.cfg, self.max_slots, self.max_seq_len, self.kv_dtype)
 
     def init_state(self) -> DecodeState:
         if self._shard is None:

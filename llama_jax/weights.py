@@ -356,5 +356,7 @@ def estimate_memory(
         n = math.prod(spec.shape) * (cfg.n_layers if spec.stacked else 1)
         weights += n * per_weight[formats.get(name, params.FLOAT)]
     seq = min(max_seq_len, cfg.context_length)
-    cache = 2 * cfg.n_layers * max_slots * seq * cfg.n_kv_heads * cfg.head_dim * width
+    kernels = jax.default_backend() == "cpu" and dtype == "float32" and cpu_kernels.available()
+    kv_width = 2 if kernels else width  # ModelRunner's "auto" KV cache: float16 under the CPU kernels
+    cache = 2 * cfg.n_layers * max_slots * seq * cfg.n_kv_heads * cfg.head_dim * kv_width
     return int(weights + cache)

@@ -81,10 +81,10 @@ class ModelEntry:
         self.generator = gen
         self.status = "ok"
         log.info(
-            "serving %s (%s%s) on %d slots of %d tokens",
+            "serving %s (%s activations, quantize=%s) on %d slots of %d tokens",
             ", ".join(self.names),
             gen.loaded.model.dtype.__name__,
-            ", int8" if s.quantize else "",
+            s.quantize or "none",
             s.max_slots,
             gen.max_seq_len,
         )

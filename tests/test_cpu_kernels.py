@@ -66,19 +66,22 @@ def test_matmul_rejects_a_layer_out_of_range(rng):
         np.asarray(ck.matmul(jnp.ones((1, 16), jnp.float32), w, None, jnp.int32(2)))
 
 
+@pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("H", [16, 12])  # vector and scalar paths
-def test_attend_equals_xla_attention_over_valid_positions(rng, H):
+def test_attend_equals_xla_attention_over_valid_positions(rng, H, cache_dtype):
     """Rows with 0, 1, some and all cache positions valid, GQA (3 query heads per KV head),
-    reading layer 1 of a stacked cache; garbage past each row's length is never read."""
+    reading layer 1 of a stacked cache (float32 or float16); garbage past each row's length is
+    never read."""
     L, Bmax, S, KV, G = 2, 5, 16, 2, 3
     lengths = np.asarray([0, 1, 7, S], np.int32)
     B = len(lengths)
-    k_cache = rng.standard_normal((L, Bmax, S, KV, H)).astype(np.float32)
-    v_cache = rng.standard_normal((L, Bmax, S, KV, H)).astype(np.float32)
+    k_cache = rng.standard_normal((L, Bmax, S, KV, H)).astype(cache_dtype)
+    v_cache = rng.standard_normal((L, Bmax, S, KV, H)).astype(cache_dtype)
     q = rng.standard_normal((B, KV, G, H)).astype(np.float32)
     k_new, v_new = rng.standard_normal((2, B, KV, H)).astype(np.float32)
     got = np.asarray(ck.attend(q, k_new, v_new, k_cache, v_cache, jnp.int32(1), jnp.asarray(lengths)))
-    want = attend(q[:, None], k_new[:, None], v_new[:, None], k_cache[1, :B], v_cache[1, :B], lengths)[:, 0]
+    kc, vc = (c[1, :B].astype(np.float32) for c in (k_cache, v_cache))
+    want = attend(q[:, None], k_new[:, None], v_new[:, None], kc, vc, lengths)[:, 0]
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
     poisoned = k_cache.copy()
     for b, n in enumerate(lengths):
@@ -113,9 +116,11 @@ def test_attend_chunk_equals_xla_attention(rng, H, start):
         np.testing.assert_array_equal(alone, got)
 
 
-def test_chunked_prefill_with_kernels_equals_the_xla_path():
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+def test_chunked_prefill_with_kernels_equals_the_xla_path(kv_dtype):
     """A prompt prefilled in two chunks (the second attends over the first in the cache) and
-    decoded: the kernel path gives the XLA path's tokens and log-probabilities."""
+    decoded: the kernel path gives the XLA path's tokens and log-probabilities, with a float32
+    or a float16 KV cache (which the kernels read as float16)."""
     cfg = tiny_config()
     state = pack_tensors(cfg, random_tensors(cfg).items(), "tiny")
     prompt = np.arange(3, 33, dtype=np.int32)
@@ -125,8 +130,9 @@ def test_chunked_prefill_with_kernels_equals_the_xla_path():
         m = build_model(cfg, state)
         if kernels:
             assert ck.pack_model(m)
-        runner = ModelRunner(m, max_slots=2, max_seq_len=64, min_prefill_bucket=16)
+        runner = ModelRunner(m, max_slots=2, max_seq_len=64, min_prefill_bucket=16, kv_dtype=kv_dtype)
         st = runner.init_state()
+        assert st.k.dtype == kv_dtype
         st, first = runner.prefill(st, prompt[:20], 1, 0, row)
         st, second = runner.prefill(st, prompt[20:], 1, 20, row)
         st, step = runner.decode(st, np.asarray([False, True]), 31)
@@ -140,7 +146,7 @@ def test_chunked_prefill_with_kernels_equals_the_xla_path():
 def _run(model, prompt, steps: int, slots: int = 3):
     """Greedy prefill into slot 1 plus `steps` decode steps with 2 of `slots` active:
     (tokens, prefill logprob-bearing outputs)."""
-    runner = ModelRunner(model, max_slots=slots, max_seq_len=64, min_prefill_bucket=16)
+    runner = ModelRunner(model, max_slots=slots, max_seq_len=64, min_prefill_bucket=16, kv_dtype="float32")
     state = runner.init_state()
     row = SlotSampling.from_params([SamplingParams(temperature=0.0, top_logprobs=5)], [0])
     state, out = runner.prefill(state, np.asarray(prompt[:5], np.int32), 0, 0, row)
