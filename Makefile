@@ -44,6 +44,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_core.py
 	$(BIN)/python bench/bench_engine.py --constrained
+	$(BIN)/python bench/bench_engine.py --quantize none
 	$(BIN)/python bench/bench_engine.py --quantize int8
 
 # Golden reference data from Hugging Face transformers (the `reference` extra, own venv).

@@ -1,6 +1,6 @@
 """Core benchmark: load time, compile times, prefill and decode throughput, peak memory.
 
-    python bench/bench_core.py [--model ALIAS_OR_PATH] [--dtypes float32,int8,float32:xla]
+    python bench/bench_core.py [--model ALIAS_OR_PATH] [--dtypes float32,int8,q4,auto,float32:xla]
 
 A dtype with the suffix `:xla` runs without the CPU kernels (`cpu_kernels.py`), on XLA's own
 ops, for a before/after in one run. Runs each dtype in its own subprocess (clean peak-memory figure) and prints one table. Decode
@@ -22,8 +22,8 @@ import numpy as np
 
 
 def measure(model: str | None, dtype: str, seq: int, steps: int) -> dict:
-    """`dtype` is a float dtype, or "int8" (float32 activations, int8 weights); ":xla" after
-    it turns the CPU kernels off."""
+    """`dtype` is a float dtype (float weights), or "int8", "q4" or "auto" (float32
+    activations, weights in that `quantize` format); ":xla" after it turns the CPU kernels off."""
     import jax
 
     from llama_jax.runner import ModelRunner, unpack
@@ -33,10 +33,10 @@ def measure(model: str | None, dtype: str, seq: int, steps: int) -> dict:
     t0 = time.perf_counter()
     label = dtype
     dtype, _, variant = dtype.partition(":")
-    quantize = "int8" if dtype == "int8" else None
+    quantize = dtype if dtype in ("int8", "q4", "auto") else "none"
     loaded = load_model(
         model,
-        dtype="float32" if quantize else dtype,
+        dtype="float32" if quantize != "none" else dtype,
         quantize=quantize,
         kernels=False if variant == "xla" else None,
     )
@@ -85,7 +85,7 @@ def measure(model: str | None, dtype: str, seq: int, steps: int) -> dict:
             for name, seconds in spent.items():
                 r[f"decode_b16_{name}_tok_s"] = batch * steps / seconds
         del state
-    r.update(matmul_baseline(loaded.config, "float32" if quantize else dtype, steps))
+    r.update(matmul_baseline(loaded.config, "float32" if quantize != "none" else dtype, steps))
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     r["backend"] = jax.default_backend()
     return r
@@ -121,7 +121,7 @@ def matmul_baseline(cfg, dtype: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
-    ap.add_argument("--dtypes", default="float32,int8,float32:xla,int8:xla,bfloat16")
+    ap.add_argument("--dtypes", default="float32,int8,auto,float32:xla,int8:xla,bfloat16")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)

@@ -1,6 +1,6 @@
 """Engine benchmark through the async API: concurrent streams of generated tokens.
 
-    python bench/bench_engine.py [--model M] [--quantize int8] [--streams 1,4,16] [--tokens 128]
+    python bench/bench_engine.py [--model M] [--quantize auto|none|int8|q4] [--streams 1,4,16] [--tokens 128]
                                  [--constrained] [--no-kernels] [--unique]
 
 For each concurrency level, that many asyncio tasks each stream one request of `--tokens`
@@ -79,7 +79,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
-    ap.add_argument("--quantize", default=None)
+    ap.add_argument("--quantize", default="auto", help="auto (the file's precision), none, int8 or q4")
     ap.add_argument("--streams", default="1,4,16")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--constrained", action="store_true")
@@ -101,7 +101,7 @@ def main() -> None:
     t = time.perf_counter()
     gen.warmup(progress=False)
     print(
-        f"model={gen.loaded.name} quantize={args.quantize or 'none'} kernels={gen.loaded.model.kernels}"
+        f"model={gen.loaded.name} quantize={args.quantize} kernels={gen.loaded.model.kernels}"
         f" slots={max(levels)} warmup={time.perf_counter() - t:.1f}s"
     )
     sampling = SamplingParams(temperature=0.7, max_tokens=args.tokens, ignore_eos=True, seed=0)

@@ -252,7 +252,10 @@ class Soak:
         self.report.burst += size
         body = {"model": MODEL, "messages": FRANCE, "max_tokens": 4, "ignore_eos": True}
         limits = httpx.Limits(max_connections=size)
-        async with httpx.AsyncClient(base_url=self.url, timeout=120, limits=limits) as client:
+        # From an address of its own: the server gives each client (address, without API keys)
+        # a share of the queue, and the soak's other clients hold 127.0.0.1's.
+        transport = httpx.AsyncHTTPTransport(local_address=BURST_ADDRESS, limits=limits)
+        async with httpx.AsyncClient(base_url=self.url, timeout=120, transport=transport) as client:
             answers = await asyncio.gather(
                 *(client.post("/v1/chat/completions", json=body) for _ in range(size)), return_exceptions=True
             )
@@ -269,6 +272,9 @@ class Soak:
                 self._check_error(a, "burst")
                 self.fail(f"burst: {a.status_code} {a.text[:200]}")
         self.report.sent += size
+
+
+BURST_ADDRESS = "127.0.0.2"  # loopback too (127.0.0.0/8), a client of its own
 
 
 async def warm_up(url: str) -> None:

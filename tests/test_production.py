@@ -44,7 +44,7 @@ def prod(tiny_gguf):
 api_keys = ["{KEYS[0]}", "{KEYS[1]}", "{KEYS[2]}", "{KEYS[3]}"]
 cors_origins = ["http://app.example"]
 warmup = false
-memory_budget_mb = 800
+memory_budget_mb = 200
 
 [[models]]
 model = "{MODEL}"
@@ -144,7 +144,7 @@ def test_a_load_beyond_the_memory_budget_is_refused_and_disturbs_nothing(prod):
     with pytest.raises(openai.InternalServerError) as e:
         client(prod).chat.completions.create(model=BIG, messages=FRANCE, max_tokens=2)
     assert e.value.status_code == 503 and e.value.code == "insufficient_memory"
-    assert "800 MB memory budget" in e.value.message
+    assert "200 MB memory budget" in e.value.message
     assert httpx.get(prod.url + "/health").json()["models"][BIG] == "unloaded"
     r = client(prod).chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=12, temperature=0)
     assert "Paris" in r.choices[0].message.content
