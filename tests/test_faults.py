@@ -5,8 +5,10 @@ EXIT_ENGINE_FAILED for its supervisor to restart (both under bare hypercorn and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -43,9 +45,22 @@ def _free_port() -> int:
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """The server in a process group of its own, so `_stop` also ends hypercorn's worker (a
+    killed parent left its worker serving, with a stalled engine, after the test)."""
     return subprocess.Popen(
-        cmd, env={**os.environ, **env}, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
+        cmd,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
@@ -118,8 +133,7 @@ def test_engine_fault_under_bare_hypercorn_fails_requests_then_exits_for_a_resta
         _wait_healthy(url, proc, log)
         _inject_and_check(url, proc, trigger, log)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc)
 
 
 def test_engine_fault_under_llama_jax_serve_stops_gracefully_and_exits_for_a_restart(tmp_path):
@@ -133,8 +147,7 @@ def test_engine_fault_under_llama_jax_serve_stops_gracefully_and_exits_for_a_res
         _wait_healthy(url, proc, log)
         _inject_and_check(url, proc, trigger, log)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc)
 
 
 def _tiny_model(tmp_path: Path) -> Path:
@@ -182,7 +195,7 @@ def test_health_says_stalled_while_an_engine_with_work_finishes_no_step(tmp_path
         assert result["r"].status_code == 200
         assert httpx.get(url + "/health", timeout=1).json() == {"status": "ok"}
     finally:
-        proc.kill()
+        _stop(proc)
 
 
 def test_health_names_no_file_paths_when_a_model_fails_to_load(tmp_path):
@@ -208,4 +221,4 @@ def test_health_names_no_file_paths_when_a_model_fails_to_load(tmp_path):
         assert "server log" in health.json()["errors"]["broken"]
         assert "private-models" in log.read_text()  # the details are for the operator
     finally:
-        proc.kill()
+        _stop(proc)
