@@ -22,9 +22,11 @@ queue holds arrives at once. Afterwards:
 `--hostile` runs the other check instead: a normal 64-token stream alone (its quiet
 inter-token latency), then again while hostile requests run: an embeddings flood of
 `--docs` documents of ~450 tokens, `n`=2 streams dropped after a few events, one after the
-other, and `/health` polled throughout. It passes when the loaded median inter-token latency
-is within 3x the quiet one, the first token comes within 10 s, the longest gap is under 5 s,
-and `/health` answers 200 within 1 s every time.
+other, streams with 16 stop strings of 256 characters held back, a JSON schema whose regex
+(`^(x{300}){300}$`) would cost ~40 ms per token if accepted, with n=4, and `/health` polled
+throughout. It passes when the loaded median inter-token latency is within 3x the quiet one,
+the first token comes within 10 s, the longest gap is under 5 s, the schema is refused with a
+400 within 5 s, and `/health` answers 200 within 1 s every time.
 
 Prints one table and exits 1 when a check fails. tests/test_soak.py runs a 60-second soak in CI
 against the test server; the long one is `pytest -m soak` (`LLAMA_JAX_SOAK_SECONDS`) or this script.
@@ -357,6 +359,8 @@ class HostileReport:
     health_statuses: set = dataclasses.field(default_factory=set)
     flood_running_at_end: bool = False  # the embeddings flood overlapped the whole measurement
     dropped_groups: int = 0
+    regex_bomb: tuple[int, float] = (0, 0.0)  # status and seconds of a schema with a 90,000-x regex
+    stop_bomb_streams: int = 0  # streams with 16 stop strings of 256 characters each, meanwhile
     left: str | None = None  # what was still live after the clients left (None: nothing)
 
     @property
@@ -368,6 +372,10 @@ class HostileReport:
             out.append(f"first token after {self.loaded_ttft:.1f} s, longest gap {self.loaded_max_gap:.1f} s")
         if self.health_max_s > 1.0 or self.health_statuses != {200}:
             out.append(f"/health: slowest {self.health_max_s:.2f} s, statuses {self.health_statuses}")
+        if self.regex_bomb[0] != 400 or self.regex_bomb[1] > 5:
+            out.append(
+                f"regex-bomb schema: {self.regex_bomb[0]} after {self.regex_bomb[1]:.1f} s (want a quick 400)"
+            )
         if self.left:
             out.append(f"after the clients left: {self.left}")
         return out
@@ -385,6 +393,8 @@ class HostileReport:
             ),
             ("flood still running at the end", self.flood_running_at_end),
             ("n=2 streams dropped", self.dropped_groups),
+            ("regex-bomb schema (n=4): status / s", f"{self.regex_bomb[0]} / {self.regex_bomb[1]:.2f}"),
+            ("16 x 256-char stop streams meanwhile", self.stop_bomb_streams),
         ]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"| {k:<{width}} | {v!s:>16} |" for k, v in rows)
@@ -440,6 +450,26 @@ async def hostile(url: str, docs: int = 128) -> HostileReport:
                             break
                 report.dropped_groups += 1
 
+    async def regex_bomb() -> None:
+        schema = {"type": "object", "properties": {"x": {"type": "string", "pattern": "^(x{300}){300}$"}}}
+        fmt = {"type": "json_schema", "json_schema": {"name": "bomb", "schema": schema}}
+        body = {"model": MODEL, "messages": FRANCE, "response_format": fmt, "n": 4, "max_tokens": 50}
+        async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
+            t0 = time.monotonic()
+            r = await c.post("/v1/chat/completions", json=body)
+            report.regex_bomb = (r.status_code, time.monotonic() - t0)
+
+    async def stop_bomb() -> None:
+        stops = [chr(ord("a") + i) * 255 + "!" for i in range(16)]  # never match; all held back
+        body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 200, "stop": stops, "stream": True}
+        async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
+            while not stop.is_set():
+                async with c.stream("POST", "/v1/completions", json=body) as r:
+                    async for _ in r.aiter_lines():
+                        if stop.is_set():
+                            break
+                report.stop_bomb_streams += 1
+
     async def health() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
             while not stop.is_set():
@@ -449,7 +479,7 @@ async def hostile(url: str, docs: int = 128) -> HostileReport:
                 report.health_statuses.add(r.status_code)
                 await asyncio.sleep(0.2)
 
-    tasks = [asyncio.create_task(f()) for f in (flood, groups, health)]
+    tasks = [asyncio.create_task(f()) for f in (flood, groups, regex_bomb, stop_bomb, health)]
     await asyncio.sleep(2.0)  # the flood and the groups are under way
     async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
         report.loaded_ttft, gaps = await _normal_stream(c)

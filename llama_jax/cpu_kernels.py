@@ -52,9 +52,10 @@ CACHE_DTYPES = (jnp.float32, jnp.float16)  # KV cache element types the attentio
 
 
 def _cache_operand(x: jax.Array) -> tuple[jax.Array, str]:
-    """A cache operand as the kernels take it, and their name's suffix: float16 as its bits."""
+    """A cache operand as the kernels take it, and their name's suffix. (float16 goes as it is:
+    a bitcast to its bits made XLA copy the whole cache every step.)"""
     if x.dtype == jnp.float16:
-        return jax.lax.bitcast_convert_type(x, jnp.uint16), "_f16"
+        return x, "_f16"
     return x.astype(jnp.float32), ""
 
 
@@ -174,8 +175,8 @@ def matmul_q4(x, w, scale, mn, layer=None, rows=None) -> jax.Array:
     R, N = x.shape[0], w.shape[-3] * TILE
     out = jax.ShapeDtypeStruct((R, N), jnp.float32)
     ctl = _ctl(layer, rows, R)
-    bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.uint16)
-    return jax.ffi.ffi_call("lj_matmul_q4", out)(x.astype(jnp.float32), w, bits(scale), bits(mn), ctl)
+    f16 = functools.partial(jnp.asarray, dtype=jnp.float16)
+    return jax.ffi.ffi_call("lj_matmul_q4", out)(x.astype(jnp.float32), w, f16(scale), f16(mn), ctl)
 
 
 def _ctl(layer, rows, R: int) -> jax.Array:

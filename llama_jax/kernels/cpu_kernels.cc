@@ -710,8 +710,8 @@ void matmul_q4(const float* x, int64_t R, int64_t valid, int64_t K, const uint8_
   });
 }
 
-ffi::Error MatmulQ4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::U16> scale,
-                    ffi::Buffer<ffi::U16> mins, ffi::Buffer<ffi::S32> ctl, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error MatmulQ4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> scale,
+                    ffi::Buffer<ffi::F16> mins, ffi::Buffer<ffi::S32> ctl, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   const size_t n = wd.size();
   int64_t l, valid;
@@ -958,8 +958,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_matmul_q4, MatmulQ4,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -974,13 +974,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend, Attend<ffi::F32>,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend_f16, Attend<ffi::U16>,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend_f16, Attend<ffi::F16>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
@@ -995,12 +995,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend_chunk, AttendChunk<ffi::F32>,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend_chunk_f16, AttendChunk<ffi::U16>,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend_chunk_f16, AttendChunk<ffi::F16>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
