@@ -1,20 +1,21 @@
 """Real model sizes: load time, peak memory and decode speed of `llama-jax serve` against llama.cpp's
 `llama-server` on the same random-weight GGUF files with real shapes, in one run.
 
-    python bench/bench_scale.py [--models smollm2-1.7b,llama-3.2-1b,llama-3-8b] [--formats Q4_0]
+    python bench/bench_scale.py [--models smollm2-1.7b,llama-3.2-1b,llama-3-8b,default] [--formats Q4_0]
                                 [--streams 1,8] [--max-tokens 64] [--slots 8] [--ctx 1024]
                                 [--llama-server PATH] [--skip-peer]
 
 For each model shape (SmolLM2-1.7B: 24 layers, dim 2048, 32/32 heads, ffn 8192; Llama-3.2-1B:
 16 layers, dim 2048, 32/8 heads, ffn 8192; Llama-3-8B: 32 layers, dim 4096, 32/8 heads, ffn
-14336; all with the default model's tokenizer and vocabulary) and format, a GGUF is written
+14336; all with the default model's tokenizer and vocabulary; `default`: the default model's
+own Q4_1 file, real weights) and format, a GGUF is written
 once under `--cache` with the `gguf` package's writer: 4-bit tensors as random blocks (random
 codes, scales of a trained model's size: what quantizing random weights gives, without
 minutes of quantizing), other types through the package's quantizers. Both servers then
 serve it with the same slots and context, one after the other, each measured for:
 
-- load: process start to `/health` 200 (ours with `--no-warmup`: compiles happen during the
-  warm-up requests, as llama.cpp has none);
+- load: process start to `/health` 200 (ours with `--no-warmup`: compiles happen during two
+  unmeasured warm-up rounds of requests per level, as llama.cpp has none);
 - peak RSS of the whole server process (VmHWM) at the end;
 - decode tokens/s at 1 and 8 concurrent streams (`--max-tokens` tokens each, ignore_eos,
   temperature 0.7), through `bench_http.py`'s client.
@@ -171,7 +172,11 @@ async def measure(port: int, streams: list[int], max_tokens: int) -> dict[int, f
     args = SimpleNamespace(model=model, seed=0, top_p=None, temperature=0.7)
     out = {}
     for n in streams:
-        await level(client, args, n, 8, 1)  # warm-up: compiles (ours), caches
+        # Warm-up, unmeasured: a short round (the prompts' first prefill) and a full one (the
+        # prompts again, now from the prefix cache, and decoding at this batch): whatever
+        # shapes the measured round meets are compiled (ours, started with --no-warmup).
+        await level(client, args, n, 8, 1)
+        await level(client, args, n, max_tokens, 1)
         r = await level(client, args, n, max_tokens, 1)
         if r["errors"]:
             raise RuntimeError(f"{r['errors']} errors: {r['error_samples']}")
@@ -217,7 +222,12 @@ def main() -> None:
     rows = []
     for model in args.models.split(","):
         for fmt in args.formats.split(","):
-            path = cache / f"{model}-{fmt}.gguf"
+            if model == "default":  # the default model's own file (SmolLM2-135M-Instruct, Q4_1)
+                from llama_jax.weights import resolve_model_path
+
+                path, fmt = resolve_model_path(None)[1], "Q4_1"
+            else:
+                path = cache / f"{model}-{fmt}.gguf"
             if not path.exists():
                 t0 = time.perf_counter()
                 write_gguf(path, SHAPES[model], fmt)
