@@ -451,7 +451,7 @@ async def hostile(url: str, docs: int = 128) -> HostileReport:
                 report.dropped_groups += 1
 
     async def regex_bomb() -> None:
-        schema = {"type": "object", "properties": {"x": {"type": "string", "pattern": "^(x{300}){300}$"}}}
+        schema = {"type": "string", "pattern": "^(x{300}){300}$"}  # the 47-byte schema
         fmt = {"type": "json_schema", "json_schema": {"name": "bomb", "schema": schema}}
         body = {"model": MODEL, "messages": FRANCE, "response_format": fmt, "n": 4, "max_tokens": 50}
         async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:

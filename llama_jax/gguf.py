@@ -274,7 +274,15 @@ class GGUFFile:
                     self.path,
                     f"tensor {name!r} ({nbytes} bytes at offset {start}) lies outside the file ({len(self._buf)} bytes): truncated?",
                 )
+            if start < data_start:
+                raise ModelLoadError(self.path, f"tensor {name!r} starts at offset {start}, inside the header")
             infos.append(TensorInfo(name, tuple(int(d) for d in reversed(dims)), qtype, start, nbytes))
+        # Tensors may not share bytes: a small file claiming billions of weights by pointing many
+        # tensors at the same data would otherwise pass the size checks and allocate them all.
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in infos if t.nbytes)
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+            if start < end:
+                raise ModelLoadError(self.path, f"tensors {first!r} and {second!r} overlap in the file")
         return meta, infos
 
     def config(self) -> LlamaConfig:

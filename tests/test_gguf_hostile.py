@@ -158,3 +158,18 @@ def test_tensor_dims_whose_size_overflows_are_refused(tmp_path, dims, problem):
     path = _file(tmp_path, info, n_kv=0, n_tensors=1, pad=64)
     with pytest.raises(ModelLoadError, match=problem):
         read_everything(path)
+
+
+def test_tensors_that_share_bytes_are_refused(tmp_path):
+    """Many tensors pointing at the same bytes: a small file could claim billions of weights,
+    pass the size checks and have them all allocated. Overlapping data ranges are refused."""
+    infos = b""
+    for i in range(3):  # three 8x8 F32 tensors, all at offset 0
+        infos += _string(f"blk.{i}.ffn_up.weight") + struct.pack("<I2Q", 2, 8, 8) + struct.pack("<IQ", 0, 0)
+    path = _file(tmp_path, infos, n_kv=0, n_tensors=3, pad=64 + 256)
+    with pytest.raises(ModelLoadError, match="overlap in the file"):
+        GGUFFile(path)
+    apart = b""
+    for i in range(3):  # the same tensors side by side read fine
+        apart += _string(f"blk.{i}.ffn_up.weight") + struct.pack("<I2Q", 2, 8, 8) + struct.pack("<IQ", 0, 256 * i)
+    GGUFFile(_file(tmp_path, apart, n_kv=0, n_tensors=3, pad=64 + 3 * 256))
