@@ -275,7 +275,9 @@ class GGUFFile:
                     f"tensor {name!r} ({nbytes} bytes at offset {start}) lies outside the file ({len(self._buf)} bytes): truncated?",
                 )
             if start < data_start:
-                raise ModelLoadError(self.path, f"tensor {name!r} starts at offset {start}, inside the header")
+                raise ModelLoadError(
+                    self.path, f"tensor {name!r} starts at offset {start}, inside the header"
+                )
             infos.append(TensorInfo(name, tuple(int(d) for d in reversed(dims)), qtype, start, nbytes))
         # Tensors may not share bytes: a small file claiming billions of weights by pointing many
         # tensors at the same data would otherwise pass the size checks and allocate them all.

@@ -171,5 +171,7 @@ def test_tensors_that_share_bytes_are_refused(tmp_path):
         GGUFFile(path)
     apart = b""
     for i in range(3):  # the same tensors side by side read fine
-        apart += _string(f"blk.{i}.ffn_up.weight") + struct.pack("<I2Q", 2, 8, 8) + struct.pack("<IQ", 0, 256 * i)
+        apart += (
+            _string(f"blk.{i}.ffn_up.weight") + struct.pack("<I2Q", 2, 8, 8) + struct.pack("<IQ", 0, 256 * i)
+        )
     GGUFFile(_file(tmp_path, apart, n_kv=0, n_tensors=3, pad=64 + 3 * 256))
