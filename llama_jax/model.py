@@ -25,6 +25,7 @@ from flax import nnx
 
 from llama_jax import cpu_kernels
 from llama_jax.config import LlamaConfig, rope_frequencies
+from llama_jax.weight import Weight
 
 
 class Buffer(nnx.Variable):
@@ -71,8 +72,8 @@ def attend(q, k_new, v_new, k_ctx, v_ctx, ctx_len):
 
 
 def dense(x: jax.Array, w, spec: str) -> jax.Array:
-    """`einsum(spec, x, w)` for a plain weight; quantized weights plug in here."""
-    if hasattr(w, "einsum"):
+    """`einsum(spec, x, w)`: a `Weight` computes it its own way, a float array here."""
+    if isinstance(w, Weight):
         return w.einsum(spec, x)
     return jnp.einsum(spec, x, w.astype(x.dtype))
 
@@ -225,6 +226,6 @@ class Llama(nnx.Module):
 
 
 def embed_lookup(table, tokens: jax.Array) -> jax.Array:
-    if hasattr(table, "take_rows"):
+    if isinstance(table, Weight):
         return table.take_rows(tokens)
     return jnp.take(table, tokens, axis=0)

@@ -231,3 +231,24 @@ def test_the_cpu_kernels_build_wherever_they_can():
     if os.environ.get("LLAMA_JAX_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
         pytest.skip("LLAMA_JAX_CPU_KERNELS=0")
     assert ck.available(), "the CPU kernels failed to build: see the warning in the log"
+
+
+@pytest.mark.skipif(not ck.available(), reason="no CPU kernels on this platform")
+def test_every_weight_format_is_a_weight_and_a_float_array_is_not(rng):
+    """The model dispatches on `Weight` alone (model.dense, embed_lookup): each format's class
+    must satisfy it, and a float array must take the plain einsum path."""
+    from llama_jax.quantize import quantize_array, quantize_q4
+    from llama_jax.weight import Weight
+
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    int8, q4 = quantize_array(w, (1,)), quantize_q4(w, (1,))
+    exact = [(w, w), (int8, np.asarray(int8.dequantize())), (q4, np.asarray(q4.dequantize()))]
+    cases = exact[1:] + [(ck.pack_weight(f, (1,), stacked=False), ref) for f, ref in exact]
+    x = jnp.asarray(rng.standard_normal((3, 96)).astype(np.float32))
+    for f, ref in cases:  # each computes with its own (dequantized) values
+        assert isinstance(f, Weight), type(f)
+        want = np.asarray(x) @ ref.T
+        np.testing.assert_allclose(
+            np.asarray(f.einsum("TD,VD->TV", x)), want, rtol=0, atol=1e-3 * np.abs(want).max()
+        )
+    assert not isinstance(jnp.asarray(w), Weight)
