@@ -120,8 +120,15 @@ def test_int8_decode_steps_match_float_formulation(monkeypatch):
     assert outs["auto"] == outs["float"]
 
 
-def test_int8_default_model_answers_paris():
-    gen = Generator.from_pretrained(quantize="int8", max_seq_len=512, max_slots=1)
+@pytest.mark.parametrize("quantize", ["int8", "auto"])
+def test_quantized_default_model_answers_paris(quantize):
+    """int8, and the default: the Q4_1 file's own 4-bit codes (its Q8_0 embedding as int8)."""
+    gen = Generator.from_pretrained(quantize=quantize, max_seq_len=512, max_slots=1)
+    if quantize == "auto":
+        from llama_jax.quantize import Q4Weight
+
+        wqkv = gen.model.blocks.wqkv.get_value()
+        assert isinstance(wqkv, Q4Weight) or getattr(wqkv, "mins", None) is not None  # 4-bit, XLA or kernel
     try:
         out = gen.chat(
             [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0)
