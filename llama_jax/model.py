@@ -105,6 +105,7 @@ class Blocks(nnx.Module):
         rows=None,
         kernels=False,
         valid=None,
+        kv_dtype=None,
     ):
         """x [B,T,D] -> (x [B,T,D], new_k [L,B,T,K,H], new_v [L,B,T,K,H]).
 
@@ -120,6 +121,10 @@ class Blocks(nnx.Module):
         positions, computing only its `valid` rows.
         `valid` (traced, kernels only): the kernels' matmuls compute only the first `valid`
         of the B*T token rows (a padded prefill chunk's true length).
+        `kv_dtype` (static): the KV cache's element type; a chunk's own keys and values are
+        rounded to it before they are attended to, so a position reads the same values whether
+        it is in this chunk or in the cache later (a prompt prefilled whole and one continued
+        from the prefix cache give the same numbers).
         """
         G = cfg.group
         weights = {
@@ -153,6 +158,8 @@ class Blocks(nnx.Module):
             q = rope(qkv[..., :G, :], positions, inv_freq)
             k = rope(qkv[..., G, :], positions, inv_freq)
             v = qkv[..., G + 1, :]
+            if kv_dtype is not None and jnp.dtype(kv_dtype) != k.dtype:
+                k, v = (a.astype(kv_dtype).astype(a.dtype) for a in (k, v))
             if attend_kernel:
                 o = cpu_kernels.attend(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, i, ctx_len)[:, None]
             elif chunk_kernel:
@@ -190,7 +197,16 @@ class Llama(nnx.Module):
         self.kernels = False  # the CPU kernel path; `cpu_kernels.pack_model` turns it on
 
     def hidden(
-        self, tokens, positions, k_cache=None, v_cache=None, ctx_len=None, context=None, rows=None, valid=None
+        self,
+        tokens,
+        positions,
+        k_cache=None,
+        v_cache=None,
+        ctx_len=None,
+        context=None,
+        rows=None,
+        valid=None,
+        kv_dtype=None,
     ):
         """Final-norm hidden states [B,T,D] and the chunk's K/V rows [L,B,T,K,H] each.
 
@@ -198,7 +214,8 @@ class Llama(nnx.Module):
         starts at position 0); ctx_len [B]: valid cached positions; context (static): attend
         over only the first `context` positions of the cache views; rows (static): the batch is
         the cache views' first `rows` slots; valid (traced): how many of the B*T token rows
-        are real (the rest is padding the CPU kernels skip; None: all).
+        are real (the rest is padding the CPU kernels skip; None: all); kv_dtype (static): the
+        cache's element type, which the chunk's keys and values are rounded to.
         """
         x = embed_lookup(self.embed.get_value(), tokens).astype(self.dtype)
         if ctx_len is None:
@@ -215,6 +232,7 @@ class Llama(nnx.Module):
             rows,
             self.kernels,
             valid,
+            kv_dtype,
         )
         return rms_norm(x, self.norm.get_value(), self.cfg.norm_eps), new_k, new_v
 

@@ -177,13 +177,16 @@ class ModelRunner:
         among those allowed by mask [1, W]."""
         model = self._model(leaves)
         T = tokens.shape[1]
+        kvd = state.k.dtype
         positions = start + jnp.arange(T, dtype=jnp.int32)[None]
         if context:
             k_ctx = kv.slot_context(state.k, slot, context)
             v_ctx = kv.slot_context(state.v, slot, context)
-            h, nk, nv = model.hidden(tokens, positions, k_ctx, v_ctx, start[None], valid=true_len)
+            h, nk, nv = model.hidden(
+                tokens, positions, k_ctx, v_ctx, start[None], valid=true_len, kv_dtype=kvd
+            )
         else:
-            h, nk, nv = model.hidden(tokens, positions, valid=true_len)
+            h, nk, nv = model.hidden(tokens, positions, valid=true_len, kv_dtype=kvd)
         last = jax.lax.dynamic_index_in_dim(h[0], true_len - 1, keepdims=True)  # [1, D]
         end = start + true_len
         history = state.history.at[slot, start + jnp.arange(T)].set(tokens[0], mode="drop")
@@ -211,7 +214,9 @@ class ModelRunner:
         b = batch
         active, lengths, tokens = active[:b], state.lengths[:b], state.tokens[:b]
         sampling = jax.tree.map(lambda a: a[:b], state.sampling)
-        h, nk, nv = model.hidden(tokens[:, None], lengths[:, None], state.k, state.v, lengths, context, b)
+        h, nk, nv = model.hidden(
+            tokens[:, None], lengths[:, None], state.k, state.v, lengths, context, b, kv_dtype=state.k.dtype
+        )
         logits = self._whole_vocab(model.logits(h[:, 0]))
         write_at = jnp.where(active, lengths, state.max_seq_len)
         history = state.history.at[jnp.arange(b), write_at].set(tokens, mode="drop")

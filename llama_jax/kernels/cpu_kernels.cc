@@ -479,13 +479,13 @@ ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer
 // a group, byte b*32 + j*4 + i holds channel j's code for input 4b+i in its low nibble and for
 // input 16+4b+i in its high one, so a masked load is 8 lanes (one per channel) of 4 inputs.
 //
-// Activations are quantized per row and group of 32 to int8: in two parts, x ~ dx * (hi + lo / 254)
-// (about 16 bits), for up to `kTwoPartMaxRows` rows, in one part (x ~ dx * hi) for more. Each
-// lane's 4 code x activation products are summed in one integer instruction (vpdpbusd with
-// AVX-VNNI or AVX512-VNNI, vpmaddubsw + vpmaddwd otherwise): a 4-bit weight is 4x the work per
-// byte of a float one, and float widening would make several rows compute-bound. Per group:
-// y += scale * dx' * sum(q * (254 hi + lo)) + min * sum(x) (dx' = dx / 254; one part: dx and
-// sum(q * hi)), the integer sums exact in int32.
+// Activations are quantized per row and group of 32 to two int8 parts, x ~ dx * (hi + lo / 254)
+// (about 16 bits: a single int8 part, as llama.cpp's Q8 activations, moved the default model's
+// greedy answers), and each lane's 4 code x activation products are summed in one integer
+// instruction (vpdpbusd with AVX-VNNI or AVX512-VNNI, vpmaddubsw + vpmaddwd otherwise): a 4-bit
+// weight is 4x the work per byte of a float one, and float widening would make several rows
+// compute-bound. Per group: y += scale * dx / 254 * sum(q * (254 hi + lo)) + min * sum(x), the
+// integer sum exact in int32.
 
 constexpr int64_t kGroup = 32;
 
@@ -496,10 +496,10 @@ struct QuantRows {
   std::vector<float> d, s;
 };
 
-void quantize_rows(const float* x, int64_t R, int64_t K, bool two, QuantRows* out) {
+void quantize_rows(const float* x, int64_t R, int64_t K, QuantRows* out) {
   const int64_t G = K / kGroup;
   out->hi.resize(R * K);
-  out->lo.resize(two ? R * K : 0);
+  out->lo.resize(R * K);
   out->d.resize(R * G);
   out->s.resize(R * G);
   int8_t* hp = out->hi.data();
@@ -517,10 +517,11 @@ void quantize_rows(const float* x, int64_t R, int64_t K, bool two, QuantRows* ou
       const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
       for (int64_t i = 0; i < kGroup; ++i) {
         const float h = std::nearbyint(xg[i] * inv);  // |x - h * d| <= d / 2: lo in [-127, 127]
+        const float l = std::nearbyint((xg[i] * inv - h) * 254.0f);
         hp[r * K + g * kGroup + i] = int8_t(h);
-        if (two) lp[r * K + g * kGroup + i] = int8_t(std::clamp(std::nearbyint((xg[i] * inv - h) * 254.0f), -127.0f, 127.0f));
+        lp[r * K + g * kGroup + i] = int8_t(std::clamp(l, -127.0f, 127.0f));
       }
-      dp[r * G + g] = two ? d / 254.0f : d;
+      dp[r * G + g] = d / 254.0f;
       sp[r * G + g] = sum;
     }
   };
@@ -571,7 +572,7 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 
 // RT rows (codes xq and xl, rows K apart; dx, dxs rows G apart) against one tile of G groups;
 // writes 8 outputs per row, rows ldy apart.
-template <int RT, bool TWO>
+template <int RT>
 inline void micro_q4(const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs, int64_t K,
                      int64_t G, const uint8_t* w, const uint16_t* sc, const uint16_t* mn, float* y,
                      int64_t ldy) {
@@ -598,14 +599,12 @@ inline void micro_q4(const int8_t* xq, const int8_t* xl, const float* dx, const 
         int32_t a, c, a2, c2;
         std::memcpy(&a, xq + o, 4);
         std::memcpy(&c, xq + o + 16, 4);
+        std::memcpy(&a2, xl + o, 4);
+        std::memcpy(&c2, xl + o + 16, 4);
         acc[r][cl] = dot_u8s8(acc[r][cl], lo, _mm256_set1_epi32(a));
         acc[r][ch] = dot_u8s8(acc[r][ch], hi, _mm256_set1_epi32(c));
-        if constexpr (TWO) {
-          std::memcpy(&a2, xl + o, 4);
-          std::memcpy(&c2, xl + o + 16, 4);
-          acc2[r][cl] = dot_u8s8(acc2[r][cl], lo, _mm256_set1_epi32(a2));
-          acc2[r][ch] = dot_u8s8(acc2[r][ch], hi, _mm256_set1_epi32(c2));
-        }
+        acc2[r][cl] = dot_u8s8(acc2[r][cl], lo, _mm256_set1_epi32(a2));
+        acc2[r][ch] = dot_u8s8(acc2[r][ch], hi, _mm256_set1_epi32(c2));
       }
     }
     const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 8)));
@@ -617,8 +616,7 @@ inline void micro_q4(const int8_t* xq, const int8_t* xl, const float* dx, const 
         l = _mm256_add_epi32(l, acc2[r][c]);
       }
       // 254 hi + lo: |sum| <= 32 * 15 * 32385, exact in int32.
-      const __m256i both =
-          TWO ? _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(h, 8), _mm256_slli_epi32(h, 1)), l) : h;
+      const __m256i both = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(h, 8), _mm256_slli_epi32(h, 1)), l);
       const __m256 f = _mm256_cvtepi32_ps(both);
       accf[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(s, _mm256_set1_ps(dx[r * G + g])), accf[r]);
       accf[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dxs[r * G + g]), accf[r]);
@@ -637,15 +635,15 @@ inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const floa
                           int64_t K, int64_t G, const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
                           float* y, int64_t ldy) {
   switch (rt) {
-    case 1: xl ? micro_q4<1, true>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy) : micro_q4<1, false>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 2: xl ? micro_q4<2, true>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy) : micro_q4<2, false>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 3: xl ? micro_q4<3, true>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy) : micro_q4<3, false>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 4: xl ? micro_q4<4, true>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy) : micro_q4<4, false>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 1: micro_q4<1>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 2: micro_q4<2>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 3: micro_q4<3>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 4: micro_q4<4>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
 #if defined(__AVX512F__)
-    case 5: xl ? micro_q4<5, true>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy) : micro_q4<5, false>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 6: xl ? micro_q4<6, true>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy) : micro_q4<6, false>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 7: xl ? micro_q4<7, true>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy) : micro_q4<7, false>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 8: xl ? micro_q4<8, true>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy) : micro_q4<8, false>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 5: micro_q4<5>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 6: micro_q4<6>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 7: micro_q4<7>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 8: micro_q4<8>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
 #endif
     default: break;
   }
@@ -663,13 +661,12 @@ inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const floa
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* wg = w + g * 128;
         const int8_t* xg = xq + r * K + g * kGroup;
-        const int8_t* xh = xl ? xl + r * K + g * kGroup : nullptr;
+        const int8_t* xh = xl + r * K + g * kGroup;
         int dot = 0;
         for (int b = 0; b < 4; ++b) {
           for (int i = 0; i < 4; ++i) {
             const uint8_t byte = wg[b * 32 + j * 4 + i];
-            const int a = xl ? 254 * xg[4 * b + i] + xh[4 * b + i] : xg[4 * b + i];
-            const int c = xl ? 254 * xg[16 + 4 * b + i] + xh[16 + 4 * b + i] : xg[16 + 4 * b + i];
+            const int a = 254 * xg[4 * b + i] + xh[4 * b + i], c = 254 * xg[16 + 4 * b + i] + xh[16 + 4 * b + i];
             dot += (byte & 0x0f) * a + (byte >> 4) * c;
           }
         }
@@ -682,13 +679,6 @@ inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const floa
 }
 #endif
 
-// Up to this many rows activations are quantized in two int8 parts, beyond it in one (as
-// llama.cpp's Q8 activations). A few rows are bound by memory bandwidth, so the second part is
-// free there; more rows are bound by the integer dot products, which it doubles (8 rows: 1.4-1.9x
-// faster with one part; the default model still answers its golden questions, and agrees with
-// float32's top-1 on 97% of the golden positions against 99% with two parts).
-constexpr int64_t kTwoPartMaxRows = 4;
-
 // Rows at or past `valid` are zeros (a prefill chunk's padding), as in `matmul`.
 void matmul_q4(const float* x, int64_t R, int64_t valid, int64_t K, const uint8_t* w,
                const uint16_t* sc, const uint16_t* mn, float* y, int64_t N) {
@@ -697,10 +687,9 @@ void matmul_q4(const float* x, int64_t R, int64_t valid, int64_t K, const uint8_
   if (R == 0) return;
   const int64_t G = K / kGroup, tiles = N / kTile;
   thread_local QuantRows xr;  // the caller's; workers only read it
-  const bool two = R <= kTwoPartMaxRows;
-  quantize_rows(x, R, K, two, &xr);
+  quantize_rows(x, R, K, &xr);
   const int8_t* xq = xr.hi.data();
-  const int8_t* xl = two ? xr.lo.data() : nullptr;
+  const int8_t* xl = xr.lo.data();
   const float* dx = xr.d.data();
   const float* dxs = xr.s.data();
   const int64_t per_run = std::max<int64_t>(1, tiles / 24);  // ~24 items: even split on 2-16 threads
@@ -715,7 +704,7 @@ void matmul_q4(const float* x, int64_t R, int64_t valid, int64_t K, const uint8_
       const uint16_t* mt = mn + t * G * 8;
       for (int64_t r = r0; r < r1; r += kMRQ4) {
         const int rt = int(std::min<int64_t>(kMRQ4, r1 - r));
-        micro_q4_rows(rt, xq + r * K, xl ? xl + r * K : nullptr, dx + r * G, dxs + r * G, K, G, wt, st, mt, y + r * N + t * kTile, N);
+        micro_q4_rows(rt, xq + r * K, xl + r * K, dx + r * G, dxs + r * G, K, G, wt, st, mt, y + r * N + t * kTile, N);
       }
     }
   });
