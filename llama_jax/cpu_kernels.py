@@ -48,7 +48,6 @@ TARGETS = (
     "lj_attend_chunk_f16",
     "lj_top_k",
 )
-CACHE_DTYPES = (jnp.float32, jnp.float16)  # KV cache element types the attention kernels read
 
 
 def _cache_operand(x: jax.Array) -> tuple[jax.Array, str]:

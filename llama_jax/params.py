@@ -26,7 +26,6 @@ from llama_jax.errors import ModelLoadError
 from llama_jax.quantize import GROUP, Int8Weight, Q4Rows, Q4Weight, q4_from_rows, q4_to_rows
 
 FLOAT, INT8, Q4 = "float", "int8", "q4"
-FORMATS = (FLOAT, INT8, Q4)
 
 
 @dataclasses.dataclass(frozen=True)
