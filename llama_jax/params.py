@@ -125,6 +125,14 @@ def _destination(cfg: LlamaConfig, sub: str) -> np.ndarray | slice:
     return slice(None)
 
 
+def split_name(name: str) -> tuple[str, int | None]:
+    """A canonical tensor name -> (its name within a layer, the layer; None for global ones)."""
+    if name.startswith("model.layers."):
+        _, _, idx, sub = name.split(".", 3)
+        return sub, int(idx)
+    return name, None
+
+
 def required_tensors(cfg: LlamaConfig) -> list[str]:
     """Canonical names of every tensor the model needs."""
     out = []
@@ -282,18 +290,15 @@ class _Param:
             scale = rest[0] if rest else None
             mins = rest[1] if len(rest) > 1 else None
             return cpu_kernels.PackedWeight(data, scale, spec.shape, rel, mins=mins)
-        if self.fmt == INT8:
-            return Int8Weight(put(self.store[0]), put(self.store[1]), rel)
+        if self.fmt == INT8:  # placed whole: a mesh splits q and scale as the float weight (sharding.placer)
+            return put(Int8Weight(self.store[0], self.store[1], rel))
         return Q4Weight(*(put(a) for a in self.store), rel, self.csizes)
 
 
-def packable(spec: Spec, fmt: str) -> bool:
-    """Whether the CPU kernels can hold this parameter."""
-    return (
-        spec.matmul
-        and cpu_kernels.packable(spec.rows, spec.inputs)
-        and (fmt != Q4 or spec.inputs % GROUP == 0)
-    )
+def packable(spec: Spec) -> bool:
+    """Whether the CPU kernels can hold this parameter (4-bit ones have whole groups already:
+    `Assembler` makes any other int8)."""
+    return spec.matmul and cpu_kernels.packable(spec.rows, spec.inputs)
 
 
 class Assembler:
@@ -311,7 +316,7 @@ class Assembler:
             if self.formats[name] == Q4 and spec.inputs % GROUP:
                 self.formats[name] = INT8  # 4-bit groups need inputs in multiples of 32
         self.params = {
-            n: _Param(s, self.formats[n], dtype, cfg.n_layers, kernels and packable(s, self.formats[n]))
+            n: _Param(s, self.formats[n], dtype, cfg.n_layers, kernels and packable(s))
             for n, s in self.specs.items()
         }
         self.by_source = {sub: s for s in self.specs.values() for sub in s.sources}
@@ -323,15 +328,11 @@ class Assembler:
     def add(self, name: str, rows) -> None:
         """One source tensor: float rows (any float dtype) or `Q4Rows`, `[out, in]` order."""
         cfg, path = self.cfg, self.path
-        if name.startswith("model.layers."):
-            _, _, idx, sub = name.split(".", 3)
-            layer: int | None = int(idx)
-            if layer >= cfg.n_layers:
-                raise ModelLoadError(
-                    path, f"tensor {name!r} is for layer {layer}, but the model has {cfg.n_layers} layers"
-                )
-        else:
-            sub, layer = name, None
+        sub, layer = split_name(name)
+        if layer is not None and layer >= cfg.n_layers:
+            raise ModelLoadError(
+                path, f"tensor {name!r} is for layer {layer}, but the model has {cfg.n_layers} layers"
+            )
         want = self.shapes.get(sub)
         if want is None:
             return

@@ -30,7 +30,7 @@ from llama_jax.config import LlamaConfig
 from llama_jax.errors import ModelLoadError
 from llama_jax.gguf import GGUFFile, hf_name
 from llama_jax.model import Llama
-from llama_jax.params import Assembler, required_tensors, specs
+from llama_jax.params import Assembler, required_tensors, specs, split_name
 from llama_jax.quantize import QUANTIZATIONS
 
 log = logging.getLogger(__name__)
@@ -207,10 +207,7 @@ def gguf_bits(gg: GGUFFile, cfg: LlamaConfig) -> dict[str, int]:
     by_source = {sub: spec.name for spec in specs(cfg).values() for sub in spec.sources}
     bits: dict[str, int] = {}
     for info in gg.infos:
-        canonical = hf_name(info.name) or ""
-        param = by_source.get(
-            canonical.split(".", 3)[-1] if canonical.startswith("model.layers.") else canonical
-        )
+        param = by_source.get(split_name(hf_name(info.name) or "")[0])
         if param:
             bits[param] = max(bits.get(param, 0), gg.type_bits(info))
     return bits

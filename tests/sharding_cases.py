@@ -172,6 +172,20 @@ def test_tiny_int8_weights_shard_like_float():
     np.testing.assert_allclose(got_logprobs, logprobs, atol=1e-3)
 
 
+def test_the_loader_places_int8_weights_as_quantize_model_does():
+    """load_model(quantize="int8") under a mesh splits each Int8Weight's q and scale by the float
+    weight's rule (the placer sees the whole weight, not its arrays one by one)."""
+    from llama_jax.quantize import Int8Weight
+
+    mesh = sharding.make_mesh("data=2,model=4")
+    model = load_model(None, mesh=mesh, quantize="int8").model
+    w_down = model.blocks.w_down.get_value()  # float [L, F, D]: q is [L, D, F], split on F
+    assert isinstance(w_down, Int8Weight)
+    assert norm(w_down.q.sharding.spec) == (None, None, "model") and norm(w_down.scale.sharding.spec) == ()
+    embed = model.embed.get_value()
+    assert norm(embed.q.sharding.spec) == ("model",) and norm(embed.scale.sharding.spec) == ("model",)
+
+
 @pytest.fixture(scope="module")
 def smollm():
     """The default model's weights (read once) and, on one device, its logits and greedy steps."""
