@@ -101,7 +101,7 @@ def test_eight_virtual_devices_match_one_device():
     )
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
-    assert re.fullmatch(r"9 passed(, \d+ warnings?)? in .*", summary), summary
+    assert re.fullmatch(r"10 passed(, \d+ warnings?)? in .*", summary), summary
 
 
 def free_port() -> int:
