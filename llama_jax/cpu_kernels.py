@@ -167,15 +167,43 @@ def pack_q4(q: np.ndarray, scale: np.ndarray, mn: np.ndarray) -> tuple[np.ndarra
     return packed, per_group(scale), per_group(mn)
 
 
-def matmul_q4(x, w, scale, mn, layer=None, rows=None) -> jax.Array:
+SPLIT = 6.0  # `matmul_q4`'s default: the few groups of outlier channels get 16-bit activations
+
+
+def q4_split() -> float:
+    """`SPLIT`, or LLAMA_JAX_Q4_SPLIT (0: 16-bit activations everywhere, the most exact and at
+    several rows the slowest; a large value: 8-bit everywhere, as llama.cpp's Q8 activations)."""
+    value = os.environ.get("LLAMA_JAX_Q4_SPLIT", "")
+    try:
+        split = float(value) if value else SPLIT
+    except ValueError:
+        raise ValueError(f"LLAMA_JAX_Q4_SPLIT must be a number >= 0, not {value!r}") from None
+    if not split >= 0:
+        raise ValueError(f"LLAMA_JAX_Q4_SPLIT must be a number >= 0, not {value!r}")
+    return split
+
+
+def symmetric(scale: np.ndarray, mn: np.ndarray) -> bool:
+    """Whether every 4-bit group's min is -8 times its scale (Q4_0's symmetric codes), exactly as
+    the kernel computes it: the mins need not be stored or read."""
+    return bool(np.array_equal(np.asarray(mn, np.float32), np.asarray(scale, np.float32) * -8))
+
+
+def matmul_q4(x, w, scale, mn, layer=None, rows=None, split: float = SPLIT) -> jax.Array:
     """x [R, K] float32 times a `pack_q4` weight w [(L,) N/8, K/32, 128] with float16 scale and
-    min [(L,) N/8, K/32, 8], transposed: [R, N] float32 (`layer`, `rows` as in `matmul`). The
-    kernel quantizes x to int8 per group of 32 inputs."""
+    min [(L,) N/8, K/32, 8], transposed: [R, N] float32 (`layer`, `rows` as in `matmul`). `mn`
+    None: a symmetric weight, each group's min -8 * its scale (Q4_0). The kernel quantizes x
+    per group of 32 inputs to int8, with a second int8 part (~16 bits) for the groups whose
+    max |x| exceeds `split` times the row's rms (0: every group), row by row: a row's result
+    does not depend on the other rows."""
     R, N = x.shape[0], w.shape[-3] * TILE
     out = jax.ShapeDtypeStruct((R, N), jnp.float32)
     ctl = _ctl(layer, rows, R)
     f16 = functools.partial(jnp.asarray, dtype=jnp.float16)
-    return jax.ffi.ffi_call("lj_matmul_q4", out)(x.astype(jnp.float32), w, f16(scale), f16(mn), ctl)
+    mn = jnp.zeros((0,), jnp.float16) if mn is None else f16(mn)
+    return jax.ffi.ffi_call("lj_matmul_q4", out)(
+        x.astype(jnp.float32), w, f16(scale), mn, ctl, split=np.float32(split)
+    )
 
 
 def _ctl(layer, rows, R: int) -> jax.Array:
@@ -261,7 +289,8 @@ class PackedWeight:
     contracted: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     layer: jax.Array | None = None  # a view's layer (`at`)
     rows: jax.Array | None = None  # a view's count of activation rows to compute (`at`)
-    mins: jax.Array | None = None  # 4-bit weights: each group's min
+    mins: jax.Array | None = None  # 4-bit weights: each group's min (None: symmetric, -8 * scale)
+    split: float = dataclasses.field(default=SPLIT, metadata=dict(static=True))  # 4-bit: see `matmul_q4`
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -271,6 +300,10 @@ class PackedWeight:
     @property
     def dtype(self):
         return self.data.dtype
+
+    @property
+    def four_bit(self) -> bool:
+        return self.data.dtype == jnp.uint8
 
     def _axes(self) -> tuple[list[int], list[int]]:
         n = len(self.layer_shape)
@@ -291,15 +324,15 @@ class PackedWeight:
         if view is None:
             raise ValueError(f"a packed weight cannot serve einsum {spec!r}")
         x2, free_shape = view
-        if self.mins is not None:
-            y = matmul_q4(x2, self.data, self.scale, self.mins, self.layer, self.rows)
+        if self.four_bit:
+            y = matmul_q4(x2, self.data, self.scale, self.mins, self.layer, self.rows, self.split)
         else:
             y = matmul(x2, self.data, self.scale, self.layer, self.rows)
         return y.reshape(free_shape + tuple(self.layer_shape[i] for i in kept)).astype(x.dtype)
 
     def take_rows(self, ids: jax.Array) -> jax.Array:
         """Rows of the (unstacked) embedding [V, D]: row v is data[v // 8, :, v % 8]."""
-        if self.mins is not None:
+        if self.four_bit:
             return _q4_take_rows(self, ids)
         rows = self.data[ids // TILE, :, ids % TILE].astype(jnp.float32)
         return rows if self.scale is None else rows * self.scale[ids][..., None]
@@ -315,7 +348,11 @@ def _q4_take_rows(w: PackedWeight, ids: jax.Array) -> jax.Array:
     group = group.reshape(*group.shape[:-2], 16)
     codes = jnp.concatenate([group & 0x0F, group >> 4], axis=-1).astype(jnp.float32)  # [..., G, 32]
     scale = jnp.take_along_axis(w.scale[t], j[..., None, None], axis=-1).astype(jnp.float32)  # [..., G, 1]
-    mn = jnp.take_along_axis(w.mins[t], j[..., None, None], axis=-1).astype(jnp.float32)
+    mn = (
+        -8 * scale
+        if w.mins is None
+        else jnp.take_along_axis(w.mins[t], j[..., None, None], axis=-1).astype(jnp.float32)
+    )
     return (codes * scale + mn).reshape(*codes.shape[:-2], G * 32)
 
 
@@ -338,8 +375,9 @@ def pack_weight(w, contracted: tuple[int, ...], stacked: bool) -> PackedWeight |
             np.asarray(w.scale).reshape(groups),
             np.asarray(w.min).reshape(groups),
         )
+        mins = None if symmetric(scale, mn) else jnp.asarray(mn)
         return PackedWeight(
-            jnp.asarray(data), jnp.asarray(scale), tuple(shape), w.contracted, mins=jnp.asarray(mn)
+            jnp.asarray(data), jnp.asarray(scale), tuple(shape), w.contracted, mins=mins, split=q4_split()
         )
     if isinstance(w, Int8Weight):
         q = np.asarray(w.q)  # output-major already: [L?, kept..., contracted...]

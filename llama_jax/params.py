@@ -232,10 +232,9 @@ class _Param:
                 )
         else:
             G = K // GROUP
-            if packed:
+            if packed:  # the mins only once a layer is not symmetric (`write`)
                 self.store = (
                     aligned_empty(lead + (N // T, G, 128), np.uint8),
-                    aligned_empty(lead + (N // T, G, T), np.float16),
                     aligned_empty(lead + (N // T, G, T), np.float16),
                 )
             else:
@@ -272,8 +271,15 @@ class _Param:
         else:
             q, scale, mn = rows.parts
             if self.packed:
-                for dst, src in zip(self.store, cpu_kernels.pack_q4(q, scale, mn), strict=True):
-                    dst[idx] = src
+                data, scale, mn = cpu_kernels.pack_q4(q, scale, mn)
+                self.store[0][idx], self.store[1][idx] = data, scale
+                if len(self.store) == 2 and not cpu_kernels.symmetric(scale, mn):
+                    # Q4_0 rows so far (every min -8 * its scale, not stored); these are not
+                    self.store += (aligned_empty(self.store[1].shape, np.float16),)
+                    with np.errstate(all="ignore"):  # layers not yet written hold garbage
+                        self.store[2][...] = self.store[1] * np.float16(-8)
+                if len(self.store) == 3:
+                    self.store[2][idx] = mn
             else:
                 for dst, src in zip(self.store, (q, scale, mn), strict=True):
                     dst[idx] = src.reshape(self.kept_shape + src.shape[-1:])
@@ -289,7 +295,9 @@ class _Param:
             data, *rest = (put(a) for a in self.store)
             scale = rest[0] if rest else None
             mins = rest[1] if len(rest) > 1 else None
-            return cpu_kernels.PackedWeight(data, scale, spec.shape, rel, mins=mins)
+            return cpu_kernels.PackedWeight(
+                data, scale, spec.shape, rel, mins=mins, split=cpu_kernels.q4_split()
+            )
         if self.fmt == INT8:  # placed whole: a mesh splits q and scale as the float weight (sharding.placer)
             return put(Int8Weight(self.store[0], self.store[1], rel))
         return Q4Weight(*(put(a) for a in self.store), rel, self.csizes)

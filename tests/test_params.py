@@ -84,17 +84,20 @@ def q4_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kernels", [False, True])
-def test_a_q4_file_loads_4bit_and_computes_its_own_weights(q4_file, kernels):
+def test_a_q4_file_loads_4bit_and_computes_its_own_weights(q4_file, kernels, monkeypatch):
     """auto on a Q4_0 file: every matmul weight 4-bit (packed for the kernels when they serve),
     logits equal to the float model of the file's dequantized weights (the kernel path within
-    its 16-bit activations' rounding)."""
+    its 16-bit activations' rounding: split 0; the default split's 8-bit groups are pinned by
+    the kernel tests below, as a random tiny model amplifies any rounding)."""
     if kernels and not ck.available():
         pytest.skip("no CPU kernels on this platform")
+    monkeypatch.setenv("LLAMA_JAX_Q4_SPLIT", "0")
     cfg, path, reference = q4_file
     loaded = load_model(path, kernels=kernels)
     wqkv = loaded.model.blocks.wqkv.get_value()
     if kernels:
-        assert isinstance(wqkv, ck.PackedWeight) and wqkv.mins is not None and wqkv.data.dtype == jnp.uint8
+        assert isinstance(wqkv, ck.PackedWeight) and wqkv.data.dtype == jnp.uint8
+        assert wqkv.mins is None  # Q4_0: every min is -8 * its scale, not stored
     else:
         assert isinstance(wqkv, Q4Weight) and wqkv.shape == (
             cfg.n_layers,
@@ -110,9 +113,10 @@ def test_a_q4_file_loads_4bit_and_computes_its_own_weights(q4_file, kernels):
 
 
 @pytest.mark.parametrize("quant", ["none", "int8", "q4"])
-def test_every_format_on_the_kernel_path_equals_the_xla_path(q4_file, quant):
+def test_every_format_on_the_kernel_path_equals_the_xla_path(q4_file, quant, monkeypatch):
     if not ck.available():
         pytest.skip("no CPU kernels on this platform")
+    monkeypatch.setenv("LLAMA_JAX_Q4_SPLIT", "0")  # 16-bit activations (as above)
     _, _, reference = q4_file  # a float (safetensors) source, converted as asked
     xla = model_logits(load_model(reference, quantize=quant, kernels=False).model, SAMPLE_IDS)
     packed = load_model(reference, quantize=quant, kernels=True)
@@ -128,29 +132,93 @@ def test_bfloat16_weights_stay_bfloat16_without_a_float32_copy(q4_file):
     assert loaded.model.embed.get_value().dtype == jnp.bfloat16
 
 
+def q4_activations(x: np.ndarray, split: float) -> tuple[np.ndarray, np.ndarray]:
+    """The 4-bit kernel's activations in float64: per row and group of 32, int8 codes h of step
+    d = max|x| / 127, plus a second part d / 254 * l where max|x| > split * rms(row). Also the
+    bound on each group's rounding error per input: d / 2, or d / 508 with the second part."""
+    x = np.asarray(x, np.float64)
+    R, K = x.shape
+    g = x.reshape(R, K // 32, 32)
+    amax = np.abs(g).max(-1, keepdims=True)
+    inv = np.divide(127.0, amax, out=np.zeros_like(amax), where=amax > 0)
+    h = np.rint(g * inv)
+    lo = np.clip(np.rint((g * inv - h) * 254), -127, 127)
+    two = amax > split * np.sqrt((x**2).mean(-1))[:, None, None]
+    err = (amax / 127 * np.where(two, 1 / 508, 1 / 2))[..., 0]
+    return ((h + np.where(two, lo, 0) / 254) * amax / 127).reshape(R, K), err
+
+
+def q4_reference(x, q, scale, mn, split):
+    """y = x . w^T for w = scale * codes + min, as the kernel computes it: codes against the
+    quantized activations, mins against the exact group sums of x (float64)."""
+    codes = ck_unpack(q).astype(np.float64)  # [N, G, 32]
+    s, m = np.asarray(scale, np.float64), np.asarray(mn, np.float64)  # [N, G]
+    xq = q4_activations(x, split)[0].reshape(len(x), -1, 32)
+    sums = np.asarray(x, np.float64).reshape(len(x), -1, 32).sum(-1)  # [R, G]
+    return np.einsum("rgk,ngk,ng->rn", xq, codes, s) + sums @ m.T
+
+
+def ck_unpack(q):
+    from llama_jax.quantize import unpack_nibbles
+
+    return unpack_nibbles(np.asarray(q))
+
+
 @pytest.mark.skipif(not ck.available(), reason="no CPU kernels on this platform")
 @pytest.mark.parametrize("R", [1, 2, 3, 5, 8, 9, 17, 130])
 @pytest.mark.parametrize("N,K", [(8, 32), (24, 64), (40, 96)])
 def test_q4_matmul_equals_numpy(rng, R, N, K):
     """Every row block (a lone row, blocks of 2-8, super blocks), any multiple of 32 inputs,
-    stacked layers by index, skipped padding rows: the 4-bit kernel equals float64 numpy on the
-    dequantized weight within its two-part int8 activations' rounding."""
+    stacked layers by index, skipped padding rows, symmetric (Q4_0, no mins) and asymmetric
+    weights, and every activation split (all groups 16-bit, the default, all 8-bit): the 4-bit
+    kernel equals float64 numpy of the same activation rounding, and float64 numpy of the
+    dequantized weight within that rounding."""
     L = 2
     q, scale, mn = q4_from_rows(rng.standard_normal((L, N, K)).astype(np.float32))
-    w = q4_to_rows(q, scale, mn)
-    data, ps, pm = (jnp.asarray(a) for a in ck.pack_q4(q, scale, mn))
-    assert data.shape == (L, N // 8, K // 32, 128) and ps.shape == (L, N // 8, K // 32, 8)
+    sym = (-8 * scale.astype(np.float32)).astype(np.float16)  # Q4_0: min = -8 scale
     x = rng.standard_normal((R, K)).astype(np.float32)
-    for layer in range(L):
-        want = ck.reference_matmul(x, w[layer])
-        got = np.asarray(ck.matmul_q4(jnp.asarray(x), data, ps, pm, jnp.int32(layer)))
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-4 * np.abs(want).max())
-        valid = R // 2
-        part = np.asarray(
-            jax.jit(ck.matmul_q4)(jnp.asarray(x), data, ps, pm, jnp.int32(layer), jnp.int32(valid))
-        )
-        np.testing.assert_allclose(part[:valid], got[:valid], rtol=1e-6, atol=1e-6 * np.abs(want).max())
-        assert not part[valid:].any()
+    x[:, 3] *= 40  # an outlier channel: its group gets the second part at the default split
+    for mins, packed_mins in ((mn, True), (sym, False)):
+        data, ps, pm = (jnp.asarray(a) for a in ck.pack_q4(q, scale, mins))
+        assert data.shape == (L, N // 8, K // 32, 128) and ps.shape == (L, N // 8, K // 32, 8)
+        assert ck.symmetric(scale, mins) != packed_mins
+        pm = pm if packed_mins else None
+        for layer in range(L):
+            w = q4_to_rows(q[layer], scale[layer], mins[layer])
+            for split in (0.0, ck.SPLIT, 1e30):
+                want = q4_reference(x, q[layer], scale[layer], mins[layer], split)
+                got = np.asarray(ck.matmul_q4(jnp.asarray(x), data, ps, pm, jnp.int32(layer), split=split))
+                np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+                # |x - x~| <= d / 2 per input (d / 508 with a second part), against scale * codes
+                # (the mins meet the exact sums of x): the product's bound
+                err = q4_activations(x, split)[1]  # [R, G]
+                sq = ck_unpack(q[layer]).sum(-1) * scale[layer].astype(np.float64)  # [N, G]
+                bound = err @ sq.T * 1.001 + 1e-5 * np.abs(want).max()
+                assert (np.abs(got - ck.reference_matmul(x, w)) <= bound).all()
+                if split == ck.SPLIT:
+                    default = got
+            valid = R // 2
+            part = np.asarray(
+                jax.jit(ck.matmul_q4)(jnp.asarray(x), data, ps, pm, jnp.int32(layer), jnp.int32(valid))
+            )
+            np.testing.assert_array_equal(part[:valid], default[:valid])
+            assert not part[valid:].any()
+
+
+@pytest.mark.skipif(not ck.available(), reason="no CPU kernels on this platform")
+def test_a_rows_4bit_product_does_not_depend_on_its_batch(rng):
+    """Activations are quantized row by row, and each row's sums run in the same order whatever
+    block it falls in: a row alone and in batches of every size gives the same bits (a seeded
+    request must not change with the traffic beside it)."""
+    q, scale, mn = q4_from_rows(rng.standard_normal((64, 256)).astype(np.float32))
+    data, ps, pm = (jnp.asarray(a) for a in ck.pack_q4(q, scale, mn))
+    x = rng.standard_normal((17, 256)).astype(np.float32)
+    x[::3, 40] *= 30  # some rows with an outlier group, some without
+    alone = [np.asarray(ck.matmul_q4(jnp.asarray(x[r : r + 1]), data, ps, pm)) for r in range(17)]
+    for R in (2, 5, 8, 9, 17):
+        together = np.asarray(ck.matmul_q4(jnp.asarray(x[:R]), data, ps, pm))
+        for r in range(R):
+            np.testing.assert_array_equal(together[r], alone[r][0])
 
 
 @pytest.mark.skipif(not ck.available(), reason="no CPU kernels on this platform")
@@ -234,9 +302,10 @@ def test_the_cpu_kernels_build_wherever_they_can():
 
 
 @pytest.mark.skipif(not ck.available(), reason="no CPU kernels on this platform")
-def test_every_weight_format_is_a_weight_and_a_float_array_is_not(rng):
+def test_every_weight_format_is_a_weight_and_a_float_array_is_not(rng, monkeypatch):
     """The model dispatches on `Weight` alone (model.dense, embed_lookup): each format's class
     must satisfy it, and a float array must take the plain einsum path."""
+    monkeypatch.setenv("LLAMA_JAX_Q4_SPLIT", "0")  # the packed 4-bit weight's 16-bit activations
     from llama_jax.quantize import quantize_array, quantize_q4
     from llama_jax.weight import Weight
 

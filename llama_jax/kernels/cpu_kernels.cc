@@ -489,41 +489,62 @@ ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer
 
 constexpr int64_t kGroup = 32;
 
-// Activation rows quantized for the 4-bit kernel: both parts' codes [R, K]; per group dx / 254
-// and the sum of x.
+// Activation rows quantized for the 4-bit kernel: codes [R, K] of the first part and (in the
+// groups that have one) the second; per group the step dx and the sum of x; per row the list of
+// groups with a second part (`split`, rows G apart, `n_split` entries each).
 struct QuantRows {
   std::vector<int8_t> hi, lo;
   std::vector<float> d, s;
+  std::vector<int32_t> split;
+  std::vector<int32_t> n_split;
 };
 
-void quantize_rows(const float* x, int64_t R, int64_t K, QuantRows* out) {
+// Row by row (a row's numbers never depend on the other rows of its batch). x ~ dx * hi per
+// group of 32, and a group whose int8 step would be large for its row, max |x| > split *
+// rms(row) (the groups of the row's outlier channels), also gets x - dx * hi ~ dx / 254 * lo:
+// the rounding error the row's dot products see is near two parts' (about 16 bits) for the
+// integer work of one part and a few percent. split 0: every nonzero group has two parts.
+void quantize_rows(const float* x, int64_t R, int64_t K, float split, QuantRows* out) {
   const int64_t G = K / kGroup;
   out->hi.resize(R * K);
   out->lo.resize(R * K);
   out->d.resize(R * G);
   out->s.resize(R * G);
+  out->split.resize(R * G);
+  out->n_split.resize(R);
   int8_t* hp = out->hi.data();
   int8_t* lp = out->lo.data();
   float* dp = out->d.data();
   float* sp = out->s.data();
+  int32_t* list = out->split.data();
+  int32_t* count = out->n_split.data();
   auto row = [=](int64_t r) {
+    const float* xr = x + r * K;
+    float ss = 0;
+    for (int64_t i = 0; i < K; ++i) ss += xr[i] * xr[i];
+    const float bar = split * std::sqrt(ss / float(K));
+    int32_t n = 0;
     for (int64_t g = 0; g < G; ++g) {
-      const float* xg = x + r * K + g * kGroup;
+      const float* xg = xr + g * kGroup;
       float amax = 0, sum = 0;
       for (int64_t i = 0; i < kGroup; ++i) {
         amax = std::max(amax, std::fabs(xg[i]));
         sum += xg[i];
       }
       const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+      const bool two = amax > bar;
+      int8_t* h8 = hp + r * K + g * kGroup;
+      int8_t* l8 = lp + r * K + g * kGroup;
       for (int64_t i = 0; i < kGroup; ++i) {
         const float h = std::nearbyint(xg[i] * inv);  // |x - h * d| <= d / 2: lo in [-127, 127]
-        const float l = std::nearbyint((xg[i] * inv - h) * 254.0f);
-        hp[r * K + g * kGroup + i] = int8_t(h);
-        lp[r * K + g * kGroup + i] = int8_t(std::clamp(l, -127.0f, 127.0f));
+        h8[i] = int8_t(h);
+        if (two) l8[i] = int8_t(std::clamp(std::nearbyint((xg[i] * inv - h) * 254.0f), -127.0f, 127.0f));
       }
-      dp[r * G + g] = d / 254.0f;
+      dp[r * G + g] = d;
       sp[r * G + g] = sum;
+      if (two) list[r * G + n++] = int32_t(g);
     }
+    count[r] = n;
   };
   if (R >= 8) {
     parallel_for(R, row);
@@ -570,24 +591,50 @@ inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-// RT rows (codes xq and xl, rows K apart; dx, dxs rows G apart) against one tile of G groups;
-// writes 8 outputs per row, rows ldy apart.
-template <int RT>
-inline void micro_q4(const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs, int64_t K,
-                     int64_t G, const uint8_t* w, const uint16_t* sc, const uint16_t* mn, float* y,
-                     int64_t ldy) {
+// Group g of a tile (128 bytes: 8 channels x 32 codes) against one row's 32 int8 codes x:
+// 8 lanes of int32 sums, in C independent chains.
+template <int C>
+inline __m256i dot_group(const uint8_t* wg, const int8_t* x) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  __m256i acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_si256();
+  for (int b = 0; b < 4; ++b) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 32));
+    int32_t a, c;
+    std::memcpy(&a, x + 4 * b, 4);
+    std::memcpy(&c, x + 16 + 4 * b, 4);
+    acc[(2 * b) % C] = dot_u8s8(acc[(2 * b) % C], _mm256_and_si256(raw, low), _mm256_set1_epi32(a));
+    acc[(2 * b + 1) % C] =
+        dot_u8s8(acc[(2 * b + 1) % C], _mm256_and_si256(_mm256_srli_epi16(raw, 4), low), _mm256_set1_epi32(c));
+  }
+  for (int c = 1; c < C; ++c) acc[0] = _mm256_add_epi32(acc[0], acc[c]);
+  return acc[0];
+}
+
+// RT rows (codes xq and xl, rows K apart; dx, dxs rows G apart; each row's second-part groups
+// `split`, rows G apart, `n_split` of them) against one tile of G groups; writes 8 outputs per
+// row, rows ldy apart. The first parts of all RT rows share each weight load; then each row adds
+// its second parts' products, group by group (the tile is in L1 by then). SYM: the weight has no
+// mins, each group's min is -8 * scale (Q4_0: a tenth fewer bytes to read).
+template <int RT, bool SYM>
+inline void micro_q4(const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs,
+                     const int32_t* split, const int32_t* n_split, int64_t K, int64_t G, const uint8_t* w,
+                     const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
   __m256 accf[RT];
   for (int r = 0; r < RT; ++r) accf[r] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0f);
+  // C independent chains per row (a dot instruction's latency is ~5 cycles: one chain of 8 per
+  // group left a lone row latency-bound at half the memory bandwidth).
+  constexpr int C = RT >= 4 ? 1 : RT == 1 ? 4 : 2;
+  auto scale = [&](int64_t g) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 8)));
+  };
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = w + g * 128;
     __builtin_prefetch(wg + 4 * 128);
-    // C independent chains per row and part (a dot instruction's latency is ~5 cycles: one
-    // chain of 8 per group left a lone row latency-bound at half the memory bandwidth).
-    constexpr int C = RT >= 4 ? 1 : RT == 1 ? 4 : 2;
-    __m256i acc[RT][C], acc2[RT][C];
+    __m256i acc[RT][C];
     for (int r = 0; r < RT; ++r) {
-      for (int c = 0; c < C; ++c) acc[r][c] = acc2[r][c] = _mm256_setzero_si256();
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
     }
     for (int b = 0; b < 4; ++b) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 32));
@@ -596,33 +643,32 @@ inline void micro_q4(const int8_t* xq, const int8_t* xl, const float* dx, const 
       const int cl = (2 * b) % C, ch = (2 * b + 1) % C;
       for (int r = 0; r < RT; ++r) {
         const int64_t o = r * K + g * kGroup + 4 * b;
-        int32_t a, c, a2, c2;
+        int32_t a, c;
         std::memcpy(&a, xq + o, 4);
         std::memcpy(&c, xq + o + 16, 4);
-        std::memcpy(&a2, xl + o, 4);
-        std::memcpy(&c2, xl + o + 16, 4);
         acc[r][cl] = dot_u8s8(acc[r][cl], lo, _mm256_set1_epi32(a));
         acc[r][ch] = dot_u8s8(acc[r][ch], hi, _mm256_set1_epi32(c));
-        acc2[r][cl] = dot_u8s8(acc2[r][cl], lo, _mm256_set1_epi32(a2));
-        acc2[r][ch] = dot_u8s8(acc2[r][ch], hi, _mm256_set1_epi32(c2));
       }
     }
-    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 8)));
-    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * 8)));
+    const __m256 s = scale(g);
+    const __m256 m = SYM ? _mm256_mul_ps(s, _mm256_set1_ps(-8.0f))
+                         : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * 8)));
     for (int r = 0; r < RT; ++r) {
-      __m256i h = acc[r][0], l = acc2[r][0];
-      for (int c = 1; c < C; ++c) {
-        h = _mm256_add_epi32(h, acc[r][c]);
-        l = _mm256_add_epi32(l, acc2[r][c]);
-      }
-      // 254 hi + lo: |sum| <= 32 * 15 * 32385, exact in int32.
-      const __m256i both = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(h, 8), _mm256_slli_epi32(h, 1)), l);
-      const __m256 f = _mm256_cvtepi32_ps(both);
+      __m256i h = acc[r][0];
+      for (int c = 1; c < C; ++c) h = _mm256_add_epi32(h, acc[r][c]);
+      const __m256 f = _mm256_cvtepi32_ps(h);
       accf[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(s, _mm256_set1_ps(dx[r * G + g])), accf[r]);
       accf[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dxs[r * G + g]), accf[r]);
     }
   }
-  for (int r = 0; r < RT; ++r) _mm256_storeu_ps(y + r * ldy, accf[r]);
+  for (int r = 0; r < RT; ++r) {
+    for (int32_t i = 0; i < n_split[r]; ++i) {
+      const int64_t g = split[r * G + i];
+      const __m256 f = _mm256_cvtepi32_ps(dot_group<2>(w + g * 128, xl + r * K + g * kGroup));
+      accf[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(scale(g), _mm256_set1_ps(dx[r * G + g] / 254.0f)), accf[r]);
+    }
+    _mm256_storeu_ps(y + r * ldy, accf[r]);
+  }
 }
 
 #if defined(__AVX512F__)
@@ -631,19 +677,20 @@ constexpr int kMRQ4 = 8;  // 32 vector registers: 8 integer and 8 float accumula
 constexpr int kMRQ4 = 4;  // 16 registers
 #endif
 
+template <bool SYM>
 inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs,
-                          int64_t K, int64_t G, const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
-                          float* y, int64_t ldy) {
+                          const int32_t* split, const int32_t* n_split, int64_t K, int64_t G, const uint8_t* w,
+                          const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
   switch (rt) {
-    case 1: micro_q4<1>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 2: micro_q4<2>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 3: micro_q4<3>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 4: micro_q4<4>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 1: micro_q4<1, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 2: micro_q4<2, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 3: micro_q4<3, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 4: micro_q4<4, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
 #if defined(__AVX512F__)
-    case 5: micro_q4<5>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 6: micro_q4<6>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 7: micro_q4<7>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
-    case 8: micro_q4<8>(xq, xl, dx, dxs, K, G, w, sc, mn, y, ldy); break;
+    case 5: micro_q4<5, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 6: micro_q4<6, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 7: micro_q4<7, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 8: micro_q4<8, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
 #endif
     default: break;
   }
@@ -652,26 +699,31 @@ inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const floa
 // Portable code (no AVX2): the same arithmetic, one lane at a time.
 constexpr int kMRQ4 = 1;
 
+template <bool SYM>
 inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs,
-                          int64_t K, int64_t G, const uint8_t* w, const uint16_t* sc, const uint16_t* mn,
-                          float* y, int64_t ldy) {
+                          const int32_t* split, const int32_t* n_split, int64_t K, int64_t G, const uint8_t* w,
+                          const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
+  auto dot = [](const uint8_t* wg, const int8_t* x, int j) {
+    int sum = 0;
+    for (int b = 0; b < 4; ++b) {
+      for (int i = 0; i < 4; ++i) {
+        const uint8_t byte = wg[b * 32 + j * 4 + i];
+        sum += (byte & 0x0f) * x[4 * b + i] + (byte >> 4) * x[16 + 4 * b + i];
+      }
+    }
+    return sum;
+  };
   for (int r = 0; r < rt; ++r) {
     for (int j = 0; j < 8; ++j) {
       float acc = 0;
       for (int64_t g = 0; g < G; ++g) {
-        const uint8_t* wg = w + g * 128;
-        const int8_t* xg = xq + r * K + g * kGroup;
-        const int8_t* xh = xl + r * K + g * kGroup;
-        int dot = 0;
-        for (int b = 0; b < 4; ++b) {
-          for (int i = 0; i < 4; ++i) {
-            const uint8_t byte = wg[b * 32 + j * 4 + i];
-            const int a = 254 * xg[4 * b + i] + xh[4 * b + i], c = 254 * xg[16 + 4 * b + i] + xh[16 + 4 * b + i];
-            dot += (byte & 0x0f) * a + (byte >> 4) * c;
-          }
-        }
-        acc += half_to_float(sc[g * 8 + j]) * dx[r * G + g] * float(dot) +
-               half_to_float(mn[g * 8 + j]) * dxs[r * G + g];
+        const float s = half_to_float(sc[g * 8 + j]), m = SYM ? -8.0f * s : half_to_float(mn[g * 8 + j]);
+        acc += s * dx[r * G + g] * float(dot(w + g * 128, xq + r * K + g * kGroup, j)) + m * dxs[r * G + g];
+      }
+      for (int32_t i = 0; i < n_split[r]; ++i) {
+        const int64_t g = split[r * G + i];
+        acc += half_to_float(sc[g * 8 + j]) * (dx[r * G + g] / 254.0f) *
+               float(dot(w + g * 128, xl + r * K + g * kGroup, j));
       }
       y[r * ldy + j] = acc;
     }
@@ -679,19 +731,23 @@ inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const floa
 }
 #endif
 
-// Rows at or past `valid` are zeros (a prefill chunk's padding), as in `matmul`.
+// Rows at or past `valid` are zeros (a prefill chunk's padding), as in `matmul`. `mn` null: a
+// symmetric weight (every group's min is -8 * its scale). `split`: as in `quantize_rows`.
+template <bool SYM>
 void matmul_q4(const float* x, int64_t R, int64_t valid, int64_t K, const uint8_t* w,
-               const uint16_t* sc, const uint16_t* mn, float* y, int64_t N) {
+               const uint16_t* sc, const uint16_t* mn, float* y, int64_t N, float split) {
   if (valid < R) std::memset(y + valid * N, 0, sizeof(float) * (R - valid) * N);
   R = valid;
   if (R == 0) return;
   const int64_t G = K / kGroup, tiles = N / kTile;
   thread_local QuantRows xr;  // the caller's; workers only read it
-  quantize_rows(x, R, K, &xr);
+  quantize_rows(x, R, K, split, &xr);
   const int8_t* xq = xr.hi.data();
   const int8_t* xl = xr.lo.data();
   const float* dx = xr.d.data();
   const float* dxs = xr.s.data();
+  const int32_t* split_at = xr.split.data();
+  const int32_t* n_split = xr.n_split.data();
   const int64_t per_run = std::max<int64_t>(1, tiles / 24);  // ~24 items: even split on 2-16 threads
   const int64_t runs = (tiles + per_run - 1) / per_run;
   const int64_t supers = supers_of(R);
@@ -701,17 +757,20 @@ void matmul_q4(const float* x, int64_t R, int64_t valid, int64_t K, const uint8_
     for (int64_t t = run * per_run; t < std::min(tiles, (run + 1) * per_run); ++t) {
       const uint8_t* wt = w + t * G * 128;
       const uint16_t* st = sc + t * G * 8;
-      const uint16_t* mt = mn + t * G * 8;
+      const uint16_t* mt = SYM ? nullptr : mn + t * G * 8;
       for (int64_t r = r0; r < r1; r += kMRQ4) {
         const int rt = int(std::min<int64_t>(kMRQ4, r1 - r));
-        micro_q4_rows(rt, xq + r * K, xl + r * K, dx + r * G, dxs + r * G, K, G, wt, st, mt, y + r * N + t * kTile, N);
+        micro_q4_rows<SYM>(rt, xq + r * K, xl + r * K, dx + r * G, dxs + r * G, split_at + r * G, n_split + r, K, G,
+                           wt, st, mt,
+                           y + r * N + t * kTile, N);
       }
     }
   });
 }
 
 ffi::Error MatmulQ4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> scale,
-                    ffi::Buffer<ffi::F16> mins, ffi::Buffer<ffi::S32> ctl, ffi::ResultBuffer<ffi::F32> y) {
+                    ffi::Buffer<ffi::F16> mins, ffi::Buffer<ffi::S32> ctl, ffi::ResultBuffer<ffi::F32> y,
+                    float split) {
   auto xd = x.dimensions(), wd = w.dimensions();
   const size_t n = wd.size();
   int64_t l, valid;
@@ -719,15 +778,19 @@ ffi::Error MatmulQ4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer
                       wd[n - 2] == xd[1] / kGroup;
   const int64_t L = shapes && n == 4 ? wd[0] : 1;
   const int64_t N = shapes ? wd[n - 3] * kTile : 0, G = xd.size() == 2 ? xd[1] / kGroup : 0;
-  if (!shapes || scale.element_count() != L * N * G || mins.element_count() != L * N * G ||
-      !layer_rows(ctl, L, xd[0], &l, &valid)) {
+  const bool sym = mins.element_count() == 0;
+  if (!shapes || scale.element_count() != L * N * G || (!sym && mins.element_count() != L * N * G) ||
+      !(split >= 0) || !layer_rows(ctl, L, xd[0], &l, &valid)) {
     return ffi::Error::InvalidArgument(
-        "lj_matmul_q4: expected x [R, K], w [(L,) N/8, K/32, 128], scale and min [(L,) N/8, K/32, 8] "
-        "and a layer in range");
+        "lj_matmul_q4: expected x [R, K], w [(L,) N/8, K/32, 128], scale and min (or no min) "
+        "[(L,) N/8, K/32, 8], split >= 0 and a layer in range");
   }
   const int64_t K = xd[1];
-  matmul_q4(x.typed_data(), xd[0], valid, K, w.typed_data() + l * N * K / 2,
-            scale.typed_data() + l * N * G, mins.typed_data() + l * N * G, y->typed_data(), N);
+  const uint8_t* wl = w.typed_data() + l * N * K / 2;
+  const uint16_t* sl = reinterpret_cast<const uint16_t*>(scale.typed_data()) + l * N * G;
+  const uint16_t* ml = sym ? nullptr : reinterpret_cast<const uint16_t*>(mins.typed_data()) + l * N * G;
+  (sym ? matmul_q4<true> : matmul_q4<false>)(x.typed_data(), xd[0], valid, K, wl, sl, ml, y->typed_data(), N,
+                                             split);
   return ffi::Error::Success();
 }
 
@@ -961,7 +1024,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_matmul_q4, MatmulQ4,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("split"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_attend, Attend<ffi::F32>,
                               ffi::Ffi::Bind()
