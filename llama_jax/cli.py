@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("serve", help="serve the OpenAI HTTP API (chat, completions, embeddings)")
     _serve_arguments(p)
+    p.add_argument("--version", action="version", version=f"llama-jax {__version__}")
     p.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(
