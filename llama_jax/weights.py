@@ -84,7 +84,7 @@ def resolve_model_path(model: str | os.PathLike | None, revision: str | None = N
         aliases = ", ".join(MODEL_ALIASES)
         raise ModelLoadError(
             path,
-            f"no such file or folder, not a known model alias ({aliases}) nor a Hugging Face id (org/name)",
+            f"no such file or folder, and not a known model alias ({aliases}) or Hugging Face model id (org/name)",
         )
     return path.stem if path.is_file() else path.name, path
 
