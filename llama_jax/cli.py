@@ -40,7 +40,7 @@ MESH_HELP = (
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
+    p.add_argument("-m", "-hf", "--model", "--hf-repo", default=None, help=MODEL_HELP)
     p.add_argument("--revision", default=None, help="Hugging Face model id: branch, tag or commit")
     p.add_argument(
         "--dtype",
@@ -227,7 +227,13 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="the model (as --model)")
     g.add_argument(
-        "-m", "--model", action="append", default=[], help=MODEL_HELP + "; repeat to serve several"
+        "-m",
+        "-hf",
+        "--model",
+        "--hf-repo",
+        action="append",
+        default=[],
+        help=MODEL_HELP + "; repeat to serve several",
     )
     g.add_argument("--revision", default=None, help="Hugging Face model id: branch, tag or commit")
     g.add_argument(

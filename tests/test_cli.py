@@ -65,7 +65,7 @@ def test_llama_cpp_and_vllm_spellings_reach_the_same_settings():
 
     parser = argparse.ArgumentParser()
     _serve_arguments(parser)
-    llama_cpp = serve_settings(parser.parse_args(["m.gguf", "-c", "4096", "-np", "4", "-a", "mock"]))
+    llama_cpp = serve_settings(parser.parse_args(["-hf", "m.gguf", "-c", "4096", "-np", "4", "-a", "mock"]))
     vllm = serve_settings(
         parser.parse_args(
             ["m.gguf", "--max-model-len", "4096", "--max-num-seqs", "4", "--served-model-name", "mock"]
