@@ -3,6 +3,8 @@
 from llama_jax import Generator, SamplingParams
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from llama_jax.constrain import Grammar
 from llama_jax.engine import Delta, Usage
 from llama_jax.errors import (
@@ -17,6 +19,11 @@ from llama_jax.errors import (
 from llama_jax.generator import Completion, Generator
 from llama_jax.sampling import SamplingParams
 from llama_jax.tools import ToolCall
+
+try:
+    __version__ = version("llama-jax")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Completion",

@@ -5,6 +5,7 @@ llama-jax chat "What is the capital of France?"
 llama-jax chat                      # interactive; /reset clears the history, /exit quits
 llama-jax generate "Once upon a time" --max-tokens 64
 llama-jax serve --port 8080         # OpenAI API on http://127.0.0.1:8080/v1
+llama-jax serve model.gguf -c 4096 -np 4   # llama.cpp's spellings (vLLM's too: --max-model-len ...)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import sys
 
+from llama_jax import __version__
 from llama_jax.errors import LlamaJaxError
 
 log = logging.getLogger("llama_jax.cli")
@@ -23,6 +25,14 @@ QUANTIZE_HELP = (
     "weight format: auto keeps the file's precision (a Q4 GGUF stays 4-bit, Q5-Q8 become int8, "
     "float files float); none: float; int8: per-channel int8; q4: 4-bit groups of 32 (default: auto)"
 )
+MODEL_HELP = (
+    "alias, GGUF file, Hugging Face folder or Hugging Face model id (org/name, org/name:Q4_K_M for "
+    "a GGUF repository's file); default: smollm2-135m-instruct"
+)
+THREADS_HELP = (
+    "CPU threads: sets PJRT_NPROC (XLA:CPU's thread pools) and LLAMA_JAX_CPU_THREADS (the CPU decode "
+    "kernels' pool) before JAX starts (default: every CPU this process may use)"
+)
 MESH_HELP = (
     "tensor-parallel over devices: data=D,model=M (M devices per replica, D replicas of the slot "
     "batch), or auto (every device on model); default: one device"
@@ -30,11 +40,8 @@ MESH_HELP = (
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="alias, GGUF file or Hugging Face folder (default: smollm2-135m-instruct)",
-    )
+    p.add_argument("-m", "-hf", "--model", "--hf-repo", default=None, help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help="Hugging Face model id: branch, tag or commit")
     p.add_argument(
         "--dtype",
         default="auto",
@@ -43,7 +50,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quantize", default="auto", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
     p.add_argument("--mesh", default=None, help=MESH_HELP)
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("-c", "--ctx-size", "--max-seq-len", dest="max_seq_len", type=int, default=2048)
+    p.add_argument("-t", "--threads", type=int, metavar="N", default=None, help=THREADS_HELP)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -72,6 +80,7 @@ def _load(args):
 
     return Generator.from_pretrained(
         args.model,
+        revision=args.revision,
         dtype=args.dtype,
         quantize=args.quantize,
         max_seq_len=args.max_seq_len,
@@ -193,8 +202,12 @@ def serve_settings(args):
         rate_limit_rpm=args.rate_limit_rpm,
         rate_limit_tpm=args.rate_limit_tpm,
         memory_budget_mb=args.memory_budget_mb,
-        model=tuple(args.model) or None,
-        aliases=tuple(args.alias) or None,
+        model=tuple(filter(None, [args.model_path, *args.model])) or None,
+        revision=args.revision,
+        aliases=tuple(args.alias + args.served_model_name) or None,
+        strict_model_names=args.strict_model_names,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
         cors_origins=tuple(args.cors_origin) or None,
     )
     try:
@@ -206,85 +219,139 @@ def serve_settings(args):
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    """`llama-jax serve`'s flags, grouped, with llama.cpp's (`-m -c -np -a -t`) and vLLM's
+    (`--served-model-name --max-model-len --max-num-seqs`) spellings of the same settings."""
     from serve.settings import Settings  # only for the defaults; imports no web framework
 
     d = Settings()
-    p.add_argument(
-        "--config", default=None, help="TOML file of settings and models (variables and flags override it)"
-    )
-    p.add_argument(
+    g = p.add_argument_group("model")
+    g.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="the model (as --model)")
+    g.add_argument(
+        "-m",
+        "-hf",
         "--model",
+        "--hf-repo",
         action="append",
         default=[],
-        help="alias, GGUF file or Hugging Face folder; repeat to serve several (default: smollm2-135m-instruct)",
+        help=MODEL_HELP + "; repeat to serve several",
     )
-    p.add_argument(
+    g.add_argument("--revision", default=None, help="Hugging Face model id: branch, tag or commit")
+    g.add_argument(
+        "-a",
         "--alias",
         action="append",
         default=[],
         help="another name for the model (NAME for the first model, or MODEL_ID=NAME); repeatable",
     )
-    p.add_argument("--host", default=None, help=f"address to listen on (default: {d.host})")
-    p.add_argument("--port", type=int, default=None, help=f"port (default: {d.port})")
-    p.add_argument(
-        "--max-slots", type=int, default=None, help=f"sequences decoded together (default: {d.max_slots})"
+    g.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="vLLM's spelling: names the first model answers to (as --alias)",
     )
-    p.add_argument(
-        "--max-seq-len", type=int, default=None, help=f"tokens per sequence (default: {d.max_seq_len})"
+    g.add_argument(
+        "--strict-model-names",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a single model answers only its own names (default: any name, as llama.cpp)",
     )
-    p.add_argument(
+    g.add_argument("--chat-template", default=None, help="built-in template name or Jinja source")
+    g.add_argument(
+        "--config", default=None, help="TOML file of settings and models (variables and flags override it)"
+    )
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "-c",
+        "--ctx-size",
+        "--max-seq-len",
+        "--max-model-len",
+        dest="max_seq_len",
+        metavar="N",
+        type=int,
+        default=None,
+        help=f"tokens per sequence (default: {d.max_seq_len})",
+    )
+    g.add_argument(
+        "-np",
+        "--parallel",
+        "--max-slots",
+        "--max-num-seqs",
+        dest="max_slots",
+        metavar="N",
+        type=int,
+        default=None,
+        help=f"sequences decoded together (default: {d.max_slots})",
+    )
+    g.add_argument(
         "--dtype",
         default=None,
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto (default): float32 on CPU, bfloat16 on GPU/TPU",
     )
-    p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
-    p.add_argument("--mesh", default=None, help=MESH_HELP)
-    p.add_argument(
-        "--distributed",
-        action="store_true",
-        help="several hosts: jax.distributed.initialize() with auto-detected arguments (Cloud TPU)",
-    )
-    p.add_argument("--coordinator", default=None, help="several hosts: process 0's HOST:PORT")
-    p.add_argument("--num-processes", type=int, default=None, help="several hosts: how many processes")
-    p.add_argument("--process-id", type=int, default=None, help="several hosts: this process's index")
-    p.add_argument(
+    g.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    g.add_argument("-t", "--threads", type=int, metavar="N", default=None, help=THREADS_HELP)
+    g.add_argument("--mesh", default=None, help=MESH_HELP)
+    g.add_argument(
         "--max-queue", type=int, default=None, help=f"waiting requests before 503 (default: {d.max_queue})"
     )
-    p.add_argument(
+    g.add_argument(
         "--warmup",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="compile every step shape before reporting healthy (default: on)",
     )
-    p.add_argument("--chat-template", default=None, help="built-in template name or Jinja source")
-    p.add_argument(
-        "--api-key", action="append", default=[], help="accepted API key (repeatable); keys turn auth on"
-    )
-    p.add_argument("--api-key-file", default=None, help="file of API keys, one per line")
-    p.add_argument(
-        "--rate-limit-rpm", type=int, default=None, help="requests per minute per key or client (0: off)"
-    )
-    p.add_argument(
-        "--rate-limit-tpm", type=int, default=None, help="tokens per minute per key or client (0: off)"
-    )
-    p.add_argument(
+    g.add_argument(
         "--memory-budget-mb",
         type=int,
         default=None,
         help="weights + KV caches of loaded models; a load that would not fit is refused (0: off)",
     )
-    p.add_argument(
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default=None, help=f"address to listen on (default: {d.host})")
+    g.add_argument("--port", type=int, default=None, help=f"port (default: {d.port})")
+    g.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM): serve https")
+    g.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM) of --ssl-certfile")
+    g.add_argument(
         "--cors-origin", action="append", default=[], help="allowed browser origin, or * (default: none)"
     )
-    p.add_argument(
+    g.add_argument(
         "--webui", action=argparse.BooleanOptionalAction, default=None, help="serve the chat page at /"
     )
-    p.add_argument("-v", "--verbose", action="store_true")
+    g.add_argument("-v", "--verbose", action="store_true")
+    g = p.add_argument_group("security and limits")
+    g.add_argument(
+        "--api-key", action="append", default=[], help="accepted API key (repeatable); keys turn auth on"
+    )
+    g.add_argument("--api-key-file", default=None, help="file of API keys, one per line")
+    g.add_argument(
+        "--rate-limit-rpm", type=int, default=None, help="requests per minute per key or client (0: off)"
+    )
+    g.add_argument(
+        "--rate-limit-tpm", type=int, default=None, help="tokens per minute per key or client (0: off)"
+    )
+    g = p.add_argument_group("several hosts")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="jax.distributed.initialize() with auto-detected arguments (Cloud TPU)",
+    )
+    g.add_argument("--coordinator", default=None, help="process 0's HOST:PORT")
+    g.add_argument("--num-processes", type=int, default=None, help="how many processes")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index")
+
+
+def use_threads(n: int) -> None:
+    """Bound this process's CPU threads before JAX starts its CPU client: XLA:CPU sizes its
+    thread pools from PJRT_NPROC, the CPU decode kernels theirs from LLAMA_JAX_CPU_THREADS."""
+    if n < 1:
+        raise LlamaJaxError("--threads must be at least 1")
+    os.environ["PJRT_NPROC"] = os.environ["LLAMA_JAX_CPU_THREADS"] = str(n)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama-jax", description="Llama-family models on JAX/XLA")
+    parser.add_argument("--version", action="version", version=f"llama-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("chat", help="chat with a model (interactive when no prompt is given)")
     p.add_argument("prompt", nargs="?", default=None)
@@ -296,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("serve", help="serve the OpenAI HTTP API (chat, completions, embeddings)")
     _serve_arguments(p)
+    p.add_argument("--version", action="version", version=f"llama-jax {__version__}")
     p.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -303,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.threads is not None:
+            use_threads(args.threads)
         args.func(args)
     except LlamaJaxError as e:
         print(f"llama-jax: error: {e}", file=sys.stderr)

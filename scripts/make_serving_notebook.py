@@ -49,13 +49,14 @@ cells = [
         "print(response.usage)"
     ),
     new_markdown_cell(
-        "## Streaming\nTokens arrive as server-sent events; the client yields one chunk per delta."
+        "## Streaming\nTokens arrive as server-sent events; the client yields one chunk per delta. "
+        "`top_p` and a `frequency_penalty` keep a small model's sample from looping."
     ),
     new_code_cell(
         "stream = client.chat.completions.create(\n"
         "    model=model,\n"
         '    messages=[{"role": "user", "content": "Write a haiku about the sea."}],\n'
-        "    stream=True, seed=42, max_tokens=60,\n"
+        "    stream=True, seed=42, max_tokens=60, temperature=0.7, top_p=0.9, frequency_penalty=0.5,\n"
         ")\n"
         "for chunk in stream:\n"
         '    print(chunk.choices[0].delta.content or "", end="", flush=True)'
@@ -99,7 +100,8 @@ cells = [
         "## Function calling: the tool loop\n"
         'With `tool_choice="required"` (or a named function) the call is generated under a grammar of the '
         "tools' parameter schemas, so its arguments always parse and validate, even from a 135M model. "
-        "The client runs the tool and sends the result back in a `tool` message; the model then answers."
+        "The client runs the tool and sends the result back in a `tool` message; the model then answers "
+        "(the system message asks it to answer from the result, not to repeat it)."
     ),
     new_code_cell(
         "import json\n\n"
@@ -109,7 +111,8 @@ cells = [
         '    "name": "get_weather", "description": "Current weather in a city",\n'
         '    "parameters": {"type": "object", "required": ["city", "unit"], "properties": {\n'
         '        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}}}]\n'
-        'messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]\n'
+        'messages = [{"role": "system", "content": "You are a helpful assistant. Use the tool\'s result to answer the user in one sentence."},\n'
+        '            {"role": "user", "content": "What is the weather like in Paris today?"}]\n'
         "reply = client.chat.completions.create(model=model, messages=messages, tools=tools,\n"
         '                                       tool_choice="required", parallel_tool_calls=False, temperature=0)\n'
         "calls = reply.choices[0].message.tool_calls\n"
@@ -124,16 +127,18 @@ cells = [
     ),
     new_markdown_cell(
         "## Structured output\n"
-        "`response_format` with a JSON schema: the reply is valid JSON matching the schema at any temperature."
+        "`response_format` with a JSON schema: the reply is valid JSON matching the schema at any "
+        "temperature. A JSON string may hold any character, control characters included, and a small "
+        "model sampling at a high temperature will find some: the `pattern` keeps the name to words."
     ),
     new_code_cell(
         'schema = {"type": "object", "required": ["name", "population", "continent"], "properties": {\n'
-        '    "name": {"type": "string", "maxLength": 40},\n'
-        '    "population": {"type": "integer", "minimum": 0},\n'
+        '    "name": {"type": "string", "pattern": "^[A-Z][a-z]+( [A-Z][a-z]+)?$"},\n'
+        '    "population": {"type": "integer", "minimum": 1000, "maximum": 40000000},\n'
         '    "continent": {"enum": ["Africa", "America", "Asia", "Europe", "Oceania"]}}}\n'
         "for seed in range(3):\n"
         "    r = client.chat.completions.create(\n"
-        "        model=model, temperature=1.0, seed=seed, max_tokens=60,\n"
+        "        model=model, temperature=0.8, seed=seed, max_tokens=60,\n"
         '        messages=[{"role": "user", "content": "Invent a city and describe it in JSON."}],\n'
         '        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},\n'
         "    )\n"

@@ -28,6 +28,7 @@ from serve.handlers import (
     docs,
     embeddings,
     health,
+    info,
     models,
     new_id,
     tokenize,
@@ -71,7 +72,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     limiter = RateLimiter(settings)
     metrics = ServerMetrics(st, limiter.rejections)
     app.extensions["llama_jax"] = st
-    for module in (health, models, chat, completions, embeddings, tokenize, docs):
+    for module in (health, info, models, chat, completions, embeddings, tokenize, docs):
         app.register_blueprint(module.bp)
     if settings.webui:
         app.register_blueprint(webui.bp)

@@ -1,5 +1,5 @@
 """API keys: `Authorization: Bearer <key>` on every `/v1/*` route and on tokenize, detokenize,
-apply-template, slots and metrics; `/health` (and the web page) stay open.
+apply-template, slots, props and metrics; `/health`, `/version` (and the web page) stay open.
 
 Keys are compared in constant time (digests of equal length, every key checked) and never
 logged. A server without keys on an address other machines can reach is logged as a warning.
@@ -16,7 +16,9 @@ from serve.errors import APIError
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico", "/openapi.json", "/docs"})  # no secrets in these
+OPEN_PATHS = frozenset(
+    {"/health", "/version", "/", "/favicon.ico", "/openapi.json", "/docs"}
+)  # no secrets in these
 
 
 def protected(path: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from llama_jax import __version__
 from serve import responses, schemas
 from serve.settings import Settings
 
@@ -122,7 +123,7 @@ def _paths(settings: Settings) -> dict:
         },
         "/tokenize": {
             "post": _operation(
-                "Text to token ids (llama.cpp)",
+                "Text to token ids (llama.cpp's `content`, or vLLM's `prompt` or `messages`)",
                 "Extensions",
                 _json(responses.TokenizeResponse),
                 schemas.TokenizeRequest,
@@ -155,6 +156,24 @@ def _paths(settings: Settings) -> dict:
                 operation_id="slots",
                 parameters=[model_param],
             )
+        },
+        "/props": {
+            "get": _operation(
+                "The model's defaults and facts (llama.cpp)",
+                "Extensions",
+                _json(responses.Props),
+                operation_id="props",
+                parameters=[model_param],
+            )
+        },
+        "/version": {
+            "get": {
+                "summary": "The server's version (vLLM)",
+                "operationId": "version",
+                "tags": ["Operations"],
+                "security": [],
+                "responses": {"200": _json(responses.Version)},
+            }
         },
         "/health": {
             "get": {
@@ -259,7 +278,7 @@ def build(settings: Settings) -> dict:
         "openapi": "3.1.0",
         "info": {
             "title": "llama-jax",
-            "version": _version(),
+            "version": __version__,
             "description": "OpenAI-compatible API (chat, completions, embeddings, models) and "
             "llama.cpp-style extensions, served by llama-jax. Errors are always "
             '`{"error": {"message", "type", "param", "code"}}`.',
@@ -271,12 +290,3 @@ def build(settings: Settings) -> dict:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         spec["security"] = [{"bearer": []}]
     return spec
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llama-jax")
-    except PackageNotFoundError:
-        return "0"

@@ -210,6 +210,12 @@ class TokenPiece(BaseModel):
 
 class TokenizeResponse(BaseModel):
     tokens: list[int] | list[TokenPiece] = Field(description="Ids, or `{id, piece}` with `with_pieces`.")
+    count: int | None = Field(
+        None, ge=0, description="How many tokens (vLLM's shape: `prompt` or `messages`)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="The model's tokens per sequence (vLLM's shape)."
+    )
 
 
 class DetokenizeResponse(BaseModel):
@@ -218,3 +224,41 @@ class DetokenizeResponse(BaseModel):
 
 class ApplyTemplateResponse(BaseModel):
     prompt: str
+
+
+class Version(BaseModel):
+    version: str = Field(description="llama-jax's version (vLLM's `/version`).")
+
+
+class SamplingDefaults(BaseModel):
+    """What a request that sets none of these gets."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    n_predict: int = Field(
+        description="max_tokens when a request gives none (less if the context is shorter)."
+    )
+    presence_penalty: float
+    frequency_penalty: float
+    repeat_penalty: float
+
+
+class GenerationSettings(BaseModel):
+    n_ctx: int = Field(description="Tokens per sequence.")
+    params: SamplingDefaults
+
+
+class Props(BaseModel):
+    """llama.cpp's `/props`: the model's defaults and facts."""
+
+    default_generation_settings: GenerationSettings
+    total_slots: int = Field(ge=1)
+    model_alias: str = Field(description="The model's id.")
+    model_path: str
+    chat_template: str
+    bos_token: str
+    eos_token: str
+    modalities: dict[str, bool]
+    build_info: str

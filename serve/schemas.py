@@ -156,11 +156,24 @@ class EmbeddingRequest(_Body):
 
 
 class TokenizeRequest(_Body):
+    """llama.cpp's `content`, or vLLM's `prompt` or `messages` (exactly one of the three)."""
+
     model: str | None = None  # default: the first served model
-    content: str
-    add_special: bool = False
+    content: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special: bool = False  # llama.cpp's name: BOS before `content`
+    add_special_tokens: bool | None = None  # vLLM's: default true for `prompt`, false for `messages`
+    add_generation_prompt: bool = True  # with `messages`
     parse_special: bool = True
     with_pieces: bool = False
+
+    @model_validator(mode="after")
+    def _one_text(self) -> TokenizeRequest:
+        given = [k for k in ("content", "prompt", "messages") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of content, prompt or messages")
+        return self
 
 
 class DetokenizeRequest(_Body):

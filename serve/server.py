@@ -14,6 +14,7 @@ import sys
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from llama_jax.errors import LlamaJaxError
 from llama_jax.weights import resolve_model_path
 from serve.app import OPEN_WARNED, create_app
 from serve.auth import reachable, warn_open
@@ -29,12 +30,17 @@ def hypercorn_config(settings: Settings) -> Config:
     config.keep_alive_timeout = 75  # longer than common proxies' idle timeouts
     config.graceful_timeout = 10
     config.accesslog = None  # the app writes one line per request itself
+    if settings.ssl_certfile or settings.ssl_keyfile:
+        if not (settings.ssl_certfile and settings.ssl_keyfile):
+            raise LlamaJaxError("https needs both ssl_certfile and ssl_keyfile")
+        config.certfile, config.keyfile = settings.ssl_certfile, settings.ssl_keyfile
     return config
 
 
 def run(settings: Settings) -> None:
     for spec in settings.model_specs():
-        resolve_model_path(spec.model)  # a missing model fails here, with its name, not later
+        resolve_model_path(spec.model, spec.revision)  # a missing model fails here, with its name
+    config = hypercorn_config(settings)
     app = create_app(settings)
     if not settings.api_keys and reachable(settings.host):
         warn_open(f"{settings.host}:{settings.port}")
@@ -46,8 +52,9 @@ def run(settings: Settings) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         state.request_exit = stop.set  # an engine failure stops the server gracefully
-        log.info("listening on http://%s:%d", settings.host, settings.port)
-        await serve(app, hypercorn_config(settings), shutdown_trigger=stop.wait)
+        scheme = "https" if config.ssl_enabled else "http"
+        log.info("listening on %s://%s:%d", scheme, settings.host, settings.port)
+        await serve(app, config, shutdown_trigger=stop.wait)
 
     state: ServerState = app.extensions["llama_jax"]
     asyncio.run(main())

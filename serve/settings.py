@@ -42,7 +42,8 @@ PREFIX = "LLAMA_JAX_"
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    model: str | None = None  # alias, GGUF file or Hugging Face folder; None: the default model
+    model: str | None = None  # alias, GGUF file, Hugging Face folder or model id; None: the default
+    revision: str | None = None  # of a Hugging Face model id: branch, tag or commit (None: main)
     aliases: tuple[str, ...] = ()  # extra names the model answers to
     max_slots: int = 8
     max_seq_len: int = 2048
@@ -65,6 +66,7 @@ class RateLimit:
 class Settings:
     # The single-model case (and the defaults of a config file's [[models]]).
     model: str | None = None
+    revision: str | None = None
     aliases: tuple[str, ...] = ()
     max_slots: int = 8
     max_seq_len: int = 2048
@@ -77,6 +79,8 @@ class Settings:
     models: tuple[ModelSpec, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8080
+    ssl_certfile: str | None = None  # with ssl_keyfile: `llama-jax serve` speaks https
+    ssl_keyfile: str | None = None
     warmup: bool = True
     max_body_bytes: int = 8 * 1024 * 1024
     memory_budget_mb: int = 0  # weights + KV caches of the loaded models; 0: unlimited
@@ -88,6 +92,9 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     webui: bool = True
     stall_timeout_s: int = 60  # /health says "stalled" when an engine has work but no step ends for this long
+    # With one model, a request naming any model is answered by it (llama.cpp's way, so clients
+    # with a hard-coded name work); strict: only its id and aliases. Several models are always strict.
+    strict_model_names: bool = False
     config: str | None = None  # the TOML file these settings came from, if any
 
     def model_specs(self) -> tuple[ModelSpec, ...]:

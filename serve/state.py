@@ -36,6 +36,7 @@ def open_generator(spec: ModelSpec, compilation_cache: str | None) -> Generator:
     """Load the model a spec names, with its engine sized and placed as the spec says."""
     return Generator.from_pretrained(
         spec.model,
+        revision=spec.revision,
         dtype=spec.dtype,
         quantize=spec.quantize,
         max_seq_len=spec.max_seq_len,
@@ -103,7 +104,9 @@ class ModelEntry:
         """Bytes of weights and KV cache this model holds when loaded."""
         if self._estimate is None:
             s = self.spec
-            self._estimate = estimate_memory(s.model, s.dtype, s.quantize, s.max_slots, s.max_seq_len)
+            self._estimate = estimate_memory(
+                s.model, s.dtype, s.quantize, s.max_slots, s.max_seq_len, revision=s.revision
+            )
         return self._estimate
 
     @property
@@ -119,6 +122,11 @@ class ModelEntry:
         del gen
         gc.collect()
         log.info("unloaded %s", self.id)
+
+    def answer_name(self, requested: str | None) -> str:
+        """The name a response gives: the one asked for when it is one of this model's, else
+        the model's id (a single model answers any name)."""
+        return requested if requested in self.names else self.id
 
     def ready(self) -> Generator:
         """The generator, or a 503 (loading) / 500 (failed to load, engine stopped)."""
@@ -257,12 +265,15 @@ class ServerState:
 
     # -- per request -----------------------------------------------------------------------------
 
-    def get(self, name: str | None) -> ModelEntry:
-        """The model called `name` (the first model when None), or a 404."""
+    def get(self, name: str | None, exact: bool = False) -> ModelEntry:
+        """The model called `name` (the first model when None), or a 404. A single model
+        answers to any name unless `strict_model_names` (or `exact`) says otherwise."""
         if name is None:
             return self.models[0]
         entry = self.by_name.get(name)
         if entry is None:
+            if len(self.models) == 1 and not (exact or self.settings.strict_model_names):
+                return self.models[0]
             raise model_not_found(name)
         return entry
 

@@ -40,3 +40,41 @@ def test_interactive_chat_answers_and_exits():
     )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def test_version_and_grouped_help_with_llama_cpp_and_vllm_spellings():
+    import llama_jax
+
+    for argv in (["--version"], ["serve", "--version"]):
+        out = subprocess.run([SCRIPT, *argv], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == f"llama-jax {llama_jax.__version__}"
+    assert llama_jax.__version__ == "0.1.0"  # pyproject.toml's, read from the installed metadata
+    help_text = subprocess.run([SCRIPT, "serve", "--help"], capture_output=True, text=True).stdout
+    groups = [g for g in ("model:", "engine:", "server:", "security and limits:", "several hosts:")]
+    assert [help_text.index(g) for g in groups] == sorted(help_text.index(g) for g in groups)
+    for flag in ("-m", "-c N", "--max-model-len", "-np N", "--max-num-seqs", "-a", "--served-model-name"):
+        assert flag in help_text
+    for flag in ("-t N", "--ssl-certfile", "--ssl-keyfile", "--strict-model-names", "--revision"):
+        assert flag in help_text
+
+
+def test_llama_cpp_and_vllm_spellings_reach_the_same_settings():
+    import argparse
+
+    from llama_jax.cli import _serve_arguments, serve_settings
+
+    parser = argparse.ArgumentParser()
+    _serve_arguments(parser)
+    llama_cpp = serve_settings(parser.parse_args(["-hf", "m.gguf", "-c", "4096", "-np", "4", "-a", "mock"]))
+    vllm = serve_settings(
+        parser.parse_args(
+            ["m.gguf", "--max-model-len", "4096", "--max-num-seqs", "4", "--served-model-name", "mock"]
+        )
+    )
+    ours = serve_settings(
+        parser.parse_args(
+            ["--model", "m.gguf", "--max-seq-len", "4096", "--max-slots", "4", "--alias", "mock"]
+        )
+    )
+    assert llama_cpp == vllm == ours
+    assert (ours.model, ours.max_seq_len, ours.max_slots, ours.aliases) == ("m.gguf", 4096, 4, ("mock",))

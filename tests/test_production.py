@@ -154,6 +154,10 @@ def test_tokenize_picks_the_model_by_name(prod):
     big = httpx.post(prod.url + "/tokenize", json={"content": "Hello"}, headers=auth()).json()["tokens"]
     tiny = httpx.post(prod.url + "/tokenize", json={"content": "Hello", "model": "tiny-chat"}, headers=auth())
     assert big != tiny.json()["tokens"]
+    props = httpx.get(prod.url + "/props", params={"model": "my-model"}, headers=auth()).json()
+    assert props["model_alias"] == "tiny-chat" and props["total_slots"] >= 1
+    r = httpx.get(prod.url + "/props", params={"model": "nope"}, headers=auth())
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"  # several models
 
 
 # -- API keys ----------------------------------------------------------------------------------
@@ -166,10 +170,11 @@ def test_missing_or_wrong_key_is_401_and_each_valid_key_works(prod):
     r = httpx.post(prod.url + "/v1/chat/completions", json={"model": MODEL, "messages": FRANCE})
     assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
     assert r.json()["error"]["code"] == "invalid_api_key"
-    for path in ("/metrics", "/slots"):
+    for path in ("/metrics", "/slots", "/props"):  # /props names the model's file
         assert httpx.get(prod.url + path).status_code == 401
     assert httpx.post(prod.url + "/tokenize", json={"content": "x"}).status_code == 401
     assert httpx.get(prod.url + "/health").status_code == 200  # open for load balancers
+    assert httpx.get(prod.url + "/version").status_code == 200
     for key in KEYS[:2]:
         r = client(prod, key=key).chat.completions.create(model="tiny-chat", messages=FRANCE, max_tokens=2)
         assert r.usage.completion_tokens >= 1

@@ -3,6 +3,8 @@ and a tiny-model server that reports `loading` until its warm-up is done."""
 
 from __future__ import annotations
 
+import os
+
 import openai
 import pytest
 from conftest import Server
@@ -115,3 +117,51 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event():
     assert status == 200 and blocks[0] == 'data: {"n":1}'
     assert json.loads(blocks[1].removeprefix("data: "))["error"]["code"] == "context_length_exceeded"
     assert "[DONE]" not in text and outcomes == ["error"]
+
+
+def test_one_model_answers_any_name_unless_strict_and_several_never_do():
+    from serve.errors import APIError
+    from serve.settings import ModelSpec
+    from serve.state import ServerState
+
+    one = ServerState(Settings(aliases=("mine",)))
+    assert one.get("gpt-4o").id == one.get("mine").id == "smollm2-135m-instruct"
+    strict = ServerState(Settings.from_env({"LLAMA_JAX_STRICT_MODEL_NAMES": "1"}))
+    several = ServerState(Settings(models=(ModelSpec(), ModelSpec(model="other.gguf"))))
+    for state, kwargs in ((strict, {}), (one, {"exact": True}), (several, {})):
+        with pytest.raises(APIError) as e:
+            state.get("gpt-4o", **kwargs)
+        assert e.value.status == 404 and e.value.code == "model_not_found"
+    assert several.get("other").id == "other" and strict.get("smollm2-135m-instruct")
+
+
+def test_threads_flag_sizes_the_xla_cpu_pools():
+    """`use_threads(N)` (`-t N`) sets the thread counts XLA:CPU and the CPU kernels read when
+    they start: a process given more has more threads (XLA's two pools grow with N)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from llama_jax import cli\n"
+        "cli.use_threads(int(sys.argv[1]))\n"
+        "import jax.numpy as jnp\n"
+        "x = jnp.ones((256, 256)); (x @ x).block_until_ready()\n"
+        "print(len(os.listdir('/proc/self/task')), os.environ['PJRT_NPROC'], os.environ['LLAMA_JAX_CPU_THREADS'])"
+    )
+    counts = {}
+    for n in (1, 5):
+        out = subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True, text=True, check=True)
+        threads, nproc, cpu = out.stdout.split()
+        assert nproc == cpu == str(n)
+        counts[n] = int(threads)
+    assert counts[5] - counts[1] >= 8, counts
+
+
+@pytest.mark.parametrize("argv", [["serve", "-t", "3"], ["generate", "hi", "--threads", "3"]])
+def test_threads_flag_is_applied_before_the_model_loads(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PJRT_NPROC", "")
+    monkeypatch.setenv("LLAMA_JAX_CPU_THREADS", "")
+    assert main([*argv, "-m", str(tmp_path / "absent.gguf")]) == 1  # fails on the model, after -t
+    assert os.environ["PJRT_NPROC"] == os.environ["LLAMA_JAX_CPU_THREADS"] == "3"
+    assert main(["serve", "-t", "0"]) == 1 and "--threads must be at least 1" in capsys.readouterr().err

@@ -98,6 +98,20 @@ def test_alias_is_answered_under_its_own_name(client):
     assert r.model == "my-model"
 
 
+def test_the_single_model_answers_any_name_and_the_response_names_it(client):
+    """llama.cpp's way: a client with a hard-coded model name works; the response says which
+    model answered. Listing stays exact: retrieving an unknown name is a 404."""
+    r = client.chat.completions.create(model="gpt-4o", messages=FRANCE, temperature=0, max_tokens=8)
+    assert r.model == MODEL and "Paris" in r.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=FRANCE, max_tokens=2, stream=True))
+    assert {c.model for c in chunks} == {MODEL}
+    assert client.completions.create(model="davinci-002", prompt="Hi", max_tokens=2).model == MODEL
+    assert client.embeddings.create(model="text-embedding-3-small", input="Hi").model == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.code == "model_not_found"
+
+
 def test_stream_equals_non_stream_and_usage_only_when_asked(client):
     kw = dict(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16)
     full = client.chat.completions.create(**kw).choices[0].message.content
@@ -307,6 +321,49 @@ def test_tokenize_round_trip_and_template(http):
     assert "What is the capital of France?" in prompt and prompt.rstrip().endswith("assistant")
 
 
+def test_tokenize_takes_vllms_prompt_and_messages(http, client):
+    plain = http.post("/tokenize", json={"content": "Hello world"}).json()
+    assert plain == {"tokens": plain["tokens"]}  # llama.cpp's shape stays as it was
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello world"}).json()
+    assert r == {"tokens": [1, *plain["tokens"]], "count": len(plain["tokens"]) + 1, "max_model_len": 512}
+    r = http.post("/tokenize", json={"prompt": "Hello world", "add_special_tokens": False}).json()
+    assert r["tokens"] == plain["tokens"]
+    chat = http.post("/tokenize", json={"messages": FRANCE}).json()
+    usage = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=1).usage
+    assert chat["count"] == len(chat["tokens"]) == usage.prompt_tokens  # what generation reads
+    r = http.post("/tokenize", json={"messages": FRANCE, "add_generation_prompt": False}).json()
+    assert r["count"] < chat["count"]
+    for body in ({"content": "a", "prompt": "b"}, {}, {"messages": []}):
+        bad = http.post("/tokenize", json=body)
+        assert bad.status_code == 400 and error_of(bad)["type"] == "invalid_request_error"
+
+
+def test_version_and_props(http):
+    import llama_jax
+
+    assert http.get("/version").json() == {"version": llama_jax.__version__}
+    props = http.get("/props").json()
+    assert props["total_slots"] == 4 and props["model_alias"] == MODEL
+    assert props["default_generation_settings"] == {
+        "n_ctx": 512,
+        "params": {
+            "temperature": 0.7,
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "n_predict": 256,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "repeat_penalty": 1.0,
+        },
+    }
+    assert "<|im_start|>" in props["chat_template"] and props["eos_token"] == "<|im_end|>"
+    assert (
+        props["model_path"].endswith(".gguf") and props["build_info"] == f"llama-jax {llama_jax.__version__}"
+    )
+    assert http.get("/props", params={"model": "my-model"}).json()["model_alias"] == MODEL
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -354,9 +411,6 @@ def test_openai_exceptions_for_each_error(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=100_000)
     assert e.value.code == "context_length_exceeded"
-    with pytest.raises(openai.NotFoundError) as e:
-        client.chat.completions.create(model="gpt-4", messages=FRANCE)
-    assert e.value.code == "model_not_found" and e.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model=MODEL, input="")
     assert e.value.body["param"] == "input"
@@ -479,13 +533,14 @@ def test_seed_curl_examples(server):
     assert shutil.which("curl"), "the seed's examples need curl"
     outputs = []
     for cmd in SEED_CURLS:
-        cmd = cmd.replace("localhost:8080", f"127.0.0.1:{server.port}").replace("llama-3-8b-mock", MODEL)
+        cmd = cmd.replace("localhost:8080", f"127.0.0.1:{server.port}")  # the model name as written
         out = subprocess.run(
             ["bash", "-c", cmd + " -s"], capture_output=True, text=True, timeout=300, check=True
         )
         outputs.append(json.loads(out.stdout))
     health, chat, one, two = outputs
     assert health == {"status": "ok"}
+    assert chat["model"] == one["model"] == two["model"] == MODEL  # "llama-3-8b-mock" served by it
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
     assert (
         chat["usage"]["total_tokens"] == chat["usage"]["prompt_tokens"] + chat["usage"]["completion_tokens"]
@@ -498,9 +553,11 @@ def test_seed_python_client_example(server):
     from openai import OpenAI
 
     client = OpenAI(api_key="not-needed", base_url=server.base_url)
-    response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}])
-    assert response.choices[0].message.content
-    embeddings = client.embeddings.create(model=MODEL, input=["Hello", "world"])
+    response = client.chat.completions.create(
+        model="llama-3-8b-mock", messages=[{"role": "user", "content": "Hello"}]
+    )
+    assert response.choices[0].message.content and response.model == MODEL
+    embeddings = client.embeddings.create(model="llama-3-8b-mock", input=["Hello", "world"])
     assert len(embeddings.data[0].embedding) == 576
 
 

@@ -144,3 +144,57 @@ def test_listening_beyond_loopback_without_keys_is_a_warning(tiny_gguf):
         assert "WARNING" in line and f"0.0.0.0:{port}" in line and "LLAMA_JAX_API_KEYS" in line
     finally:
         srv.stop()
+
+
+def test_llama_cpp_and_vllm_flags_serve_a_hub_id_over_https(tiny_gguf, tmp_path):
+    """`llama-jax serve ORG/NAME:QUANT` (positional, from an offline Hugging Face cache) with
+    llama.cpp's `-c -np -a -t` and vLLM's `--served-model-name`, `--strict-model-names` and
+    `--ssl-certfile/--ssl-keyfile`: each read back from the running server."""
+    import shutil
+    import ssl
+
+    import openai
+    from tiny import write_hub_cache
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copyfile(tiny_gguf, repo / "tiny-chat-Q8_0.gguf")
+    write_hub_cache(tmp_path / "hf", "tiny-org/tiny-chat-GGUF", repo)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)]
+        + ["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    argv = ["-m", "llama_jax.cli", "serve", "tiny-org/tiny-chat-GGUF:Q8_0", "-c", "96", "-np", "2"]
+    argv += ["-a", "mock", "--served-model-name", "gpt-x", "gpt-y", "--strict-model-names", "-t", "1"]
+    argv += ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--port", str(port), "--no-warmup"]
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    srv = spawn(argv, env, ROOT, port, tmp_path / "flags.log")
+    srv.url = f"https://127.0.0.1:{port}"
+    ctx = ssl.create_default_context(cafile=str(cert))
+    try:
+        srv.wait_healthy(timeout=300, verify=ctx)
+        http = httpx.Client(base_url=srv.url, verify=ctx)
+        ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+        assert ids == ["tiny-org/tiny-chat-GGUF:Q8_0", "mock", "gpt-x", "gpt-y"]
+        assert [s["n_ctx"] for s in http.get("/slots").json()] == [96, 96]
+        assert (
+            http.get("/props")
+            .json()["model_path"]
+            .endswith("snapshots/" + _commit(tmp_path) + "/tiny-chat-Q8_0.gguf")
+        )
+        client = openai.OpenAI(api_key="x", base_url=srv.url + "/v1", http_client=http, max_retries=0)
+        kw = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body={"ignore_eos": True})
+        assert client.chat.completions.create(model="gpt-y", **kw).model == "gpt-y"
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-4o", **kw)  # --strict-model-names
+        assert "listening on https://" in srv.log()
+    finally:
+        srv.stop()
+
+
+def _commit(tmp_path: Path) -> str:
+    return (tmp_path / "hf" / "models--tiny-org--tiny-chat-GGUF" / "refs" / "main").read_text()

@@ -132,6 +132,20 @@ def test_streamed_emoji_waits_for_its_last_byte(smollm):
     assert deltas[-2:] == ["😀", "!"]
 
 
+def test_byte_tokens_decode_to_the_character_their_bytes_spell(smollm, smollm_meta):
+    """The notebook's `'\x9a'` in a JSON name: the model sampled SmolLM2's byte tokens 141 and
+    244 (0xC2, 0x9A), valid UTF-8 for U+009A, a C1 control character that JSON strings may hold
+    unescaped. Decoding is right to give it; the same bytes split (or alone) are held back or
+    replaced, as `tokenizers` (the reference) decodes them."""
+    ref = _smollm2_tokenizer_json(smollm_meta[0])
+    assert (smollm.token_bytes(141), smollm.token_bytes(244)) == (b"\xc2", b"\x9a")
+    assert check_stream(smollm, [141, 244]) == ["", "\x9a", ""]
+    assert smollm.decode([141, 244]) == ref.decode([141, 244]) == "\x9a"
+    assert smollm.decode([244]) == ref.decode([244]) == "\ufffd"  # a continuation byte alone
+    text = "Ze\u201aBa"  # U+201A, whose UTF-8 also ends in 0x9A, streams whole
+    assert "".join(check_stream(smollm, smollm.encode(text))) == text == ref.decode(ref.encode(text).ids)
+
+
 def test_streamed_random_tokens_equal_full_decode(smollm):
     rng = random.Random(0)
     partial = [i for i in range(smollm.vocab_size) if not _valid_utf8(smollm.token_bytes(i))]

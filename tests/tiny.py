@@ -568,3 +568,31 @@ def model_logits(model: Any, tokens: Any) -> np.ndarray:
     graphdef, state = nnx.split(model)
     graphdef = _GRAPHDEFS.setdefault((model.cfg, str(model.dtype)), graphdef)
     return np.asarray(_logits(graphdef, state, jnp.asarray(np.atleast_2d(tokens), jnp.int32)))
+
+
+def write_hub_cache(
+    cache: str | Path, repo: str, folder: str | Path, ref: str = "main", commit: str = ""
+) -> Path:
+    """`folder`'s files as the snapshot of `repo` at `ref` in a Hugging Face cache, in the
+    layout `huggingface_hub` reads (models--org--name/{blobs,refs,snapshots}: each file a blob
+    named by its hash, linked from the snapshot; `refs/<ref>` holds the commit). The snapshot
+    folder is returned."""
+    import hashlib
+    import os
+    import shutil
+
+    commit = commit or hashlib.sha1(f"{repo}@{ref}".encode()).hexdigest()
+    root = Path(cache) / ("models--" + repo.replace("/", "--"))
+    snapshot = root / "snapshots" / commit
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    for src in sorted(Path(folder).iterdir()):
+        data = src.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        if not blob.exists():
+            shutil.copyfile(src, blob)
+        link = snapshot / src.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs" / ref).write_text(commit)
+    return snapshot

@@ -54,7 +54,12 @@ async def chat_completions():
     record().count = lambda: (len(ids), samples.generated)
     skip = gen.engine.eos_ids | frozenset(params.stop_token_ids)
     cid, created = new_id("chatcmpl"), now()
-    base = {"id": cid, "created": created, "model": body.model, "system_fingerprint": entry.fingerprint}
+    base = {
+        "id": cid,
+        "created": created,
+        "model": entry.answer_name(body.model),
+        "system_fingerprint": entry.fingerprint,
+    }
 
     if not body.stream:
         parsers = [prep.tool_stream() for _ in range(body.n)]

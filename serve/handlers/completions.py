@@ -59,7 +59,7 @@ async def completions():
     base = {
         "id": new_id("cmpl"),
         "created": now(),
-        "model": body.model,
+        "model": entry.answer_name(body.model),
         "system_fingerprint": entry.fingerprint,
     }
 

@@ -24,7 +24,7 @@ MAX_EMBEDDING_TOKENS = 131_072  # per request, all inputs together (OpenAI's is 
 @bp.post("/v1/embeddings")
 async def embeddings():
     body = await parse_body(EmbeddingRequest)
-    _, gen = await serving(body.model)
+    entry, gen = await serving(body.model)
     inputs = body.input
     if isinstance(inputs, list) and len(inputs) > MAX_EMBEDDING_INPUTS and not isinstance(inputs[0], int):
         raise bad_request(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", "input")
@@ -56,6 +56,6 @@ async def embeddings():
     return {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-        "model": body.model,
+        "model": entry.answer_name(body.model),
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }

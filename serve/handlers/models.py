@@ -40,4 +40,4 @@ async def list_models():
 
 @bp.get("/v1/models/<path:model>")
 async def get_model(model: str):
-    return _card(model, state().get(model))
+    return _card(model, state().get(model, exact=True))  # a listing: only names that exist

@@ -1,4 +1,6 @@
-"""llama.cpp's `POST /tokenize`, `POST /detokenize` and `POST /apply-template`.
+"""llama.cpp's `POST /tokenize`, `POST /detokenize` and `POST /apply-template`; `/tokenize`
+also takes vLLM's body (`prompt` or `messages`) and then answers `tokens`, `count` and
+`max_model_len` as vLLM does.
 
 A body may be as large as the server accepts (8 MiB by default): each is validated and
 worked on a thread, not on the event loop, so that streams and `/health` go on meanwhile.
@@ -45,13 +47,26 @@ async def _body(model: type[M]) -> M:
 @bp.post("/tokenize")
 async def tokenize():
     body = await _body(TokenizeRequest)
-    tok = (await serving(body.model))[1].tokenizer
+    _, gen = await serving(body.model)
+    tok = gen.tokenizer
 
     def work() -> dict:
-        ids = tok.encode(body.content, add_bos=body.add_special, parse_special=body.parse_special)
-        if body.with_pieces:
-            return {"tokens": [{"id": t, "piece": tok.token_to_piece(t)} for t in ids]}
-        return {"tokens": ids}
+        if body.content is not None:  # llama.cpp's shape
+            ids = tok.encode(body.content, add_bos=body.add_special, parse_special=body.parse_special)
+            if body.with_pieces:
+                return {"tokens": [{"id": t, "piece": tok.token_to_piece(t)} for t in ids]}
+            return {"tokens": ids}
+        if body.prompt is not None:  # vLLM's shapes
+            bos = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = tok.encode(body.prompt, add_bos=bos, parse_special=body.parse_special)
+        else:
+            messages = [m.for_template() for m in body.messages or ()]
+            try:  # the template writes BOS where the model wants one
+                text = gen.render_chat(messages, body.add_generation_prompt)
+            except Exception as e:
+                raise from_library(e) from e
+            ids = tok.encode(text, add_bos=bool(body.add_special_tokens))
+        return {"tokens": ids, "count": len(ids), "max_model_len": gen.max_seq_len}
 
     return await _off_loop(work)
 
