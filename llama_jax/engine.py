@@ -62,7 +62,9 @@ from llama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger(__name__)
 
 CLOSE_WINDOW = 64  # a constrained request this close to its token limit looks for a way to finish
-CLOSE_MARGIN = 2  # ...and takes it when the tokens left exceed its length by no more than this
+CLOSE_MARGIN = 5  # ...and takes it when the tokens left exceed its length by no more than this
+# (a free token may lengthen the way to finish by up to the margin + 1 and still leave room: `, "`
+# opens a key that needs `": ""}`; a request that has lengthened it more gets a wider margin)
 CLOSE_RETRY = 4  # tokens before looking again when no way to finish in time was found (doubling)
 EMBED_MAX_BATCH = 16  # rows per embedding chunk (`ModelRunner.embed`'s largest batch)
 CLIENT_SHARE = 4  # by default one client may hold at most 1/CLIENT_SHARE of the waiting queue
@@ -126,6 +128,8 @@ class Request:
     matcher: Matcher | None = None  # constrained decoding: the request's place in its grammar
     close_retry_at: int = 0  # output length at which to look for a way to finish in time again
     close_failures: int = 0  # searches for a way to finish in time that found none
+    close_seen: tuple[int, int] | None = None  # (output length, closing path length) last looked at
+    close_growth: int = 0  # the most one sampled token lengthened the way to finish
     client: str | None = None  # who sent it (an API key or an address), for the per-client queue share
 
     @property
@@ -429,8 +433,16 @@ class Engine:
             if path is None:  # no way to finish in time found: look again later, less and less often
                 req.close_retry_at = len(req.output_ids) + (CLOSE_RETRY << req.close_failures)
                 req.close_failures += 1
+                req.close_seen = None
                 return
-            if len(path) + CLOSE_MARGIN < left:
+            # One sampled token can lengthen the way to finish by several tokens: a free token
+            # is allowed while one more, lengthening it by as much as this request ever has in
+            # one token (or by CLOSE_MARGIN + 1), still leaves room to finish.
+            n = len(req.output_ids)
+            if req.close_seen is not None and req.close_seen[0] == n - 1:
+                req.close_growth = max(req.close_growth, len(path) - (req.close_seen[1] - 1))
+            req.close_seen = (n, len(path))
+            if len(path) + max(CLOSE_MARGIN, req.close_growth - 1) < left:
                 return
         if not path:
             return
