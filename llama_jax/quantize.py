@@ -30,14 +30,15 @@ import dataclasses
 import math
 import string
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax.model import Llama
+if TYPE_CHECKING:
+    from llama_jax.model import Llama
 
 # Parameter -> the axes its einsum contracts (per-channel scales reduce over these).
 CONTRACTED = {
