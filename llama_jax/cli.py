@@ -196,6 +196,7 @@ def serve_settings(args):
         model=tuple(args.model) or None,
         aliases=tuple(args.alias) or None,
         cors_origins=tuple(args.cors_origin) or None,
+        reasoning_format=args.reasoning_format,
     )
     try:
         keys = tuple(args.api_key) + (read_key_file(args.api_key_file) if args.api_key_file else ())
@@ -279,6 +280,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--webui", action=argparse.BooleanOptionalAction, default=None, help="serve the chat page at /"
+    )
+    p.add_argument(
+        "--reasoning-format",
+        default=None,
+        choices=("auto", "deepseek", "none"),
+        help="a <think> block goes to reasoning_content (auto, deepseek) or stays inline (none)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
 

@@ -79,6 +79,12 @@ def _paths(settings: Settings) -> dict:
     chat_ok["content"]["text/event-stream"] = _stream(responses.ChatCompletionChunk)
     completion_ok = _json(responses.Completion, "The completion, or with `stream: true` server-sent events.")
     completion_ok["content"]["text/event-stream"] = _stream(responses.Completion)
+    responses_ok = _json(responses.ResponseObject, "The response, or with `stream: true` server-sent events.")
+    responses_ok["content"]["text/event-stream"] = {
+        "schema": {"type": "string"},
+        "x-event-schema": _ref(responses.ResponseStreamEvent),
+        "example": 'event: response.created\ndata: {"type": "response.created", ...}\n\n',
+    }
     health = _json(responses.Health, "Ready")
     paths: dict[str, dict] = {
         "/v1/chat/completions": {
@@ -97,6 +103,15 @@ def _paths(settings: Settings) -> dict:
                 completion_ok,
                 schemas.CompletionRequest,
                 operation_id="createCompletion",
+            )
+        },
+        "/v1/responses": {
+            "post": _operation(
+                "Responses API (stateless: no previous_response_id, nothing stored)",
+                "OpenAI",
+                responses_ok,
+                schemas.ResponsesRequest,
+                operation_id="createResponse",
             )
         },
         "/v1/embeddings": {

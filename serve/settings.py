@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 PREFIX = "LLAMA_JAX_"
+REASONING_FORMATS = ("auto", "deepseek", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,13 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     webui: bool = True
     stall_timeout_s: int = 60  # /health says "stalled" when an engine has work but no step ends for this long
+    # "auto" (or llama.cpp's "deepseek"): a reasoning block goes to `reasoning_content`; "none": inline
+    reasoning_format: str = "auto"
     config: str | None = None  # the TOML file these settings came from, if any
+
+    def __post_init__(self):
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise ValueError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}")
 
     def model_specs(self) -> tuple[ModelSpec, ...]:
         if self.models:
