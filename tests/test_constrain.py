@@ -138,10 +138,14 @@ def test_gbnf_choice_and_lark_grammars_compile_and_bad_ones_name_their_field(par
         (Grammar.gbnf("root ::= (", "grammar"), "invalid GBNF grammar", "grammar"),
         (Grammar.gbnf('start: "a"', "grammar"), "invalid GBNF grammar", "grammar"),  # Lark is not GBNF
         (Grammar.gbnf(deep, "grammar"), "invalid GBNF grammar", "grammar"),
-        (Grammar.gbnf('root ::= x', "grammar"), "not found", "grammar"),
+        (Grammar.gbnf("root ::= x", "grammar"), "not found", "grammar"),
         (Grammar.regex("a(b", "guided_regex"), "unclosed group", "guided_regex"),
         (Grammar.regex("^(x{300}){300}$", "guided_regex"), "too complex", "guided_regex"),
-        (Grammar.cfg("start: nothing", "structured_outputs.grammar"), "nothing", "structured_outputs.grammar"),
+        (
+            Grammar.cfg("start: nothing", "structured_outputs.grammar"),
+            "nothing",
+            "structured_outputs.grammar",
+        ),
     ]:
         with pytest.raises(InvalidRequestError, match=words) as e:
             compiler.matcher(grammar)
