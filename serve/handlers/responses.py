@@ -21,6 +21,7 @@ from typing import Any
 from quart import Blueprint, g
 
 from llama_jax.engine import Delta
+from llama_jax.sampling import SamplingParams
 from serve.errors import APIError, bad_request, from_library
 from serve.generation import Samples, sampling_params
 from serve.handlers import note_tokens, now, parse_body, record, serving, state, stream_finisher
@@ -32,6 +33,7 @@ from serve.schemas import (
     InputPart,
     ResponsesRequest,
     SamplingFields,
+    ToolChoiceFunction,
 )
 from serve.sse import dumps, sse_response
 
@@ -47,13 +49,12 @@ async def create_response():
             "Send the whole conversation as `input`.",
             "previous_response_id",
         )
-    entry, gen = await serving(body.model)
+    _, gen = await serving(body.model)
     messages = _messages(body)
     tools = [t.for_chat() for t in body.tools or []]
     choice = body.tool_choice
-    tool_choice = (
-        {"type": "function", "function": {"name": choice.name}} if hasattr(choice, "name") else choice
-    )
+    if isinstance(choice, ToolChoiceFunction):
+        choice = {"type": "function", "function": {"name": choice.name}}
     fmt = body.text.format if body.text is not None else None
     try:  # rendering, tokenizing and compiling a grammar must not stall the event loop
         prep = await asyncio.to_thread(
@@ -61,14 +62,14 @@ async def create_response():
                 gen.prepare_chat,
                 messages,
                 tools=tools or None,
-                tool_choice=tool_choice if tools else None,
+                tool_choice=choice if tools else None,
                 response_format=fmt.response_format() if fmt is not None else None,
                 parallel_tool_calls=body.parallel_tool_calls,
                 template_kwargs=body.chat_template_kwargs,
             )
         )
     except Exception as e:
-        raise from_library(e) from e
+        raise _renamed(from_library(e)) from e
     ids = prep.prompt_ids
     fields = SamplingFields.model_construct(
         model=body.model, temperature=body.temperature, top_p=body.top_p, seed=body.seed, top_k=body.top_k
@@ -80,34 +81,13 @@ async def create_response():
             e.param = "max_output_tokens"
         raise
     record().reserve(len(ids) + params.max_tokens)
-    samples = Samples(gen, [ids], params, 1, client=record().client)
+    try:
+        samples = Samples(gen, [ids], params, 1, client=record().client)
+    except APIError as e:
+        raise _renamed(e) from e
     record().count = lambda: (len(ids), samples.generated)
     split = splits_reasoning(None, state().settings.reasoning_format)
-    out = _Output(
-        {
-            "id": _item_id("resp"),
-            "object": "response",
-            "created_at": now(),
-            "status": "in_progress",
-            "model": body.model,
-            "output": [],
-            "error": None,
-            "incomplete_details": None,
-            "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens,
-            "parallel_tool_calls": body.parallel_tool_calls,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "tool_choice": body.tool_choice.model_dump() if hasattr(choice, "name") else choice or "auto",
-            "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
-            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
-            "previous_response_id": None,
-            "store": False,
-            "metadata": body.metadata or {},
-            "usage": None,
-        },
-        OutputReader(prep, split),
-    )
+    out = _Output(_response(body, params), OutputReader(prep, split))
 
     def finished(d: Delta) -> None:
         reasoning = out.reader.reasoning
@@ -134,6 +114,45 @@ async def create_response():
                     yield e
 
     return sse_response(events(), g.request_id, stream_finisher(lambda: (len(ids), samples.generated)))
+
+
+def _response(body: ResponsesRequest, params: SamplingParams) -> dict[str, Any]:
+    """The response object before any output: the request's settings as they were applied."""
+    fmt = body.text.format if body.text is not None else None
+    choice = body.tool_choice
+    return {
+        "id": _item_id("resp"),
+        "object": "response",
+        "created_at": now(),
+        "status": "in_progress",
+        "model": body.model,
+        "output": [],
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.instructions,
+        "max_output_tokens": body.max_output_tokens,
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "tool_choice": choice.model_dump() if isinstance(choice, ToolChoiceFunction) else choice or "auto",
+        "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+        "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
+        "previous_response_id": None,
+        "store": False,
+        "metadata": body.metadata or {},
+        "usage": None,
+    }
+
+
+_PARAMS = {"response_format": "text.format", "messages": "input"}  # chat's names for this API's fields
+
+
+def _renamed(e: APIError) -> APIError:
+    """An error from the chat path, naming this API's field (`text.format`, not `response_format`)."""
+    head, dot, rest = (e.param or "").partition(".")
+    if head in _PARAMS:
+        e.param = _PARAMS[head] + dot + rest
+    return e
 
 
 def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
