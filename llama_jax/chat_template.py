@@ -504,15 +504,20 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         tools: list[Any] | None = None,
         special_tokens: Collection[str] = (),
+        template_kwargs: Mapping[str, Any] | None = None,
         **extra: Any,
     ) -> str:
         """The prompt text for `messages` (OpenAI chat messages; content a string or text parts).
-        With the tokenizer's `special_tokens`, a `ChatPrompt` whose request text stays text."""
+        With the tokenizer's `special_tokens`, a `ChatPrompt` whose request text stays text.
+        `template_kwargs` (a request's, e.g. Qwen3's `enable_thinking`) are request text too,
+        and may not replace the variables set here."""
         escaper = _Escaper(special_tokens) if special_tokens else None
         messages, tools = self._normalize(messages), tools
+        kwargs = dict(template_kwargs or {})
         if escaper is not None:
-            messages, tools = escaper.escape(messages), escaper.escape(tools)
+            messages, tools, kwargs = escaper.escape(messages), escaper.escape(tools), escaper.escape(kwargs)
         context = {
+            **kwargs,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             **extra,

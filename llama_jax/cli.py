@@ -209,6 +209,7 @@ def serve_settings(args):
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         cors_origins=tuple(args.cors_origin) or None,
+        reasoning_format=args.reasoning_format,
     )
     try:
         keys = tuple(args.api_key) + (read_key_file(args.api_key_file) if args.api_key_file else ())
@@ -317,6 +318,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--webui", action=argparse.BooleanOptionalAction, default=None, help="serve the chat page at /"
+    )
+    g.add_argument(
+        "--reasoning-format",
+        default=None,
+        choices=("auto", "deepseek", "none"),
+        help="a <think> block goes to reasoning_content (auto, deepseek) or stays inline (none)",
     )
     g.add_argument("-v", "--verbose", action="store_true")
     g = p.add_argument_group("security and limits")

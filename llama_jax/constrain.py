@@ -1,7 +1,7 @@
 """Constrained decoding: grammars that decide, token by token, what a request may generate.
 
 A `Grammar` is a request's constraint as plain data (a JSON schema, any JSON object, a Lark
-grammar or a regex). The engine's `GrammarCompiler` turns it into a `Matcher` per request, on
+or GBNF grammar, a regex or a list of choices). The engine's `GrammarCompiler` turns it into a `Matcher` per request, on
 the caller's thread, so an invalid grammar is an `InvalidRequestError` before any device work.
 Before each step the engine asks the matchers of its constrained slots for their allowed-token
 bitmasks (`[W]` int32, the layout `sampling.apply_mask` reads on device), and after each
@@ -17,8 +17,8 @@ a time budget measured when it is compiled. Compiling walks the shortest way to 
 a mask per step; a grammar whose compile and walk take longer than `MAX_COMPILE_SECONDS`, or
 whose every mask after the first takes longer than `MAX_MASK_SECONDS` (`"pattern":
 "^(x{300}){300}$"` costs ~35 ms a mask on a 49k vocabulary), is refused with an
-`InvalidRequestError` naming `response_format` or `tools`, and so is the same grammar again.
-Sources are capped in size (`MAX_GRAMMAR_CHARS`).
+`InvalidRequestError` naming the request field it came from (`Grammar.param`), and so is the
+same grammar again. Sources are capped in size (`MAX_GRAMMAR_CHARS`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import functools
 import json
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ from typing import Any, Literal
 import llguidance
 import llguidance.numpy
 import numpy as np
+from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from llama_jax.errors import InvalidRequestError
 from llama_jax.sampling import mask_words
@@ -65,9 +67,10 @@ _CLOSERS = [c.encode() for c in ('""', '"}}', '"}', '"]', '"', "}}", "}", "]", "
 @dataclasses.dataclass(frozen=True)
 class Grammar:
     """What a constrained request may generate. `source`: the JSON schema (as JSON text), the
-    Lark grammar or the regex; empty for `json_object`."""
+    Lark or GBNF grammar, the regex (matched whole) or the choices (a JSON list of strings);
+    empty for `json_object`."""
 
-    kind: Literal["json_schema", "json_object", "lark", "regex"]
+    kind: Literal["json_schema", "json_object", "lark", "gbnf", "regex", "choice"]
     source: str = ""
     param: str | None = None  # the request field it came from; None: response_format or grammar
 
@@ -80,27 +83,49 @@ class Grammar:
             )
 
     @classmethod
-    def json_schema(cls, schema: dict[str, Any] | str) -> Grammar:
+    def json_schema(cls, schema: dict[str, Any] | str, param: str | None = None) -> Grammar:
         """Objects with `properties` and no `additionalProperties` are closed, as in OpenAI's
         strict mode (small models otherwise invent extra keys); say `true` to allow them."""
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
             except json.JSONDecodeError as e:
-                raise InvalidRequestError(f"invalid JSON schema: {e}", param="response_format") from None
-        return cls("json_schema", json.dumps(closed_objects(schema)))
+                raise InvalidRequestError(
+                    f"invalid JSON schema: {e}", param=param or "response_format"
+                ) from None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("a JSON schema must be an object", param=param or "response_format")
+        return cls("json_schema", json.dumps(closed_objects(schema)), param)
 
     @classmethod
-    def json_object(cls) -> Grammar:
-        return cls("json_object")
+    def json_object(cls, param: str | None = None) -> Grammar:
+        return cls("json_object", "", param)
 
     @classmethod
-    def lark(cls, grammar: str) -> Grammar:
-        return cls("lark", grammar)
+    def lark(cls, grammar: str, param: str | None = None) -> Grammar:
+        return cls("lark", grammar, param)
 
     @classmethod
-    def regex(cls, pattern: str) -> Grammar:
-        return cls("regex", pattern)
+    def gbnf(cls, grammar: str, param: str | None = None) -> Grammar:
+        """llama.cpp's grammar format (`root ::= ...`), converted to Lark by llguidance."""
+        return cls("gbnf", grammar, param)
+
+    @classmethod
+    def cfg(cls, grammar: str, param: str | None = None) -> Grammar:
+        """A Lark grammar (it has a `start:` rule or a `%llguidance` line), else GBNF: what
+        vLLM's `grammar` field takes."""
+        return cls("lark" if is_lark_syntax(grammar) else "gbnf", grammar, param)
+
+    @classmethod
+    def regex(cls, pattern: str, param: str | None = None) -> Grammar:
+        return cls("regex", pattern, param)
+
+    @classmethod
+    def choice(cls, options: Sequence[str], param: str | None = None) -> Grammar:
+        """Exactly one of `options`."""
+        if not options:
+            raise InvalidRequestError("choice needs at least one option", param=param or "grammar")
+        return cls("choice", json.dumps(list(options)), param)
 
     @classmethod
     def from_response_format(cls, response_format: Mapping[str, Any] | None) -> Grammar | None:
@@ -142,10 +167,23 @@ class Grammar:
                     {"type": "object"}, overrides=JSON_OPTIONS
                 )
         except ValueError as e:
-            raise InvalidRequestError(f"invalid JSON schema: {e}", param="response_format") from None
+            raise InvalidRequestError(f"invalid JSON schema: {e}", param=_param(self)) from None
         if self.kind == "lark":
             return llguidance.LLMatcher.grammar_from_lark(self.source)
+        if self.kind == "gbnf":
+            try:  # a recursive-descent parser in Python: deep nesting is a RecursionError
+                return llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(self.source))
+            except Exception as e:  # noqa: BLE001 - whatever the converter trips over is the grammar's fault
+                raise InvalidRequestError(f"invalid GBNF grammar: {e}", param=_param(self)) from None
+        if self.kind == "choice":
+            rule = " | ".join(json.dumps(c) for c in json.loads(self.source))
+            return llguidance.LLMatcher.grammar_from_lark(f"start: {rule}")
         return llguidance.LLMatcher.grammar_from_regex(self.source)
+
+
+def is_lark_syntax(text: str) -> bool:
+    """llguidance's own test: a `start:` rule or a `%llguidance` line at the start of a line."""
+    return re.search(r"(?m)^\s*(%llguidance\b|start\s*:)", text) is not None
 
 
 _VALUES = frozenset({"const", "enum", "default", "examples"})  # JSON values, not schemas
@@ -347,16 +385,24 @@ def _param(grammar: Grammar) -> str:
     return "response_format" if grammar.kind.startswith("json") else "grammar"
 
 
+_KINDS = {
+    "json_schema": "JSON schema",
+    "json_object": "JSON grammar",
+    "lark": "Lark grammar",
+    "gbnf": "GBNF grammar",
+    "regex": "regex",
+    "choice": "choice",
+}
+
+
 def _what(grammar: Grammar) -> str:
     if grammar.param == "tools":
         return "the grammar of the tools' parameters"
-    kinds = {"json_schema": "JSON schema", "json_object": "JSON grammar", "lark": "grammar", "regex": "regex"}
-    return f"the {kinds[grammar.kind]}"
+    return f"the {_KINDS[grammar.kind]}"
 
 
 def _describe(grammar: Grammar, error: str) -> str:
-    what = {"json_schema": "JSON schema", "json_object": "JSON grammar", "lark": "grammar", "regex": "regex"}
-    return f"invalid {what[grammar.kind]}: {error.strip()}"
+    return f"invalid {_KINDS[grammar.kind]}: {error.strip()}"
 
 
 _EXECUTOR: llguidance.LLExecutor | None = None

@@ -29,6 +29,7 @@ from llama_jax.constrain import Grammar
 from llama_jax.engine import Delta, Engine, Request, Usage
 from llama_jax.engine_loop import EngineLoop
 from llama_jax.errors import ContextLengthError, InvalidRequestError
+from llama_jax.reasoning import Markers, ReasoningStream, opens_in_prompt, template_markers
 from llama_jax.runner import ModelRunner
 from llama_jax.sampling import SamplingParams
 from llama_jax.sharding import describe, make_mesh
@@ -62,12 +63,15 @@ class Completion:
 @dataclasses.dataclass(frozen=True)
 class PreparedChat:
     """A chat request made ready for the engine: its prompt ids, the grammar its output must
-    follow (from a forced tool choice or `response_format`), and how to read calls out of it."""
+    follow (from a forced tool choice, `response_format` or a grammar of the caller's), and
+    how to read calls and reasoning out of it."""
 
     prompt_ids: list[int]
     grammar: Grammar | None
     tool_mode: str  # "none", "auto" or "required"
     tool_names: frozenset[str]  # the tools the output may call
+    markers: Markers = ("<think>", "</think>")  # the template's reasoning markers
+    thinking: bool = False  # the prompt ends inside a reasoning block
 
     def sampling(self, sampling: SamplingParams) -> SamplingParams:
         return sampling if self.grammar is None else dataclasses.replace(sampling, grammar=self.grammar)
@@ -75,6 +79,10 @@ class PreparedChat:
     def tool_stream(self) -> ToolCallStream | None:
         """A parser of calls in the output; None when calls are off."""
         return None if self.tool_mode == "none" else ToolCallStream(set(self.tool_names))
+
+    def reasoning_stream(self) -> ReasoningStream:
+        """A splitter of the output's reasoning block from its answer (`llama_jax.reasoning`)."""
+        return ReasoningStream(self.markers, self.thinking)
 
 
 class Generator:
@@ -188,9 +196,11 @@ class Generator:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """The prompt text. Tools (OpenAI function tools) go to a template that knows them, and
-        otherwise into a system message in the built-in format (`llama_jax.tools`)."""
+        otherwise into a system message in the built-in format (`llama_jax.tools`).
+        `template_kwargs` are extra template variables (Qwen3's `enable_thinking`)."""
         tools = check_tools(tools) or None
         if template_knows_tools(self.template.source):
             messages = template_messages(messages)
@@ -203,6 +213,7 @@ class Generator:
             bos_token=self.tokenizer.bos_token,
             eos_token=self.tokenizer.eos_token,
             special_tokens=self.tokenizer.special_tokens,
+            template_kwargs=template_kwargs,
         )
 
     def encode_chat(
@@ -219,21 +230,43 @@ class Generator:
         tool_choice: str | Mapping[str, Any] | None = None,
         response_format: Mapping[str, Any] | None = None,
         parallel_tool_calls: bool = True,
+        grammar: Grammar | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> PreparedChat:
         """Validate the tools and output format of a chat and render its prompt. With
         `tool_choice` "required" or a named function the output is constrained to calls of the
         allowed tools; with "auto" the model may answer or call (calls are parsed); with "none"
-        the tools stay in the prompt but the output is plain content."""
+        the tools stay in the prompt but the output is plain content. `grammar` constrains the
+        output like `response_format` (one of the two)."""
         checked = check_tools(tools)
         mode, allowed = chosen_tools(checked, tool_choice)
-        grammar = Grammar.from_response_format(response_format)
+        formatted = Grammar.from_response_format(response_format)
+        if grammar is not None and formatted is not None:
+            raise InvalidRequestError(
+                f"response_format and {grammar.param or 'grammar'} both constrain the output: give one",
+                param=grammar.param or "grammar",
+            )
+        grammar = grammar or formatted
         if mode == "required":
+            if grammar is not None and grammar is not formatted:
+                raise InvalidRequestError(
+                    f"a required tool call and {grammar.param or 'grammar'} both constrain the output",
+                    param="tool_choice",
+                )
             grammar = tool_grammar(allowed, parallel_tool_calls)
         if grammar is not None:
             self.engine.grammars.matcher(grammar)  # an invalid schema fails here, before any work
-        ids = self.encode_chat(messages, checked)  # "none" keeps them in view, as OpenAI does
+        # "none" keeps the tools in view, as OpenAI does; the template writes BOS itself.
+        prompt = self.render_chat(messages, tools=checked, template_kwargs=template_kwargs)
+        ids = self.tokenizer.encode(prompt, add_bos=False)
         names = frozenset(t["function"]["name"] for t in allowed) if mode != "none" else frozenset()
-        return PreparedChat(ids, grammar, mode, names)
+        markers = template_markers(self.template.source)
+        return PreparedChat(ids, grammar, mode, names, markers, opens_in_prompt(prompt, markers))
+
+    def check_grammar(self, grammar: Grammar) -> None:
+        """Compile `grammar` (cached for the request that follows): an invalid or too costly one
+        is an `InvalidRequestError` here, before any device work. Slow: call it off the event loop."""
+        self.engine.grammars.matcher(grammar)
 
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

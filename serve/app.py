@@ -31,6 +31,7 @@ from serve.handlers import (
     info,
     models,
     new_id,
+    responses,
     tokenize,
     webui,
 )
@@ -72,7 +73,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     limiter = RateLimiter(settings)
     metrics = ServerMetrics(st, limiter.rejections)
     app.extensions["llama_jax"] = st
-    for module in (health, info, models, chat, completions, embeddings, tokenize, docs):
+    for module in (health, info, models, chat, completions, responses, embeddings, tokenize, docs):
         app.register_blueprint(module.bp)
     if settings.webui:
         app.register_blueprint(webui.bp)

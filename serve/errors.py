@@ -91,7 +91,7 @@ def from_http(e: HTTPException) -> APIError:
     if status == 404:
         return APIError(
             404,
-            "Unknown route: see /v1/models, /v1/chat/completions, /v1/completions, "
+            "Unknown route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/responses, "
             "/v1/embeddings, /tokenize, /detokenize, /apply-template, /health",
             code="not_found",
         )

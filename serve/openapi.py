@@ -47,12 +47,20 @@ _ERRORS = {
 }
 
 
-def _stream(chunk: type[BaseModel]) -> dict:
-    return {
-        "schema": {"type": "string"},
-        "x-event-schema": _ref(chunk),
-        "example": 'data: {"id": "...", "choices": [...]}\n\ndata: [DONE]\n\n',
-    }
+# One server-sent event as a reader parses it: its `data` is the JSON of `x-event-schema` (or
+# `[DONE]`, or an error object), `event` its type where the stream names one.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
+
+
+def _stream(chunk: type[BaseModel], example: str) -> dict:
+    return {"schema": SSE_EVENT, "x-event-schema": _ref(chunk), "example": example}
+
+
+_DATA_EXAMPLE = 'data: {"id": "...", "choices": [...]}\n\ndata: [DONE]\n\n'
 
 
 def _operation(summary: str, tag: str, ok: dict, body: type[BaseModel] | None = None, **extra: Any) -> dict:
@@ -77,9 +85,13 @@ def _paths(settings: Settings) -> dict:
         "description": "A served model's name (default: the first).",
     }
     chat_ok = _json(responses.ChatCompletion, "The completion, or with `stream: true` server-sent events.")
-    chat_ok["content"]["text/event-stream"] = _stream(responses.ChatCompletionChunk)
+    chat_ok["content"]["text/event-stream"] = _stream(responses.ChatCompletionChunk, _DATA_EXAMPLE)
     completion_ok = _json(responses.Completion, "The completion, or with `stream: true` server-sent events.")
-    completion_ok["content"]["text/event-stream"] = _stream(responses.Completion)
+    completion_ok["content"]["text/event-stream"] = _stream(responses.Completion, _DATA_EXAMPLE)
+    responses_ok = _json(responses.ResponseObject, "The response, or with `stream: true` server-sent events.")
+    responses_ok["content"]["text/event-stream"] = _stream(
+        responses.ResponseStreamEvent, 'event: response.created\ndata: {"type": "response.created", ...}\n\n'
+    )
     health = _json(responses.Health, "Ready")
     paths: dict[str, dict] = {
         "/v1/chat/completions": {
@@ -98,6 +110,15 @@ def _paths(settings: Settings) -> dict:
                 completion_ok,
                 schemas.CompletionRequest,
                 operation_id="createCompletion",
+            )
+        },
+        "/v1/responses": {
+            "post": _operation(
+                "Responses API (stateless: no previous_response_id, nothing stored)",
+                "OpenAI",
+                responses_ok,
+                schemas.ResponsesRequest,
+                operation_id="createResponse",
             )
         },
         "/v1/embeddings": {

@@ -68,6 +68,9 @@ FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "functi
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
+    reasoning_content: str | None = Field(
+        None, description="The output's reasoning block (`<think>`...`</think>`), when it had one."
+    )
     refusal: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
@@ -101,6 +104,7 @@ class ToolCallDelta(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
@@ -262,3 +266,73 @@ class Props(BaseModel):
     eos_token: str
     modalities: dict[str, bool]
     build_info: str
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int = Field(ge=0)
+    input_tokens_details: dict[str, int] = Field(description="`cached_tokens`: from the prefix cache.")
+    output_tokens: int = Field(ge=0)
+    output_tokens_details: dict[str, int] = Field(description="`reasoning_tokens`: those of the reasoning.")
+    total_tokens: int = Field(ge=0)
+
+
+class ResponseOutputItem(BaseModel):
+    """A `message` (`content`: `output_text` parts), a `function_call` (`call_id`, `name`,
+    `arguments`) or a `reasoning` item (`content`: `reasoning_text` parts)."""
+
+    type: Literal["message", "function_call", "reasoning"]
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] | None = None
+    content: list[dict[str, object]] | None = None
+    summary: list[dict[str, object]] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ResponseObject(BaseModel):
+    """`POST /v1/responses` without `stream`; streamed, the `response` of `response.created`,
+    `response.in_progress` and the last event, `response.completed` (or `response.incomplete`)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    model: str
+    output: list[ResponseOutputItem]
+    error: dict[str, object] | None
+    incomplete_details: dict[str, str] | None
+    instructions: str | None
+    max_output_tokens: int | None
+    parallel_tool_calls: bool
+    temperature: float
+    top_p: float
+    tool_choice: str | dict[str, str]
+    tools: list[dict[str, object]]
+    text: dict[str, object]
+    previous_response_id: None
+    store: Literal[False]
+    metadata: dict[str, str]
+    usage: ResponseUsage | None
+
+
+class ResponseStreamEvent(BaseModel):
+    """One event of a streamed response, sent as `event: {type}` and `data: {json}` (no
+    `[DONE]`): `response.created`, `response.in_progress`, `response.output_item.added`,
+    `response.content_part.added`, `response.output_text.delta` / `.done`,
+    `response.reasoning_text.delta` / `.done`, `response.function_call_arguments.delta` /
+    `.done`, `response.content_part.done`, `response.output_item.done`, then
+    `response.completed` or `response.incomplete`."""
+
+    type: str
+    sequence_number: int = Field(ge=0)
+    response: ResponseObject | None = None
+    output_index: int | None = Field(None, ge=0)
+    item_id: str | None = None
+    item: ResponseOutputItem | None = None
+    content_index: int | None = Field(None, ge=0)
+    part: dict[str, object] | None = None
+    delta: str | None = None
+    text: str | None = None
+    arguments: str | None = None

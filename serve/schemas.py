@@ -81,6 +81,18 @@ class StreamOptions(_Body):
 
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+ReasoningFormat = Literal["auto", "deepseek", "none"]
+Choices = Annotated[list[str], Field(min_length=1, max_length=1024)]
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: one of these constrains the output."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema.")
+    regex: str | None = Field(None, description="A regular expression the whole output matches.")
+    choice: Choices | None = Field(None, description="The output is exactly one of these strings.")
+    grammar: str | None = Field(None, description="A Lark grammar (a `start:` rule) or GBNF (`root ::=`).")
+    json_object: bool | None = Field(None, description="Any JSON object.")
 
 
 class SamplingFields(_Body):
@@ -104,6 +116,16 @@ class SamplingFields(_Body):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     ignore_eos: bool = False
+    # Structured output beyond `response_format` (serve/structured.py): at most one of these.
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="vLLM's older `structured_outputs.json`."
+    )
+    guided_regex: str | None = Field(None, description="vLLM's older `structured_outputs.regex`.")
+    guided_choice: Choices | None = Field(None, description="vLLM's older `structured_outputs.choice`.")
+    guided_grammar: str | None = Field(None, description="vLLM's older `structured_outputs.grammar`.")
+    json_schema: dict[str, Any] | None = Field(None, description="llama.cpp's: a JSON schema for the output.")
+    grammar: str | None = Field(None, description="llama.cpp's: a GBNF grammar for the output.")
 
     @field_validator("stop")
     @classmethod
@@ -128,6 +150,14 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra chat template variables, e.g. Qwen3's `enable_thinking: false`."
+    )
+    reasoning_format: ReasoningFormat | None = Field(
+        None,
+        description="This request's: a leading reasoning block goes to `reasoning_content` "
+        '("auto", "deepseek") or stays in `content` ("none"). Default: the server\'s `--reasoning-format`.',
+    )
 
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:
@@ -185,3 +215,116 @@ class ApplyTemplateRequest(_Body):
     model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool = True
+
+
+# -- The Responses API (`POST /v1/responses`, serve/handlers/responses.py) --------------------
+
+
+class InputPart(_Body):
+    """A part of an input message: text only (`input_text`, or `output_text` of an earlier turn)."""
+
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(_Body):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputPart]
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallItem(_Body):
+    """A call the model made in an earlier turn, sent back with its output."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(_Body):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[InputPart]
+    id: str | None = None
+    status: str | None = None
+
+
+class ReasoningItem(_Body):
+    """An earlier turn's reasoning: accepted and left out of the prompt (templates drop it)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["reasoning"]
+
+
+InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningItem
+
+
+class FunctionTool(_Body):
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def for_chat(self) -> dict[str, Any]:
+        function: dict[str, Any] = {"name": self.name, "parameters": self.parameters or {"type": "object"}}
+        if self.description is not None:
+            function["description"] = self.description
+        return {"type": "function", "function": function}
+
+
+class ToolChoiceFunction(_Body):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    def response_format(self) -> dict[str, Any]:
+        """The same constraint as chat's `response_format`."""
+        if self.type != "json_schema":
+            return {"type": self.type}
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": self.name or "response", "schema": self.schema_ or {}},
+        }
+
+
+class TextConfig(_Body):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Body):
+    """`POST /v1/responses`: stateless (no `previous_response_id`; nothing is stored)."""
+
+    model: str
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    stream: bool = False
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: bool = True
+    text: TextConfig | None = None
+    previous_response_id: str | None = Field(
+        None, description="Not supported: this server stores nothing (400)."
+    )
+    store: bool | None = Field(None, description="Accepted; nothing is stored.")
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    # Extensions (vLLM)
+    seed: int | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 PREFIX = "LLAMA_JAX_"
+REASONING_FORMATS = ("auto", "deepseek", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +96,13 @@ class Settings:
     # With one model, a request naming any model is answered by it (llama.cpp's way, so clients
     # with a hard-coded name work); strict: only its id and aliases. Several models are always strict.
     strict_model_names: bool = False
+    # "auto" (or llama.cpp's "deepseek"): a reasoning block goes to `reasoning_content`; "none": inline
+    reasoning_format: str = "auto"
     config: str | None = None  # the TOML file these settings came from, if any
+
+    def __post_init__(self):
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise ValueError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}")
 
     def model_specs(self) -> tuple[ModelSpec, ...]:
         if self.models:

@@ -128,3 +128,45 @@ def server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+# A Qwen3-like ChatML template: `enable_thinking: false` writes an empty reasoning block.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory):
+    """The tiny random model (with THINKING_TEMPLATE, 1024 positions: room for a tool prompt)
+    served over HTTP as "tiny"; fast to load, its output gibberish unless a grammar shapes it."""
+    from tiny import random_tensors, tiny_config, write_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-server")
+    cfg = tiny_config(context_length=1024)
+    path = write_gguf(
+        folder / "tiny.gguf",
+        cfg,
+        random_tensors(cfg),
+        metadata_overrides={"tokenizer.chat_template": THINKING_TEMPLATE},
+    )
+    srv = Server(
+        {
+            "LLAMA_JAX_MODEL": str(path),
+            "LLAMA_JAX_ALIAS": "tiny",
+            "LLAMA_JAX_MAX_SEQ_LEN": "1024",
+            "LLAMA_JAX_MAX_SLOTS": "4",
+            "LLAMA_JAX_WARMUP": "0",
+        },
+        folder / "server.log",
+    )
+    try:
+        srv.wait_healthy(timeout=300)
+        yield srv
+    finally:
+        srv.stop()

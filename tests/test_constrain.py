@@ -122,6 +122,42 @@ def test_invalid_schemas_and_grammars_name_the_problem(parts):
             compiler.matcher(grammar)
 
 
+def test_gbnf_choice_and_lark_grammars_compile_and_bad_ones_name_their_field(parts):
+    compiler = GrammarCompiler(parts[1], parts[0].cfg.vocab_size)
+    for grammar in (
+        Grammar.gbnf('root ::= ("yes" | "no") " " [0-9]+', "grammar"),
+        Grammar.cfg('root ::= "a"+'),  # vLLM's `grammar`: GBNF ...
+        Grammar.cfg('start: "a"+'),  # ... or Lark
+        Grammar.choice(["red", 'say "hi"\n', "é"], "guided_choice"),
+        Grammar.regex("[0-9]{3}", "structured_outputs.regex"),
+    ):
+        assert compiler.matcher(grammar).mask().any()
+    assert Grammar.cfg('start: "a"').kind == "lark" and Grammar.cfg('root ::= "a"').kind == "gbnf"
+    deep = "root ::= " + "(" * 5000 + '"a"' + ")" * 5000  # the converter recurses: a RecursionError
+    for grammar, words, param in [
+        (Grammar.gbnf("root ::= (", "grammar"), "invalid GBNF grammar", "grammar"),
+        (Grammar.gbnf('start: "a"', "grammar"), "invalid GBNF grammar", "grammar"),  # Lark is not GBNF
+        (Grammar.gbnf(deep, "grammar"), "invalid GBNF grammar", "grammar"),
+        (Grammar.gbnf("root ::= x", "grammar"), "not found", "grammar"),
+        (Grammar.regex("a(b", "guided_regex"), "unclosed group", "guided_regex"),
+        (Grammar.regex("^(x{300}){300}$", "guided_regex"), "too complex", "guided_regex"),
+        (
+            Grammar.cfg("start: nothing", "structured_outputs.grammar"),
+            "nothing",
+            "structured_outputs.grammar",
+        ),
+    ]:
+        with pytest.raises(InvalidRequestError, match=words) as e:
+            compiler.matcher(grammar)
+        assert e.value.param == param
+    with pytest.raises(InvalidRequestError) as e:
+        Grammar.choice([], "guided_choice")
+    assert e.value.param == "guided_choice"
+    with pytest.raises(InvalidRequestError) as e:
+        Grammar.json_schema("[1, 2]", "json_schema")
+    assert e.value.param == "json_schema"
+
+
 def test_objects_listing_properties_are_closed_unless_they_say_otherwise():
     schema = {
         "type": "object",
@@ -154,6 +190,20 @@ def test_constrained_output_matches_its_regex_at_any_temperature(engine):
     for r in reqs:
         assert re.fullmatch(PATTERN, r.text), r.text
         assert r.finish_reason == "stop"
+
+
+def test_output_is_one_of_the_choices_or_follows_the_gbnf(engine):
+    import re
+
+    choices = ["red", "green", "blue", "dark blue"]
+    gbnf = 'root ::= ("yes" | "no") ", " [a-z]{2,6} "!"'
+    reqs = [
+        engine.submit([5, 6, 7], SamplingParams(temperature=1.5, seed=i, max_tokens=40, grammar=g))
+        for i, g in enumerate([Grammar.choice(choices)] * 4 + [Grammar.gbnf(gbnf)] * 4)
+    ]
+    run(engine, reqs)
+    assert all(r.text in choices and r.finish_reason == "stop" for r in reqs[:4]), [r.text for r in reqs]
+    assert all(re.fullmatch(PATTERN, r.text) for r in reqs[4:]), [r.text for r in reqs[4:]]
 
 
 def test_unconstrained_neighbours_are_unaffected(engine, parts):

@@ -48,7 +48,13 @@ def _app_rules():
 
 
 def test_request_bodies_are_generated_from_the_pydantic_models(spec):
-    for name in ("ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "TokenizeRequest"):
+    for name in (
+        "ChatCompletionRequest",
+        "CompletionRequest",
+        "EmbeddingRequest",
+        "TokenizeRequest",
+        "ResponsesRequest",
+    ):
         model = getattr(schemas, name)
         assert set(spec["components"]["schemas"][name]["properties"]) == set(model.model_fields)
     chat = spec["components"]["schemas"]["ChatCompletionRequest"]
@@ -164,3 +170,36 @@ def test_docs_page_is_self_contained(server, spec):
         assert f"<code>{path}</code>" in page
     for name in spec["components"]["schemas"]:
         assert f'id="schema-{name}"' in page
+
+
+def test_the_official_clients_responses_requests_and_events_validate(server, spec):
+    rec = Recorder()
+    client = openai.OpenAI(
+        base_url=server.base_url,
+        api_key="none",
+        http_client=httpx.Client(event_hooks={"request": [rec]}),
+        max_retries=0,
+    )
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": False}
+    answers = [
+        client.responses.create(model="smollm", input="Hi", instructions="Be brief.", max_output_tokens=3),
+        client.responses.create(
+            model="smollm",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+            max_output_tokens=3,
+            temperature=0.5,
+            top_p=0.9,
+            tools=[tool],
+            tool_choice="auto",
+            text={"format": {"type": "json_object"}},
+            metadata={"k": "v"},
+        ),
+    ]
+    events = list(client.responses.create(model="smollm", input="Hi", max_output_tokens=3, stream=True))
+    for path, body in rec.bodies:
+        assert path == "/v1/responses"
+        validator(spec, "ResponsesRequest").validate(body)
+    for answer in answers:
+        validator(spec, "ResponseObject").validate(answer.model_dump(mode="json", exclude_unset=True))
+    for e in events:
+        validator(spec, "ResponseStreamEvent").validate(e.model_dump(mode="json", exclude_unset=True))

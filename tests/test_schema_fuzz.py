@@ -45,11 +45,19 @@ def _cap(body: object) -> None:
     are already valid are changed, and to valid values, so negative cases stay negative."""
     if not isinstance(body, dict):
         return
-    for key, most in (("max_tokens", 3), ("max_completion_tokens", 3), ("n", 2), ("top_logprobs", 3)):
+    for key, most in (
+        ("max_tokens", 3),
+        ("max_completion_tokens", 3),
+        ("max_output_tokens", 3),
+        ("n", 2),
+        ("top_logprobs", 3),
+    ):
         if type(body.get(key)) is int and body[key] > most:
             body[key] = most
     if ("messages" in body or "prompt" in body) and "max_completion_tokens" not in body:
         body.setdefault("max_tokens", 2)
+    if "input" in body:  # the Responses API's (an embedding request ignores the field)
+        body.setdefault("max_output_tokens", 2)
     for key in ("prompt", "input", "messages"):
         if isinstance(body.get(key), list) and len(body[key]) > 3:
             body[key] = body[key][:3]
@@ -58,13 +66,27 @@ def _cap(body: object) -> None:
 
 
 def _stream_events(text: str) -> list[str]:
+    """The `data:` of each event; an `event:` line before it (the Responses API's) must name
+    the data's `type`."""
     assert text.endswith("\n\n"), f"a stream must end with a blank line: {text[-200:]!r}"
-    events = [e for e in text.split("\n\n") if e]
-    assert all(e.startswith("data: ") for e in events), events[:3]
-    return [e.removeprefix("data: ") for e in events]
+    out = []
+    for e in (e for e in text.split("\n\n") if e):
+        kind = None
+        if e.startswith("event: "):
+            line, e = e.split("\n", 1)
+            kind = line.removeprefix("event: ")
+        assert e.startswith("data: "), e[:200]
+        data = e.removeprefix("data: ")
+        assert kind is None or json.loads(data)["type"] == kind, e[:200]
+        out.append(data)
+    return out
 
 
-CHUNKS = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "Completion"}
+CHUNKS = {
+    "/v1/chat/completions": "ChatCompletionChunk",
+    "/v1/completions": "Completion",
+    "/v1/responses": "ResponseStreamEvent",
+}
 
 
 def _validator(components: dict, name: str) -> jsonschema.Draft202012Validator:
@@ -89,8 +111,16 @@ def openai_error_objects_and_valid_streams(ctx, response, case):
         events = _stream_events(response.text)
         for data in events[:-1]:
             chunk.validate(json.loads(data))
-        if events[-1] != "[DONE]":  # a stream that failed midway ends with an error event
-            _validator(components, "ErrorResponse").validate(json.loads(events[-1]))
+        last = json.loads(events[-1]) if events[-1] != "[DONE]" else None
+        if last is not None and "error" in last:  # a stream that failed midway ends with an error event
+            _validator(components, "ErrorResponse").validate(last)
+        elif last is not None:
+            chunk.validate(last)
+            # A stream read in whole (not cut at schemathesis's event limit or timeout) ends with
+            # [DONE], or for the Responses API with the whole response.
+            if not getattr(response, "stream_cut_short", False):
+                assert case.operation.path == "/v1/responses", events[-1][:200]
+                assert last["type"] in ("response.completed", "response.incomplete"), last["type"]
     return None
 
 

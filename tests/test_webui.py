@@ -171,6 +171,7 @@ def test_a_message_sent_with_enter_streams_an_answer_kept_across_reloads(page, s
     body = req.post_data_json
     assert req.headers["authorization"] == f"Bearer {KEY}"
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["reasoning_format"] == "none"  # thinking streams inline, not into a field it ignores
     assert body["max_tokens"] == 12 and body["temperature"] == 0.7 and body["top_p"] == 1
     assert body["messages"] == [
         {"role": "system", "content": "Be brief."},

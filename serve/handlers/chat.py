@@ -1,5 +1,7 @@
 """`POST /v1/chat/completions`: chat through the model's template, streamed or not, with
-tools (calls parsed from the output, or forced by a grammar) and `response_format`."""
+tools (calls parsed from the output, or forced by a grammar), `response_format` and the other
+structured-output fields (`serve/structured.py`), `chat_template_kwargs`, and a reasoning
+block returned as `reasoning_content`."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import functools
 
 from quart import Blueprint, g
 
-from llama_jax.tools import ToolCallStream
 from serve.errors import from_library
 from serve.generation import Samples, chat_logprobs, sampling_params
 from serve.handlers import (
@@ -18,11 +19,14 @@ from serve.handlers import (
     parse_body,
     record,
     serving,
+    state,
     stream_finisher,
     usage,
 )
+from serve.output import OutputReader, splits_reasoning
 from serve.schemas import ChatCompletionRequest
 from serve.sse import DONE, event, sse_response
+from serve.structured import requested_grammar
 
 bp = Blueprint("chat", __name__)
 
@@ -32,6 +36,7 @@ async def chat_completions():
     body = await parse_body(ChatCompletionRequest)
     entry, gen = await serving(body.model)
     messages = [m.for_template() for m in body.messages]
+    grammar = requested_grammar(body)
     try:  # rendering, tokenizing and compiling a grammar must not stall the event loop
         prep = await asyncio.to_thread(
             functools.partial(
@@ -41,6 +46,8 @@ async def chat_completions():
                 tool_choice=body.tool_choice,
                 response_format=body.response_format,
                 parallel_tool_calls=body.parallel_tool_calls,
+                grammar=grammar,
+                template_kwargs=body.chat_template_kwargs,
             )
         )
     except Exception as e:
@@ -60,9 +67,10 @@ async def chat_completions():
         "model": entry.answer_name(body.model),
         "system_fingerprint": entry.fingerprint,
     }
+    split = splits_reasoning(body.reasoning_format, state().settings.reasoning_format)
+    readers = [OutputReader(prep, split) for _ in range(body.n)]
 
     if not body.stream:
-        parsers = [prep.tool_stream() for _ in range(body.n)]
         texts = [""] * body.n
         reasons: list[str | None] = [None] * body.n
         lps: list[list[dict]] = [[] for _ in range(body.n)]
@@ -84,7 +92,7 @@ async def chat_completions():
             "choices": [
                 {
                     "index": i,
-                    **_message(texts[i], reasons[i], parsers[i]),
+                    **_message(texts[i], reasons[i], readers[i]),
                     "logprobs": {"content": lps[i], "refusal": None} if body.logprobs else None,
                 }
                 for i in range(body.n)
@@ -100,22 +108,14 @@ async def chat_completions():
         extra = {"usage": use} if include_usage else {}
         return event({**base, "object": "chat.completion.chunk", "choices": choices, **extra})
 
-    parsers = [prep.tool_stream() for _ in range(body.n)]
-
     def pieces(i: int, text: str, entries: list, finish: bool = False) -> list[dict]:
-        """Choice deltas for new text: content, or tool-call deltas when the text holds calls."""
-        parser = parsers[i]
-        if parser is None:
-            found = [("content", text)] if text or entries else []
-        else:
-            found = parser.feed(text) + (parser.finish() if finish else [])
+        """Choice deltas for new text: reasoning, content, or tool-call deltas for calls."""
         out = []
-        for piece in found:
-            delta = (
-                {"content": piece[1]}
-                if piece[0] == "content"
-                else {"tool_calls": [{"index": piece[1], **piece[2]}]}
-            )
+        for piece in readers[i].feed(text, finish):
+            if piece[0] == "call":
+                delta = {"tool_calls": [{"index": piece[1], **piece[2]}]}
+            else:
+                delta = {"reasoning_content" if piece[0] == "reasoning" else "content": piece[1]}
             out.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
         if out and body.logprobs:
             out[0]["logprobs"] = {"content": entries, "refusal": None}
@@ -150,7 +150,7 @@ async def chat_completions():
                 counts["completion"] += d.usage.completion_tokens
                 if i == 0:
                     counts["cached"] = d.usage.cached_tokens
-                reason = _reason(d.finish_reason, parsers[i])
+                reason = _reason(d.finish_reason, readers[i])
                 yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
         if include_usage:
             yield chunk([], usage(len(ids), counts["completion"], counts["cached"]))
@@ -159,18 +159,19 @@ async def chat_completions():
     return sse_response(events(), g.request_id, stream_finisher(lambda: (len(ids), samples.generated)))
 
 
-def _reason(reason: str | None, parser: ToolCallStream | None) -> str | None:
+def _reason(reason: str | None, reader: OutputReader) -> str | None:
     """OpenAI says "tool_calls" when a turn that ended normally made calls."""
-    return "tool_calls" if reason == "stop" and parser is not None and parser.calls else reason
+    return "tool_calls" if reason == "stop" and reader.calls else reason
 
 
-def _message(text: str, reason: str | None, parser: ToolCallStream | None) -> dict:
-    """A choice's message and finish reason; calls found in the text become `tool_calls`."""
-    message: dict = {"role": "assistant", "content": text, "refusal": None}
-    if parser is not None:
-        parser.feed(text)
-        parser.finish()
-        if parser.calls:
-            message["content"] = parser.content or None
-            message["tool_calls"] = [c.to_openai() for c in parser.calls]
-    return {"message": message, "finish_reason": _reason(reason, parser)}
+def _message(text: str, reason: str | None, reader: OutputReader) -> dict:
+    """A choice's message and finish reason: the reasoning block as `reasoning_content`, calls
+    found in the text as `tool_calls`."""
+    reader.feed(text, finish=True)
+    message: dict = {"role": "assistant", "content": reader.content, "refusal": None}
+    if reader.reasoning is not None:
+        message["reasoning_content"] = reader.reasoning
+    if reader.calls:
+        message["content"] = reader.content or None
+        message["tool_calls"] = [c.to_openai() for c in reader.calls]
+    return {"message": message, "finish_reason": _reason(reason, reader)}

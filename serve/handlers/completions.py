@@ -1,12 +1,14 @@
-"""`POST /v1/completions`: legacy text completions (prompt as text, texts or token ids; `echo`)."""
+"""`POST /v1/completions`: legacy text completions (prompt as text, texts or token ids; `echo`;
+structured output through the fields of `serve/structured.py`)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from quart import Blueprint, g
 
-from serve.errors import APIError, bad_request
+from serve.errors import APIError, bad_request, from_library
 from serve.generation import CompletionLogprobs, Samples, sampling_params
 from serve.handlers import (
     new_id,
@@ -20,6 +22,7 @@ from serve.handlers import (
 )
 from serve.schemas import CompletionRequest
 from serve.sse import DONE, event, sse_response
+from serve.structured import requested_grammar
 
 bp = Blueprint("completions", __name__)
 
@@ -35,6 +38,12 @@ async def completions():
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
     prompts = _prompts(body.prompt)
+    grammar = requested_grammar(body)
+    if grammar is not None:
+        try:  # compiling a grammar must not stall the event loop
+            await asyncio.to_thread(gen.check_grammar, grammar)
+        except Exception as e:
+            raise from_library(e) from e
     # Tokenized on a worker thread: a long prompt must not stall every other request.
     ids = await asyncio.to_thread(
         lambda: [gen.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
@@ -43,6 +52,8 @@ async def completions():
         raise bad_request("prompt must not be empty", "prompt")
     top = body.logprobs or 0
     params = sampling_params(body, gen, max(map(len, ids)), body.max_tokens, top_logprobs=top)
+    if grammar is not None:
+        params = dataclasses.replace(params, grammar=grammar)
     record().reserve(sum(map(len, ids)) + len(ids) * body.n * params.max_tokens)
     try:
         samples = Samples(gen, ids, params, body.n, client=record().client)

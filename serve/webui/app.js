@@ -234,6 +234,7 @@ async function send(text) {
     messages: [...(system ? [{ role: "system", content: system }] : []), ...conv.messages.map(({ role, content }) => ({ role, content }))],
     stream: true,
     stream_options: { include_usage: true },
+    reasoning_format: "none", // a reasoning model's <think> block is shown as it streams, inline
     temperature: number(fields.temperature, parseFloat),
     top_p: number(fields.top_p, parseFloat),
     max_tokens: number(fields.max_tokens, (v) => parseInt(v, 10)),
