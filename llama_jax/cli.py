@@ -253,10 +253,15 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--warmup",
-        action=argparse.BooleanOptionalAction,
+        nargs="?",
+        const="full",
         default=None,
-        help="compile every step shape before reporting healthy (default: on)",
+        choices=["first", "full", "none"],
+        help="first (default): serve once a first request's steps are compiled and compile the rest "
+        "in the background; full (also plain --warmup): compile every step shape before /health says ok; "
+        "none: compile each step when first needed",
     )
+    p.add_argument("--no-warmup", dest="warmup", action="store_const", const="none", help="--warmup none")
     p.add_argument("--chat-template", default=None, help="built-in template name or Jinja source")
     p.add_argument(
         "--api-key", action="append", default=[], help="accepted API key (repeatable); keys turn auth on"
