@@ -148,7 +148,9 @@ def main() -> None:
                 cache = Path(tmp) / f"cache-{i}"
             env_run = {**env, "XDG_CACHE_HOME": str(cache)}
             port = free_port()
-            cmd = [*ours, "--host", "127.0.0.1", "--port", str(port), "--warmup", mode or "first"]
+            # A bare --warmup is "full" (and is what servers before warm-up modes took).
+            warmup = ["--warmup"] if mode == "full" else ["--warmup", mode or "first"]
+            cmd = [*ours, "--host", "127.0.0.1", "--port", str(port), *warmup]
             rows.append(run_one(f"llama-jax {run}", cmd, env_run, port, args.timeout, None))
             print(rows[-1], flush=True)
         if not args.skip_peer:

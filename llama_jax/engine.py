@@ -371,10 +371,10 @@ class Engine:
                 break
             if req.finished:  # cancelled by `deliver` (its consumer failed) earlier in this step
                 continue
+            if streaming and not self._compiled_for(req):
+                continue  # running streams go on while its steps compile on the worker
             if req.shared is not None and not self._take_shared(req):
                 continue  # its source has not prefilled the shared tokens yet
-            if streaming and not self._compiled_for(slot, req):
-                continue  # running streams go on while its step compiles on the worker
             budget -= self._prefill_chunk(slot, req)
         decoding = [
             (s, r)
@@ -519,12 +519,17 @@ class Engine:
         req.shared = None
         return True
 
-    def _compiled_for(self, slot: int, req: Request) -> bool:
-        """Whether the request's next chunk, and the decode step it joins after its last chunk,
-        are compiled; the missing ones are asked of the compiler's worker first."""
+    def _compiled_for(self, req: Request) -> bool:
+        """Whether the request's next steps (the copy of a shared prefix, its next chunk, and
+        the decode step it joins after its last chunk) are compiled; the missing ones are
+        asked of the compiler's worker first."""
         start = req.prefilled
+        shapes = []
+        if req.shared is not None:
+            start = req.shared[1]
+            shapes.append(self.runner.copy_shape(start))
         n = min(len(req.prompt_ids) - start, self.runner.max_prefill_chunk)
-        shapes = [self.runner.prefill_shape(n, start)]
+        shapes.append(self.runner.prefill_shape(n, start))
         if start + n == len(req.prompt_ids):
             live = [(s, r) for s, r in enumerate(self.slots) if r is not None]
             longest = max(len(r.prompt_ids) + len(r.output_ids) for _, r in live) + 1

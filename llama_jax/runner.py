@@ -273,8 +273,12 @@ class ModelRunner:
     def copy_slot(self, state: DecodeState, src: int, dst: int, n: int) -> DecodeState:
         """Slot dst gets (at least) the first n positions of slot src's cache and history (a
         shared prompt prefix): a context bucket's worth, so the copy compiles once per bucket."""
-        step = self.compiler.get(("copy", 0, pick(self.context_buckets, max(n, 1))))
+        step = self.compiler.get(self.copy_shape(n))
         return step(state, np.int32(src), np.int32(dst))
+
+    def copy_shape(self, n: int) -> Shape:
+        """The compiled shape a copy of a slot's first n positions runs in."""
+        return ("copy", 0, pick(self.context_buckets, max(n, 1)))
 
     def _embed_impl(self, leaves, tokens, lengths):
         """Mean of final hidden states over each row's first lengths[b] tokens, L2-normalized."""
