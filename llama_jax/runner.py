@@ -51,7 +51,7 @@ from llama_jax.sampling import (
 )
 
 
-def pow2_buckets(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:
+def bucket_ladder(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:
     """lo, lo*factor, lo*factor**2, ... below hi, then hi."""
     out, b = [], lo
     while b < hi:
@@ -125,20 +125,20 @@ class ModelRunner:
             self.kv_dtype = jnp.dtype(kv_dtype).type
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
-        self.prefill_buckets = pow2_buckets(
+        self.prefill_buckets = bucket_ladder(
             min(min_prefill_bucket, max_prefill_chunk), min(max_prefill_chunk, max_seq_len), LADDER
         )
-        self.context_buckets = pow2_buckets(min(min_context_bucket, max_seq_len), max_seq_len, LADDER)
+        self.context_buckets = bucket_ladder(min(min_context_bucket, max_seq_len), max_seq_len, LADDER)
         # The CPU kernels' decode attention reads each slot's valid positions whatever the
         # bucket, so a packed model compiles decode for one context only; elsewhere decode
         # reads all C positions of every row, so its contexts keep the finer ladder.
         self.decode_contexts = (
             (max_seq_len,)
             if model.kernels
-            else pow2_buckets(min(min_context_bucket, max_seq_len), max_seq_len)
+            else bucket_ladder(min(min_context_bucket, max_seq_len), max_seq_len)
         )
         # Under a mesh, a decode batch smaller than the data axis would leave replicas idle.
-        self.batch_buckets = pow2_buckets(
+        self.batch_buckets = bucket_ladder(
             min(mesh.shape["data"] if mesh else 1, max_slots), max_slots, LADDER
         )
         # Flatten the NNX state once: per-call traversal of Variables costs milliseconds.
@@ -340,7 +340,7 @@ class ModelRunner:
         for lo in range(0, len(order), max_batch):
             idx = order[lo : lo + max_batch]
             T = pick(self.prefill_buckets + self.context_buckets[1:], max(len(rows[i]) for i in idx))
-            B = pick(pow2_buckets(1, max_batch), len(idx))
+            B = pick(bucket_ladder(1, max_batch), len(idx))
             tokens = np.zeros((B, T), np.int32)
             lengths = np.zeros((B,), np.int32)
             for j, i in enumerate(idx):
