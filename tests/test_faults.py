@@ -97,10 +97,18 @@ def _inject_and_check(url: str, proc: subprocess.Popen, trigger: Path, log: Path
         results["plain"] = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60)
 
     threads = [threading.Thread(target=stream, args=(f"s{i}",)) for i in range(2)]
-    threads.append(threading.Thread(target=plain))
     for t in threads:
         t.start()
-    started.wait(60)  # both streams are producing tokens (the plain request is in a slot too)
+    started.wait(60)  # both streams are producing tokens
+    # Then the plain request, once it holds a slot. (Sent with the streams, it could take the
+    # first slot and finish before them: a request whose step shape is still compiling waits
+    # for it while running streams go on.)
+    threads.append(threading.Thread(target=plain))
+    threads[-1].start()
+    deadline = time.monotonic() + 60
+    while sum(s["is_processing"] for s in httpx.get(url + "/slots", timeout=5).json()) < 3:
+        assert time.monotonic() < deadline and "plain" not in results
+        time.sleep(0.05)
     trigger.touch()
     for t in threads:
         t.join(60)
