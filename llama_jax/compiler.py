@@ -13,7 +13,9 @@ shapes already compiled (or loaded from the persistent compilation cache).
    keep decoding) until it is compiled.
 4. `status()` counts what is compiled and what is left, for `/health` and the logs.
 
-Tracing and lowering run one at a time (under a lock); XLA's compiles may overlap.
+Compiles run one at a time (under a lock): XLA:CPU's compiler uses several threads, and two
+side by side on a 2-core machine took 7-13 s each instead of 1.5-5 s, so a compile requested
+while the worker is busy waits for the worker's current one, then runs.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class StepCompiler:
         self._queue: list[Shape] = []
         self._known: set[Shape] = set()  # every shape planned or compiled, for the counts
         self._cv = threading.Condition()
-        self._trace_lock = threading.Lock()
+        self._compile_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._announce = False  # log when the worker's queue runs dry
@@ -81,11 +83,11 @@ class StepCompiler:
         exe = self._done.get(shape)
         return exe if exe is not None else self._compile(shape, "on demand")
 
-    def plan(self, shapes: Iterable[Shape], announce: bool = True) -> None:
-        """Compile `shapes` on the worker thread, in this order, after any queued before;
-        `announce`: log when the queue is done."""
+    def plan(self, shapes: Iterable[Shape]) -> None:
+        """Compile `shapes` on the worker thread, in this order, after any queued before (and
+        log when they are done)."""
         with self._cv:
-            self._announce |= announce
+            self._announce = True
             for s in shapes:
                 if s not in self._done and s not in self._queue:
                     self._queue.append(s)
@@ -107,16 +109,16 @@ class StepCompiler:
             self._cv.notify_all()
 
     def compile_all(self, shapes: list[Shape], progress: bool = False) -> None:
-        """Compile `shapes` now: the worker takes them from the front while this thread takes
-        them from the back (XLA's compiles run side by side; each is single-threaded)."""
+        """Compile `shapes` on this thread, now, in this order."""
+        with self._cv:
+            self._known.update(shapes)
         todo = [s for s in shapes if s not in self._done]
-        self.plan(todo, announce=False)
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), desc="compiling", unit="fn", leave=False)
-        for s in reversed(todo):
+        for s in todo:
             self._compile(s, "warm-up")
             if bar is not None:
                 bar.update()
@@ -149,9 +151,8 @@ class StepCompiler:
             return fut.result()
         t0 = time.monotonic()
         try:
-            with self._trace_lock:
-                lowered = self._lower(shape)
-            exe = lowered.compile()
+            with self._compile_lock:
+                exe = self._lower(shape).compile()
         except BaseException as e:
             with self._cv:
                 del self._running[shape]

@@ -49,7 +49,7 @@ def test_a_new_prompt_waits_for_its_compile_while_a_running_stream_decodes():
     longer = engine.submit(list(range(3, 43)), GREEDY)  # 40 tokens: a 64-token chunk, batch 4
     wanted = {runner.prefill_shape(40, 0), runner.decode_shape(2, 100)}
     assert not wanted & set(runner.first_shapes())
-    with runner.compiler._trace_lock:  # the worker cannot compile yet: the steps must not wait for it
+    with runner.compiler._compile_lock:  # the worker cannot compile yet: the steps must not wait for it
         before = len(short.output_ids)
         for _ in range(5):
             engine.step()
