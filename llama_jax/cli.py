@@ -206,6 +206,7 @@ def serve_settings(args):
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    from llama_jax.compiler import WARMUP_MODES
     from serve.settings import Settings  # only for the defaults; imports no web framework
 
     d = Settings()
@@ -256,7 +257,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         nargs="?",
         const="full",
         default=None,
-        choices=["first", "full", "none"],
+        choices=WARMUP_MODES,
         help="first (default): serve once a first request's steps are compiled and compile the rest "
         "in the background; full (also plain --warmup): compile every step shape before /health says ok; "
         "none: compile each step when first needed",

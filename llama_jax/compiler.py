@@ -32,6 +32,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 Shape = tuple[str, int, int]  # (function, T or B, C)
+# How much to compile before serving (`Generator.warmup`): a first request's steps, then the
+# rest in the background; everything; nothing (each shape when first needed).
+WARMUP_MODES = ("first", "full", "none")
 
 
 def describe(shape: Shape) -> str:

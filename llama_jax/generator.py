@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from llama_jax import lockstep
 from llama_jax.chat_template import ChatTemplate
+from llama_jax.compiler import WARMUP_MODES
 from llama_jax.constrain import Grammar
 from llama_jax.engine import Delta, Engine, Request, Usage
 from llama_jax.engine_loop import EngineLoop
@@ -48,8 +49,6 @@ from llama_jax.weights import LoadedModel, load_model
 from llama_jax.xla_cache import enable_compilation_cache
 
 log = logging.getLogger(__name__)
-
-WARMUP_MODES = ("full", "first", "none")
 
 
 @dataclasses.dataclass(frozen=True)

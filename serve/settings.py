@@ -251,7 +251,7 @@ def warmup_mode(value: str | bool) -> str:
     if isinstance(value, bool):
         return "full" if value else "none"
     v = str(value).lower()
-    if v in ("full", "first", "none"):
+    if v in ("first", "full", "none"):  # llama_jax.compiler.WARMUP_MODES, without loading JAX here
         return v
     if v in ("1", "true", "yes", "on"):
         return "full"
