@@ -7,7 +7,7 @@ functions are pure; what is static (and so compiled once per value) is only:
   chunk; padding rows cost little, a compile costs seconds);
 - `C`, how many cache positions a step attends over (`context_buckets`, 128, 512, 2048...; 0
   for a chunk that starts a sequence), so a short conversation does not read the whole cache;
-- `B`, the decode batch (`batch_buckets`: 1, 4, 16... up to `max_slots`).
+- `B`, the decode batch (`batch_buckets`: 1, 2, 4, 8... up to `max_slots`).
 
 Each (function, T or B, C) is compiled ahead of time by a `StepCompiler` (`compiler.py`),
 from abstract arguments, so the shapes a server has not met yet compile on a worker thread
@@ -61,9 +61,9 @@ def bucket_ladder(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:
     return tuple(out)
 
 
-# Bucket ladders grow 4x: every bucket is a compile (1-5 s each on CPU for a 30-layer model,
-# measured), while the padding a coarser ladder adds costs little (padding rows are skipped by
-# the CPU kernels' matmuls; a decode step at batch 4 costs ~1.2x batch 1).
+# Prefill and context ladders grow 4x: every bucket is a compile (2-3 s each on a 2-core CPU
+# for the default model, measured), while the padding a coarser ladder adds to a prompt chunk
+# costs little (padding rows are skipped by the CPU kernels' matmuls).
 LADDER = 4
 
 
@@ -138,9 +138,9 @@ class ModelRunner:
             else bucket_ladder(min(min_context_bucket, max_seq_len), max_seq_len)
         )
         # Under a mesh, a decode batch smaller than the data axis would leave replicas idle.
-        self.batch_buckets = bucket_ladder(
-            min(mesh.shape["data"] if mesh else 1, max_slots), max_slots, LADDER
-        )
+        # Powers of two: a decode step's cost grows with its batch (at 8 streams, batch 16 gave
+        # half the throughput of batch 8), and there are few of them.
+        self.batch_buckets = bucket_ladder(min(mesh.shape["data"] if mesh else 1, max_slots), max_slots)
         # Flatten the NNX state once: per-call traversal of Variables costs milliseconds.
         self._graphdef, state = nnx.split(model)
         self._leaves, self._treedef = jax.tree.flatten(state)
