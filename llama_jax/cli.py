@@ -222,6 +222,7 @@ def serve_settings(args):
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     """`llama-jax serve`'s flags, grouped, with llama.cpp's (`-m -c -np -a -t`) and vLLM's
     (`--served-model-name --max-model-len --max-num-seqs`) spellings of the same settings."""
+    from llama_jax.compiler import WARMUP_MODES
     from serve.settings import Settings  # only for the defaults; imports no web framework
 
     d = Settings()
@@ -298,10 +299,15 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--warmup",
-        action=argparse.BooleanOptionalAction,
+        nargs="?",
+        const="full",
         default=None,
-        help="compile every step shape before reporting healthy (default: on)",
+        choices=WARMUP_MODES,
+        help="first (default): serve once a first request's steps are compiled and compile the rest "
+        "in the background; full (also plain --warmup): compile every step shape before /health says ok; "
+        "none: compile each step when first needed",
     )
+    g.add_argument("--no-warmup", dest="warmup", action="store_const", const="none", help="--warmup none")
     g.add_argument(
         "--memory-budget-mb",
         type=int,

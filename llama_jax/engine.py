@@ -369,11 +369,14 @@ class Engine:
             key=lambda sr: sr[1].admitted_at,
         )
         budget = self.prefill_budget
+        streaming = any(r is not None and r.output_ids for r in self.slots)
         for slot, req in admitting:
             if budget <= 0:
                 break
             if req.finished:  # cancelled by `deliver` (its consumer failed) earlier in this step
                 continue
+            if streaming and not self._compiled_for(req):
+                continue  # running streams go on while its steps compile on the worker
             if req.shared is not None and not self._take_shared(req):
                 continue  # its source has not prefilled the shared tokens yet
             budget -= self._prefill_chunk(slot, req)
@@ -527,6 +530,26 @@ class Engine:
         req.prefilled = req.cached_tokens = n
         req.shared = None
         return True
+
+    def _compiled_for(self, req: Request) -> bool:
+        """Whether the request's next steps (the copy of a shared prefix, its next chunk, and
+        the decode step it joins after its last chunk) are compiled; the missing ones are
+        asked of the compiler's worker first."""
+        start = req.prefilled
+        shapes = []
+        if req.shared is not None:
+            start = req.shared[1]
+            shapes.append(self.runner.copy_shape(start))
+        n = min(len(req.prompt_ids) - start, self.runner.max_prefill_chunk)
+        shapes.append(self.runner.prefill_shape(n, start))
+        if start + n == len(req.prompt_ids):
+            live = [(s, r) for s, r in enumerate(self.slots) if r is not None]
+            longest = max(len(r.prompt_ids) + len(r.output_ids) for _, r in live) + 1
+            shapes.append(self.runner.decode_shape(live[-1][0] + 1, min(longest, self.max_seq_len)))
+        missing = [s for s in shapes if not self.runner.compiler.ready(s)]
+        if missing:
+            self.runner.compiler.request(missing)
+        return not missing
 
     def _prefill_chunk(self, slot: int, req: Request) -> int:
         """Prefill the request's next chunk; returns how many prompt tokens it took."""

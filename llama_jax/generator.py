@@ -20,11 +20,13 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax import lockstep
 from llama_jax.chat_template import ChatTemplate
+from llama_jax.compiler import WARMUP_MODES
 from llama_jax.constrain import Grammar
 from llama_jax.engine import Delta, Engine, Request, Usage
 from llama_jax.engine_loop import EngineLoop
@@ -124,6 +126,7 @@ class Generator:
 
     def close(self) -> None:
         """Stop the engine thread (requests still running are cancelled)."""
+        self.runner.compiler.close()
         if self._loop is not None:
             self._loop.close()
 
@@ -184,10 +187,28 @@ class Generator:
             kv_dtype=kv_dtype,
         )
 
-    def warmup(self, progress: bool | None = None) -> None:
-        """Compile (or load from the compilation cache) every prefill and decode shape."""
+    def warmup(self, progress: bool | None = None, mode: str = "full") -> None:
+        """Compile (or load from the compilation cache) the step shapes requests will need.
+
+        "full": every prefill and decode shape, now. "first": what a first short request needs
+        now (a few seconds), the rest on a worker thread in the order requests are likely to
+        need them (`compile_status()` counts them; a request whose shape is still compiling
+        waits for it while running streams go on). "none": each shape when first needed.
+        With several processes (`jax.distributed`), "first" is "full": every process must
+        compile the same steps."""
+        if mode not in WARMUP_MODES:
+            raise ValueError(f"warm-up mode must be one of {', '.join(WARMUP_MODES)}, got {mode!r}")
         show = sys.stderr.isatty() if progress is None else progress
-        self.loop.call(lambda: self.engine.warmup(progress=show))
+        if mode == "full" or (mode == "first" and jax.process_count() > 1):
+            self.loop.call(lambda: self.engine.warmup(progress=show))
+        elif mode == "first":
+            self.runner.compiler.compile_all(self.runner.first_shapes(), progress=show)
+            self.runner.compiler.plan(self.runner.warmup_shapes())
+
+    def compile_status(self) -> dict:
+        """{"compiled", "pending", "compiling"}: step shapes compiled, still to compile (planned
+        by a "first" warm-up, or waited for by a request), and the one compiling now."""
+        return self.runner.compiler.status()
 
     # -- prompts ------------------------------------------------------------------------------
 

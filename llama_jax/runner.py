@@ -3,9 +3,15 @@
 `ModelRunner` is the engine's only door to the device (JetStream's Engine seam). Its jitted
 functions are pure; what is static (and so compiled once per value) is only:
 
-- `T`, the padded chunk length of a prefill (power-of-two buckets, `prefill_buckets`);
-- `C`, how many cache positions a step attends over (`context_buckets`; 0 for a chunk that
-  starts a sequence), so a short conversation does not read the whole cache.
+- `T`, the padded chunk length of a prefill (`prefill_buckets`: 16, 64, 256, then the largest
+  chunk; padding rows cost little, a compile costs seconds);
+- `C`, how many cache positions a step attends over (`context_buckets`, 128, 512, 2048...; 0
+  for a chunk that starts a sequence), so a short conversation does not read the whole cache;
+- `B`, the decode batch (`batch_buckets`: 1, 2, 4, 8... up to `max_slots`).
+
+Each (function, T or B, C) is compiled ahead of time by a `StepCompiler` (`compiler.py`),
+from abstract arguments, so the shapes a server has not met yet compile on a worker thread
+while it serves (`warmup_shapes()` lists them in the order requests are likely to need them).
 
 Everything per request (slot, start, true length, sampling values, seeds, the allowed-token
 bitmask of constrained decoding) is a traced array, so new requests never compile. Prefill
@@ -32,6 +38,7 @@ from jax.sharding import Mesh
 from llama_jax import cache as kv
 from llama_jax import sharding
 from llama_jax.cache import DecodeState
+from llama_jax.compiler import Shape, StepCompiler
 from llama_jax.model import Llama
 from llama_jax.sampling import (
     SamplingParams,
@@ -44,13 +51,20 @@ from llama_jax.sampling import (
 )
 
 
-def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+def bucket_ladder(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:
+    """lo, lo*factor, lo*factor**2, ... below hi, then hi."""
     out, b = [], lo
     while b < hi:
         out.append(b)
-        b *= 2
+        b *= factor
     out.append(hi)
     return tuple(out)
+
+
+# Prefill and context ladders grow 4x: every bucket is a compile (2-3 s each on a 2-core CPU
+# for the default model, measured), while the padding a coarser ladder adds to a prompt chunk
+# costs little (padding rows are skipped by the CPU kernels' matmuls).
+LADDER = 4
 
 
 def pick(buckets: tuple[int, ...], n: int) -> int:
@@ -111,15 +125,22 @@ class ModelRunner:
             self.kv_dtype = jnp.dtype(kv_dtype).type
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
-        self.prefill_buckets = pow2_buckets(
-            min(min_prefill_bucket, max_prefill_chunk), min(max_prefill_chunk, max_seq_len)
+        self.prefill_buckets = bucket_ladder(
+            min(min_prefill_bucket, max_prefill_chunk), min(max_prefill_chunk, max_seq_len), LADDER
         )
-        self.context_buckets = pow2_buckets(min(min_context_bucket, max_seq_len), max_seq_len)
+        self.context_buckets = bucket_ladder(min(min_context_bucket, max_seq_len), max_seq_len, LADDER)
         # The CPU kernels' decode attention reads each slot's valid positions whatever the
-        # bucket, so a packed model compiles decode for one context only.
-        self.decode_contexts = (max_seq_len,) if model.kernels else self.context_buckets
+        # bucket, so a packed model compiles decode for one context only; elsewhere decode
+        # reads all C positions of every row, so its contexts keep the finer ladder.
+        self.decode_contexts = (
+            (max_seq_len,)
+            if model.kernels
+            else bucket_ladder(min(min_context_bucket, max_seq_len), max_seq_len)
+        )
         # Under a mesh, a decode batch smaller than the data axis would leave replicas idle.
-        self.batch_buckets = pow2_buckets(min(mesh.shape["data"] if mesh else 1, max_slots), max_slots)
+        # Powers of two: a decode step's cost grows with its batch (at 8 streams, batch 16 gave
+        # half the throughput of batch 8), and there are few of them.
+        self.batch_buckets = bucket_ladder(min(mesh.shape["data"] if mesh else 1, max_slots), max_slots)
         # Flatten the NNX state once: per-call traversal of Variables costs milliseconds.
         self._graphdef, state = nnx.split(model)
         self._leaves, self._treedef = jax.tree.flatten(state)
@@ -151,6 +172,9 @@ class ModelRunner:
         if self._shard is not None:
             self.no_mask = jax.device_put(self.no_mask, self._shard.replicated)
             self._no_mask_row = jax.device_put(self._no_mask_row, self._shard.replicated)
+        self._state_spec = jax.tree.map(_spec, jax.eval_shape(self._new_state))
+        self._row_spec = jax.tree.map(_spec, SlotSampling.from_params([SamplingParams(temperature=0.0)], [0]))
+        self.compiler = StepCompiler(self._lower)
 
     def _model(self, leaves) -> Llama:
         return nnx.merge(self._graphdef, jax.tree.unflatten(self._treedef, leaves))
@@ -249,8 +273,12 @@ class ModelRunner:
     def copy_slot(self, state: DecodeState, src: int, dst: int, n: int) -> DecodeState:
         """Slot dst gets (at least) the first n positions of slot src's cache and history (a
         shared prompt prefix): a context bucket's worth, so the copy compiles once per bucket."""
-        context = pick(self.context_buckets, max(n, 1))
-        return self._copy_slot(state, np.int32(src), np.int32(dst), context=context)
+        step = self.compiler.get(self.copy_shape(n))
+        return step(state, np.int32(src), np.int32(dst))
+
+    def copy_shape(self, n: int) -> Shape:
+        """The compiled shape a copy of a slot's first n positions runs in."""
+        return ("copy", 0, pick(self.context_buckets, max(n, 1)))
 
     def _embed_impl(self, leaves, tokens, lengths):
         """Mean of final hidden states over each row's first lengths[b] tokens, L2-normalized."""
@@ -275,21 +303,18 @@ class ModelRunner:
         """Prefill one chunk (<= the largest prefill bucket) of a slot's prompt at `start`;
         `mask` [1, W] constrains the token sampled after the prompt's last chunk."""
         n = len(chunk)
-        T = pick(self.prefill_buckets, n)
-        tokens = np.zeros((1, T), np.int32)
+        tokens = np.zeros((1, pick(self.prefill_buckets, n)), np.int32)
         tokens[0, :n] = chunk
-        context = 0 if start == 0 else pick(self.context_buckets, start)
         mask = self._no_mask_row if mask is None else mask
-        return self._prefill(
-            self._leaves,
-            state,
-            tokens,
-            np.int32(slot),
-            np.int32(start),
-            np.int32(n),
-            row,
-            mask,
-            context=context,
+        step = self.compiler.get(self.prefill_shape(n, start))
+        return step(self._leaves, state, tokens, np.int32(slot), np.int32(start), np.int32(n), row, mask)
+
+    def prefill_shape(self, n: int, start: int) -> Shape:
+        """The compiled shape a chunk of n tokens at `start` runs in."""
+        return (
+            "prefill",
+            pick(self.prefill_buckets, n),
+            0 if start == 0 else pick(self.context_buckets, start),
         )
 
     def decode(
@@ -299,10 +324,14 @@ class ModelRunner:
         output has a row for each slot up to the highest active one (rounded up to a bucket).
         `mask` [max_slots, W]: allowed-token bitmasks, None when no slot is constrained."""
         active = np.asarray(active, bool)
-        context = pick(self.decode_contexts, max(max_length, 1))
-        batch = pick(self.batch_buckets, int(np.flatnonzero(active).max(initial=0)) + 1)
-        mask = self.no_mask if mask is None else mask
-        return self._decode(self._leaves, state, active, mask, context=context, batch=batch)
+        step = self.compiler.get(
+            self.decode_shape(int(np.flatnonzero(active).max(initial=0)) + 1, max_length)
+        )
+        return step(self._leaves, state, active, self.no_mask if mask is None else mask)
+
+    def decode_shape(self, rows: int, max_length: int) -> Shape:
+        """The compiled shape a decode step over the first `rows` slots runs in."""
+        return ("decode", pick(self.batch_buckets, rows), pick(self.decode_contexts, max(max_length, 1)))
 
     def embed(self, rows: list[list[int]], max_batch: int = 16) -> np.ndarray:
         """Embeddings [len(rows), D] (float32, L2-normalized), batched by padded length."""
@@ -311,7 +340,7 @@ class ModelRunner:
         for lo in range(0, len(order), max_batch):
             idx = order[lo : lo + max_batch]
             T = pick(self.prefill_buckets + self.context_buckets[1:], max(len(rows[i]) for i in idx))
-            B = pick(pow2_buckets(1, max_batch), len(idx))
+            B = pick(bucket_ladder(1, max_batch), len(idx))
             tokens = np.zeros((B, T), np.int32)
             lengths = np.zeros((B,), np.int32)
             for j, i in enumerate(idx):
@@ -324,40 +353,45 @@ class ModelRunner:
     def max_prefill_chunk(self) -> int:
         return self.prefill_buckets[-1]
 
-    def warmup_shapes(self) -> list[tuple[str, int, int]]:
-        """Every (function, T, C) the engine can call. A chunk may start anywhere (after a
-        reused prefix), so prefill meets every context bucket."""
-        shapes = [("prefill", t, c) for c in (0, *self.context_buckets) for t in self.prefill_buckets]
-        shapes += [("copy", 0, c) for c in self.context_buckets]
-        return shapes + [("decode", b, c) for b in self.batch_buckets for c in self.decode_contexts]
+    def first_shapes(self) -> list[Shape]:
+        """What a first short request needs: its prompt's chunk and a one-stream decode step."""
+        return [
+            ("prefill", self.prefill_buckets[0], 0),
+            ("decode", self.batch_buckets[0], self.decode_contexts[0]),
+        ]
+
+    def warmup_shapes(self) -> list[Shape]:
+        """Every (function, T or B, C) the engine can call, in the order requests are likely
+        to need them: a first short request, longer first prompts, more streams, then chunks
+        that continue a cached prefix (a chat's next turn) over longer and longer contexts. A
+        chunk may start anywhere (after a reused prefix), so prefill meets every context bucket."""
+        first = self.first_shapes()
+        shapes = [*first]
+        shapes += [("prefill", t, 0) for t in self.prefill_buckets]
+        shapes += [("decode", b, c) for c in self.decode_contexts for b in self.batch_buckets]
+        for c in self.context_buckets:
+            shapes += [("prefill", t, c) for t in self.prefill_buckets] + [("copy", 0, c)]
+        return list(dict.fromkeys(shapes))
+
+    def _lower(self, shape: Shape):
+        """The lowered step of one shape, from abstract arguments (no device state is read)."""
+        kind, n, c = shape
+        state = self._state_spec
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        if kind == "copy":
+            return self._copy_slot.lower(state, i32, i32, context=c)
+        if kind == "prefill":
+            tokens = jax.ShapeDtypeStruct((1, n), jnp.int32)
+            row, mask = self._row_spec, _spec(self._no_mask_row)
+            return self._prefill.lower(self._leaves, state, tokens, i32, i32, i32, row, mask, context=c)
+        active = jax.ShapeDtypeStruct((self.max_slots,), jnp.bool_)
+        return self._decode.lower(self._leaves, state, active, _spec(self.no_mask), context=c, batch=n)
 
     def warmup(self, state: DecodeState, progress: bool = False) -> DecodeState:
-        """Compile (or load from the persistent cache) every step the engine can call."""
-        shapes = self.warmup_shapes()
-        if progress:
-            from tqdm import tqdm
-
-            shapes = tqdm(shapes, desc="compiling", unit="fn", leave=False)
-        row = SlotSampling.from_params([SamplingParams(temperature=0.0)], [0])
-        active = np.zeros(self.max_slots, bool)
-        for kind, t, c in shapes:
-            if kind == "copy":
-                state = self._copy_slot(state, np.int32(0), np.int32(0), context=c)
-                continue
-            if kind == "prefill":
-                tokens = np.zeros((1, t), np.int32)
-                state, out = self._prefill(
-                    self._leaves,
-                    state,
-                    tokens,
-                    np.int32(0),
-                    np.int32(c),
-                    np.int32(1),
-                    row,
-                    self._no_mask_row,
-                    context=c,
-                )
-            else:
-                state, out = self._decode(self._leaves, state, active, self.no_mask, context=c, batch=t)
-            out.block_until_ready()
+        """Compile (or load from the persistent cache) every step the engine can call, now."""
+        self.compiler.compile_all(self.warmup_shapes(), progress=progress)
         return state
+
+
+def _spec(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)

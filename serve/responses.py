@@ -192,10 +192,21 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class HealthCompile(BaseModel):
+    compiled: int = Field(ge=0, description="Step shapes compiled, over the loaded models.")
+    pending: int = Field(
+        ge=0, description="Step shapes still to compile; requests that need one wait for it."
+    )
+    compiling: list[str] = Field(description='The shapes compiling now, e.g. "prefill T=64 C=0".')
+
+
 class Health(BaseModel):
     status: Literal["ok", "loading", "error", "shutting_down"]
     models: dict[str, str] | None = Field(None, description="Per model, with more than one model.")
     errors: dict[str, str] | None = Field(None, description="Why each failed model failed.")
+    compile: HealthCompile | None = Field(
+        None, description="While step shapes still compile in the background (`--warmup first`)."
+    )
 
 
 class Slot(BaseModel):

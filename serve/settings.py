@@ -82,7 +82,10 @@ class Settings:
     port: int = 8080
     ssl_certfile: str | None = None  # with ssl_keyfile: `llama-jax serve` speaks https
     ssl_keyfile: str | None = None
-    warmup: bool = True
+    # "first": serve once a first request's steps are compiled, compile the rest meanwhile;
+    # "full": compile every step before /health says ok; "none": each step when first needed.
+    # true/false (older configs) are "full"/"none".
+    warmup: str = "first"
     max_body_bytes: int = 8 * 1024 * 1024
     memory_budget_mb: int = 0  # weights + KV caches of the loaded models; 0: unlimited
     compilation_cache: str | None = "default"
@@ -103,6 +106,7 @@ class Settings:
     def __post_init__(self):
         if self.reasoning_format not in REASONING_FORMATS:
             raise ValueError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}")
+        object.__setattr__(self, "warmup", warmup_mode(self.warmup))
 
     def model_specs(self) -> tuple[ModelSpec, ...]:
         if self.models:
@@ -254,8 +258,24 @@ def read_key_file(path: str | os.PathLike) -> tuple[str, ...]:
     return tuple(s for line in lines if (s := line.strip()) and not s.startswith("#"))
 
 
+def warmup_mode(value: str | bool) -> str:
+    """ "full", "first" or "none", from a mode or a yes/no value (yes: "full", as before modes)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    v = str(value).lower()
+    if v in ("first", "full", "none"):  # llama_jax.compiler.WARMUP_MODES, without loading JAX here
+        return v
+    if v in ("1", "true", "yes", "on"):
+        return "full"
+    if v in ("0", "false", "no", "off"):
+        return "none"
+    raise ValueError(f"expected full, first or none, got {value!r}")
+
+
 def _parse(name: str, raw: str):
     default = getattr(Settings, name, None)
+    if name == "warmup":
+        return warmup_mode(raw)
     if name in ("aliases", "api_keys", "cors_origins"):
         return tuple(a.strip() for a in raw.split(",") if a.strip())
     if isinstance(default, bool):

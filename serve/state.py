@@ -65,16 +65,19 @@ class ModelEntry:
             "fp_" + hashlib.sha256(f"{model_id}:{spec.dtype}:{spec.quantize}".encode()).hexdigest()[:10]
         )
 
-    def load(self, warmup: bool, compilation_cache: str | None) -> None:
+    def load(self, warmup: str, compilation_cache: str | None) -> None:
+        """Load the model, then compile as `warmup` says ("full", "first", "none":
+        `Generator.warmup`); the model serves from then on."""
         s = self.spec
         t0 = time.monotonic()
         try:
             gen = open_generator(s, compilation_cache)
             log.info("loaded %s from %s in %.1f s", self.id, gen.loaded.path, time.monotonic() - t0)
-            if warmup:
+            if warmup != "none":
                 t1 = time.monotonic()
-                gen.warmup()
-                log.info("%s: warm-up compiled every step shape in %.1f s", self.id, time.monotonic() - t1)
+                gen.warmup(mode=warmup)
+                what = "every step shape" if warmup == "full" else "a first request's steps"
+                log.info("%s: warm-up compiled %s in %.1f s", self.id, what, time.monotonic() - t1)
         except Exception as e:  # noqa: BLE001 - reported by /health and the model's routes
             self.status, self.error = "error", f"{type(e).__name__}: {e}"
             log.error("model %s could not be loaded: %s", self.id, self.error)
@@ -82,13 +85,20 @@ class ModelEntry:
         self.generator = gen
         self.status = "ok"
         log.info(
-            "serving %s (%s activations, quantize=%s) on %d slots of %d tokens",
+            "serving %s (%s activations, quantize=%s) on %d slots of %d tokens, %.1f s after its load began%s",
             ", ".join(self.names),
             gen.loaded.model.dtype.__name__,
             s.quantize or "none",
             s.max_slots,
             gen.max_seq_len,
+            time.monotonic() - t0,
+            f"; {n} step shapes compile in the background" if (n := gen.compile_status()["pending"]) else "",
         )
+
+    def compile_status(self) -> dict | None:
+        """The generator's step-compile counts (`Generator.compile_status`); None unloaded."""
+        gen = self.generator
+        return None if gen is None else gen.compile_status()
 
     @property
     def healthy(self) -> bool:

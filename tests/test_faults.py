@@ -28,6 +28,10 @@ ENV = {
     "LLAMA_JAX_MAX_SLOTS": "4",
     "LLAMA_JAX_WARMUP": "0",
 }
+# The fault tests need their three requests in flight together: every shape compiled first
+# (compiled on demand, a request waits for its compile while the others stream, and the first
+# one admitted can finish before the others start).
+FULL_WARMUP = {**ENV, "LLAMA_JAX_WARMUP": "full"}
 CHAT = {
     "model": "smollm2-135m-instruct",
     "messages": [{"role": "user", "content": "Tell me a long story."}],
@@ -120,7 +124,7 @@ def _inject_and_check(url: str, proc: subprocess.Popen, trigger: Path, log: Path
 
 def test_engine_fault_under_bare_hypercorn_fails_requests_then_exits_for_a_restart(tmp_path):
     port, trigger, log = _free_port(), tmp_path / "fault", tmp_path / "server.log"
-    env = {**ENV, "LLAMA_JAX_TEST_FAULT_FILE": str(trigger), "PYTHONPATH": str(ROOT / "tests")}
+    env = {**FULL_WARMUP, "LLAMA_JAX_TEST_FAULT_FILE": str(trigger), "PYTHONPATH": str(ROOT / "tests")}
     proc = _start(
         # `--workers 0`: serve in this process. With worker processes, hypercorn 0.18's parent
         # exits 0 whatever its worker's status (docs/troubleshooting.md).
@@ -140,7 +144,7 @@ def test_engine_fault_under_llama_jax_serve_stops_gracefully_and_exits_for_a_res
     port, trigger, log = _free_port(), tmp_path / "fault", tmp_path / "server.log"
     env = {"LLAMA_JAX_TEST_FAULT_FILE": str(trigger), "PYTHONPATH": str(ROOT / "tests")}
     code = "import sys, fault_app; from llama_jax.cli import main; sys.exit(main())"
-    args = ["serve", "--port", str(port), "--max-seq-len", "512", "--max-slots", "4", "--no-warmup"]
+    args = ["serve", "--port", str(port), "--max-seq-len", "512", "--max-slots", "4", "--warmup", "full"]
     proc = _start([sys.executable, "-c", code, *args], env, log)
     try:
         url = f"http://127.0.0.1:{port}"

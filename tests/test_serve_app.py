@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import httpx
 import openai
 import pytest
 from conftest import Server
@@ -31,7 +32,7 @@ def test_settings_from_environment():
         ("a", "b"),
         9000,
         16,
-        False,
+        "none",
         "int8",
     )
     assert Settings.from_env({}) == Settings()
@@ -71,10 +72,34 @@ def tiny_server(tmp_path_factory):
         srv.stop()
 
 
+def test_warmup_modes_from_flags_variables_and_older_yes_no_values():
+    from llama_jax.cli import serve_settings
+
+    assert Settings().warmup == "first"
+    assert Settings.from_env({"LLAMA_JAX_WARMUP": "full"}).warmup == "full"
+    assert Settings.from_env({"LLAMA_JAX_WARMUP": "yes"}).warmup == "full"
+    assert Settings(warmup=False).warmup == "none"  # a config file's `warmup = false`
+    parser = serve_parser()
+    for argv, mode in ((["--warmup"], "full"), (["--warmup", "first"], "first"), (["--no-warmup"], "none")):
+        assert serve_settings(parser.parse_args(argv)).warmup == mode
+
+
+def serve_parser():
+    import argparse
+
+    from llama_jax.cli import _serve_arguments
+
+    p = argparse.ArgumentParser()
+    _serve_arguments(p)
+    return p
+
+
 def test_health_is_loading_until_warm_then_serves(tiny_server):
+    """`--warmup full` (here LLAMA_JAX_WARMUP=1): every shape compiled before /health says ok."""
     assert 503 in tiny_server.statuses and tiny_server.statuses[-1] == 200
     log = tiny_server.log()
-    assert log.index("warm-up compiled") < log.index("serving tiny-chat")
+    assert log.index("warm-up compiled every step shape") < log.index("serving tiny-chat")
+    assert httpx.get(tiny_server.url + "/health").json() == {"status": "ok"}  # nothing left to compile
     client = openai.OpenAI(api_key="x", base_url=tiny_server.base_url, max_retries=0)
     assert [m.id for m in client.models.list().data] == ["tiny-chat"]
     r = client.chat.completions.create(
@@ -86,6 +111,42 @@ def test_health_is_loading_until_warm_then_serves(tiny_server):
     assert r.usage.completion_tokens == 5
     assert "GET /health 503" in log  # each request is logged on one line, with its status
     assert "POST /v1/chat/completions 200 tokens=" in tiny_server.log()
+
+
+def test_serves_a_first_request_while_the_other_shapes_compile(tmp_path):
+    """The default warm-up ("first"): /health is ok once a first request's steps are compiled,
+    says how many shapes are left, and a request is answered while they compile."""
+    cfg = tiny_config()
+    path = tmp_path / "tiny-chat.gguf"
+    write_gguf(path, cfg, random_tensors(cfg))
+    srv = Server(
+        {
+            "LLAMA_JAX_MODEL": str(path),
+            "LLAMA_JAX_MAX_SEQ_LEN": "512",
+            "LLAMA_JAX_MAX_SLOTS": "4",
+            "LLAMA_JAX_WARMUP": "",  # the default
+            # An empty cache: the background compiles are real ones (a few seconds in all).
+            "LLAMA_JAX_COMPILATION_CACHE": str(tmp_path / "xla"),
+        },
+        tmp_path / "server.log",
+    )
+    try:
+        srv.wait_healthy(timeout=300)
+        health = httpx.get(srv.url + "/health").json()
+        assert health["status"] == "ok" and health["compile"]["pending"] > 0, health
+        r = httpx.post(
+            srv.base_url + "/completions",
+            json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 4, "ignore_eos": True},
+            timeout=120,
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        slots = httpx.get(srv.url + "/slots")
+        assert int(slots.headers["X-Pending-Compiles"]) > 0 and len(slots.json()) == 4
+        log = srv.log()
+        assert "warm-up compiled a first request's steps" in log
+        assert "every planned step shape is compiled" not in log  # the request did not wait for it
+    finally:
+        srv.stop()
 
 
 def test_a_stream_that_fails_midway_ends_with_an_error_event():

@@ -1,5 +1,7 @@
 """`GET /health` (200 ok; 503 while loading, after a failure, when an engine is stalled or when
-shutting down) and `GET /slots` (what each slot of a model is doing).
+shutting down; while step shapes still compile in the background, a `compile` object counts
+them) and `GET /slots` (what each slot of a model is doing; `X-Compiled-Shapes` and
+`X-Pending-Compiles` headers count the model's step compiles).
 
 `/health` needs no key, so it says what is wrong in general words; the details (a model file's
 path, an exception's text) are in the server log."""
@@ -53,7 +55,21 @@ async def health():
         body["errors"] = errors
     if stalled:  # an engine with work that has finished no step for this long
         body["stalled_seconds"] = {k: round(v, 1) for k, v in stalled.items()}
+    compiling = compile_counts(st)
+    if compiling["pending"]:  # serving, while the step shapes not met yet compile
+        body["compile"] = compiling
     return body, code, ({"Retry-After": "1"} if status == "loading" else {})
+
+
+def compile_counts(st) -> dict:
+    """Step shapes compiled and still to compile, over the loaded models, and the ones
+    compiling now."""
+    counts = [c for m in st.models if (c := m.compile_status()) is not None]
+    return {
+        "compiled": sum(c["compiled"] for c in counts),
+        "pending": sum(c["pending"] for c in counts),
+        "compiling": [c["compiling"] for c in counts if c["compiling"]],
+    }
 
 
 @bp.get("/slots")
@@ -76,4 +92,6 @@ async def slots():
                 "n_decoded": 0 if req is None else len(req.output_ids),
             }
         )
-    return out
+    counts = gen.compile_status()  # a header: the body is llama.cpp's list of slots
+    headers = {"X-Compiled-Shapes": str(counts["compiled"]), "X-Pending-Compiles": str(counts["pending"])}
+    return out, 200, headers
