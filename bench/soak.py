@@ -7,8 +7,8 @@ Without `--url` it starts `hypercorn serve.app:app` itself on a free port (the d
 `--clients` clients send random requests one after the other: valid chat and text completions
 (streamed or not, random sampling values, `n` up to 2), embeddings, streams the client drops
 after a few events (a disconnect), and invalid requests (bad JSON, wrong types, values out of
-range, unknown model, too long for the context). Halfway, a burst of more requests than the
-queue holds arrives at once. Afterwards:
+range, an invalid regex, too long for the context; one served model answers any model name).
+Halfway, a burst of more requests than the queue holds arrives at once. Afterwards:
 
 - no 5xx but the burst's 503s (`server_is_overloaded`, with `Retry-After`), every error an
   OpenAI error object, every invalid request a 4xx;
@@ -69,7 +69,7 @@ INVALID = [  # (body, raw bytes or None); each must get a 4xx
     ({"model": MODEL, "messages": FRANCE, "max_tokens": "ten"}, None),
     ({"model": MODEL, "messages": FRANCE, "max_tokens": 10**6}, None),
     ({"model": MODEL, "messages": FRANCE, "logit_bias": {"not-a-token": 1}}, None),
-    ({"model": "no-such-model", "messages": FRANCE}, None),
+    ({"model": MODEL, "messages": FRANCE, "structured_outputs": {"regex": "[unclosed"}}, None),
     ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 2000}]}, None),
 ]
 
