@@ -475,17 +475,19 @@ ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer
 // 4-bit matmul: y[R, N] = x[R, K] . w[N, K]^T for a weight of 4-bit codes q in groups of 32
 // inputs, each group with its own scale and min (w = scale * q + min: llama.cpp's Q4_0, Q4_1 and
 // Q4_K all are this, with group 32). Packed (llama_jax/cpu_kernels.py `pack_q4`) as
-// w [N/8, K/32, 128] bytes, scale and min [N/8, K/32, 8] float16: for a tile of 8 channels and
+// w [N/8, K/32, 128] bytes, scale and min (or no min) [N/8, K/32, 8] float16: for a tile of 8 channels and
 // a group, byte b*32 + j*4 + i holds channel j's code for input 4b+i in its low nibble and for
 // input 16+4b+i in its high one, so a masked load is 8 lanes (one per channel) of 4 inputs.
 //
-// Activations are quantized per row and group of 32 to two int8 parts, x ~ dx * (hi + lo / 254)
-// (about 16 bits: a single int8 part, as llama.cpp's Q8 activations, moved the default model's
-// greedy answers), and each lane's 4 code x activation products are summed in one integer
-// instruction (vpdpbusd with AVX-VNNI or AVX512-VNNI, vpmaddubsw + vpmaddwd otherwise): a 4-bit
-// weight is 4x the work per byte of a float one, and float widening would make several rows
-// compute-bound. Per group: y += scale * dx / 254 * sum(q * (254 hi + lo)) + min * sum(x), the
-// integer sum exact in int32.
+// Activations are quantized per row and group of 32 to int8, x ~ dx * hi, as llama.cpp's Q8
+// activations are, and the groups of a row's outlier channels also get a second int8 part,
+// x - dx * hi ~ dx / 254 * lo (about 16 bits; `quantize_rows`): int8 alone everywhere moved the
+// default model's greedy answers, and two parts everywhere doubled the integer work. Each lane's
+// 4 code x activation products are summed in one integer instruction (vpdpbusd with AVX-VNNI or
+// AVX512-VNNI, vpmaddubsw + vpmaddwd otherwise): a 4-bit weight is 4x the work per byte of a
+// float one, and float widening would make several rows compute-bound. Per group:
+// y += scale * dx * sum(q * hi) [+ scale * dx / 254 * sum(q * lo)] + min * sum(x), the integer
+// sums exact in int32; a symmetric weight (Q4_0) has no mins stored, min = -8 * scale.
 
 constexpr int64_t kGroup = 32;
 
