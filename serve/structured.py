@@ -26,7 +26,7 @@ def requested_grammar(body: SamplingFields) -> Grammar | None:
 
 
 def _grammars(body: SamplingFields) -> list[Grammar]:
-    found = []
+    sources: list = []  # (the field's value, the grammar it makes, the field's name), in order
     so = body.structured_outputs
     if so is not None:
         given = [k for k, v in so.model_dump(by_alias=True).items() if v is not None and v is not False]
@@ -35,26 +35,23 @@ def _grammars(body: SamplingFields) -> list[Grammar]:
                 f"structured_outputs takes one of json, regex, choice, grammar, json_object; got {given}",
                 param="structured_outputs",
             )
-        if so.json_ is not None:
-            found.append(Grammar.json_schema(so.json_, "structured_outputs.json"))
-        if so.regex is not None:
-            found.append(Grammar.regex(so.regex, "structured_outputs.regex"))
-        if so.choice is not None:
-            found.append(Grammar.choice(so.choice, "structured_outputs.choice"))
-        if so.grammar is not None:
-            found.append(Grammar.cfg(so.grammar, "structured_outputs.grammar"))
-        if so.json_object:
-            found.append(Grammar.json_object("structured_outputs.json_object"))
-    if body.guided_json is not None:
-        found.append(Grammar.json_schema(body.guided_json, "guided_json"))
-    if body.guided_regex is not None:
-        found.append(Grammar.regex(body.guided_regex, "guided_regex"))
-    if body.guided_choice is not None:
-        found.append(Grammar.choice(body.guided_choice, "guided_choice"))
-    if body.guided_grammar is not None:
-        found.append(Grammar.cfg(body.guided_grammar, "guided_grammar"))
-    if body.json_schema is not None:
-        found.append(Grammar.json_schema(body.json_schema, "json_schema"))
-    if body.grammar is not None:
-        found.append(Grammar.gbnf(body.grammar, "grammar"))
-    return found
+        sources += [
+            (so.json_, Grammar.json_schema, "structured_outputs.json"),
+            (so.regex, Grammar.regex, "structured_outputs.regex"),
+            (so.choice, Grammar.choice, "structured_outputs.choice"),
+            (so.grammar, Grammar.cfg, "structured_outputs.grammar"),
+            (
+                so.json_object or None,
+                lambda _, param: Grammar.json_object(param),
+                "structured_outputs.json_object",
+            ),
+        ]
+    sources += [
+        (body.guided_json, Grammar.json_schema, "guided_json"),
+        (body.guided_regex, Grammar.regex, "guided_regex"),
+        (body.guided_choice, Grammar.choice, "guided_choice"),
+        (body.guided_grammar, Grammar.cfg, "guided_grammar"),
+        (body.json_schema, Grammar.json_schema, "json_schema"),
+        (body.grammar, Grammar.gbnf, "grammar"),
+    ]
+    return [make(value, param) for value, make, param in sources if value is not None]
