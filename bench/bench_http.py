@@ -170,6 +170,19 @@ def serve_command(args, port: int, slots: int) -> list[str]:
     return cmd + shlex.split(args.serve_args)
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """Stop a server started with `start_new_session=True`, and whatever it spawned: SIGTERM to
+    its process group, SIGKILL after `grace` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def tail(path: str, lines: int = 20) -> str:
     with open(path, errors="replace") as f:
         return "".join(f.readlines()[-lines:])
@@ -204,12 +217,7 @@ def started_server(args, slots: int):
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_group(proc)
         log.close()
         if proc.returncode not in (0, -signal.SIGTERM):
             print(f"server exit status {proc.returncode}; log: {log.name}", file=sys.stderr)

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_http import free_port, level, tail  # noqa: E402
+from bench_http import free_port, level, stop_group, tail  # noqa: E402
 
 SHAPES = {  # layers, dim, heads, kv heads, ffn
     "smollm2-1.7b": (24, 2048, 32, 32, 8192),
@@ -155,13 +154,7 @@ def server(cmd: list[str], port: int, timeout: float):
             time.sleep(0.25)
         yield proc, time.perf_counter() - t0
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 async def measure(port: int, streams: list[int], max_tokens: int) -> dict[int, float]:
@@ -181,7 +174,9 @@ async def measure(port: int, streams: list[int], max_tokens: int) -> dict[int, f
             r = await level(client, args, n, max_tokens, 1)
             if not r["errors"]:
                 break
-            print(f"{n} streams, attempt {attempt + 1}: {r['errors']} errors: {r['error_samples']}", flush=True)
+            print(
+                f"{n} streams, attempt {attempt + 1}: {r['errors']} errors: {r['error_samples']}", flush=True
+            )
         else:
             raise RuntimeError(f"{r['errors']} errors: {r['error_samples']}")
         out[n] = r["tok_s"]

@@ -21,11 +21,9 @@ Each run spawns a fresh server process and measures, from the moment it is spawn
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +33,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_http import free_port, tail  # noqa: E402
+from bench_http import free_port, stop_group, tail  # noqa: E402
 
 PROMPT = "What is the capital of France?"
 
@@ -104,13 +102,7 @@ def run_one(name: str, cmd: list[str], env: dict, port: int, timeout: float, mod
         out["compiles"] = text.count("llama_jax.compiler: compiled ")
         return out
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def main() -> None:

@@ -76,14 +76,15 @@ class Recorder:
             self.bodies.append((request.url.path, json.loads(request.content)))
 
 
-def test_the_official_client_requests_and_the_answers_validate(server, spec):
+def recorded_client(server) -> tuple[openai.OpenAI, Recorder]:
+    """The official client against `server`, with every request body it sends recorded."""
     rec = Recorder()
-    client = openai.OpenAI(
-        base_url=server.base_url,
-        api_key="none",
-        http_client=httpx.Client(event_hooks={"request": [rec]}),
-        max_retries=0,
-    )
+    http = httpx.Client(event_hooks={"request": [rec]})
+    return openai.OpenAI(base_url=server.base_url, api_key="none", http_client=http, max_retries=0), rec
+
+
+def test_the_official_client_requests_and_the_answers_validate(server, spec):
+    client, rec = recorded_client(server)
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
@@ -173,13 +174,7 @@ def test_docs_page_is_self_contained(server, spec):
 
 
 def test_the_official_clients_responses_requests_and_events_validate(server, spec):
-    rec = Recorder()
-    client = openai.OpenAI(
-        base_url=server.base_url,
-        api_key="none",
-        http_client=httpx.Client(event_hooks={"request": [rec]}),
-        max_retries=0,
-    )
+    client, rec = recorded_client(server)
     tool = {"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": False}
     answers = [
         client.responses.create(model="smollm", input="Hi", instructions="Be brief.", max_output_tokens=3),
