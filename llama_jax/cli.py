@@ -20,10 +20,17 @@ from llama_jax.errors import LlamaJaxError
 
 log = logging.getLogger("llama_jax.cli")
 
-QUANTIZE_CHOICES = ("auto", "none", "int8", "q4")  # weights.QUANTIZE_CHOICES, without importing JAX here
+QUANTIZE_CHOICES = (
+    "auto",
+    "none",
+    "int8",
+    "q4",
+    "q8",
+)  # weights.QUANTIZE_CHOICES, without importing JAX here
 QUANTIZE_HELP = (
-    "weight format: auto keeps the file's precision (a Q4 GGUF stays 4-bit, Q5-Q8 become int8, "
-    "float files float); none: float; int8: per-channel int8; q4: 4-bit groups of 32 (default: auto)"
+    "weight format: auto keeps the file's precision (a Q4 GGUF stays 4-bit, Q5-Q8 become 8-bit "
+    "groups, float files float); none: float; int8: per-channel int8; q4: 4-bit groups of 32; "
+    "q8: 8-bit groups of 32 (default: auto)"
 )
 MODEL_HELP = (
     "alias, GGUF file, Hugging Face folder or Hugging Face model id (org/name, org/name:Q4_K_M for "

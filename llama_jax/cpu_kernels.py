@@ -42,6 +42,7 @@ TARGETS = (
     "lj_matmul_f32",
     "lj_matmul_i8",
     "lj_matmul_q4",
+    "lj_matmul_q8",
     "lj_attend",
     "lj_attend_f16",
     "lj_attend_chunk",
@@ -167,6 +168,22 @@ def pack_q4(q: np.ndarray, scale: np.ndarray, mn: np.ndarray) -> tuple[np.ndarra
     return packed, per_group(scale), per_group(mn)
 
 
+def pack_q8(q: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit group rows (`quantize.Q8Weight`'s q int8 [..., N, K], scale [..., N, K/32]) -> the
+    8-bit kernel's layout: codes int8 [..., N/8, K/32, 256], scale float16 [..., N/8, K/32, 8].
+    In a tile's group, byte b*32 + j*4 + i is channel j's code for input 4b+i: one 32-byte load
+    is 8 channels x 4 inputs, as in `pack_q4`."""
+    q = np.asarray(q, np.int8)
+    *lead, N, K = q.shape
+    G = K // 32
+    tiles = q.reshape(*lead, N // TILE, TILE, G, 8, 4)
+    n = len(lead)
+    order = (*range(n), n, n + 2, n + 3, n + 1, n + 4)  # [.., t, g, b, j, i]
+    packed = np.ascontiguousarray(tiles.transpose(order)).reshape(*lead, N // TILE, G, 8 * TILE * 4)
+    s = np.asarray(scale, np.float16).reshape(*lead, N // TILE, TILE, G)
+    return packed, np.ascontiguousarray(np.swapaxes(s, -1, -2))
+
+
 SPLIT = 6.0  # `matmul_q4`'s default: the few groups of outlier channels get 16-bit activations
 
 
@@ -203,6 +220,21 @@ def matmul_q4(x, w, scale, mn, layer=None, rows=None, split: float = SPLIT) -> j
     mn = jnp.zeros((0,), jnp.float16) if mn is None else f16(mn)
     return jax.ffi.ffi_call("lj_matmul_q4", out)(
         x.astype(jnp.float32), w, f16(scale), mn, ctl, split=np.float32(split)
+    )
+
+
+def matmul_q8(x, w, scale, layer=None, rows=None, split: float = SPLIT) -> jax.Array:
+    """x [R, K] float32 times a `pack_q8` weight w [(L,) N/8, K/32, 256] with float16 scale
+    [(L,) N/8, K/32, 8], transposed: [R, N] float32 (`layer`, `rows` as in `matmul`; x
+    quantized as in `matmul_q4`)."""
+    R, N = x.shape[0], w.shape[-3] * TILE
+    out = jax.ShapeDtypeStruct((R, N), jnp.float32)
+    return jax.ffi.ffi_call("lj_matmul_q8", out)(
+        x.astype(jnp.float32),
+        w,
+        jnp.asarray(scale, jnp.float16),
+        _ctl(layer, rows, R),
+        split=np.float32(split),
     )
 
 
@@ -275,8 +307,9 @@ def attend_chunk(q, k_new, v_new, k_ctx, v_ctx, start, valid) -> jax.Array:
 class PackedWeight:
     """A matmul weight in the kernels' layout: `data` [(L,) N/8, K, 8] (`pack` of the weight
     stored output-major, N its kept axes, K its contracted ones), float32 or int8 with
-    `scale` [(L,) N]; or 4-bit (`pack_q4`: data uint8 [(L,) N/8, K/32, 128], `scale` and `mins`
-    float16 [(L,) N/8, K/32, 8]). `layer_shape` is the float weight's shape without the layer
+    `scale` [(L,) N]; or 4-bit groups (`pack_q4`: data uint8 [(L,) N/8, K/32, 128], `scale` and
+    `mins` float16 [(L,) N/8, K/32, 8]); or 8-bit groups (`pack_q8`: data int8 [(L,) N/8, K/32,
+    256], `scale` float16 [(L,) N/8, K/32, 8]). `kind` says which, from the dtypes. `layer_shape` is the float weight's shape without the layer
     axis and `contracted` its contracted axes counted from the end, as in `Int8Weight`.
 
     Stacked on a leading layer axis, it is not sliced by the layer scan: `at(layer)` gives a
@@ -302,8 +335,13 @@ class PackedWeight:
         return self.data.dtype
 
     @property
-    def four_bit(self) -> bool:
-        return self.data.dtype == jnp.uint8
+    def kind(self) -> str:
+        """ "q4", "q8" (groups of 32 with float16 scales), "int8" (per channel) or "float"."""
+        if self.data.dtype == jnp.uint8:
+            return "q4"
+        if self.data.dtype == jnp.int8:
+            return "q8" if self.scale.dtype == jnp.float16 else "int8"
+        return "float"
 
     def _axes(self) -> tuple[list[int], list[int]]:
         n = len(self.layer_shape)
@@ -324,35 +362,42 @@ class PackedWeight:
         if view is None:
             raise ValueError(f"a packed weight cannot serve einsum {spec!r}")
         x2, free_shape = view
-        if self.four_bit:
+        if self.kind == "q4":
             y = matmul_q4(x2, self.data, self.scale, self.mins, self.layer, self.rows, self.split)
+        elif self.kind == "q8":
+            y = matmul_q8(x2, self.data, self.scale, self.layer, self.rows, self.split)
         else:
             y = matmul(x2, self.data, self.scale, self.layer, self.rows)
         return y.reshape(free_shape + tuple(self.layer_shape[i] for i in kept)).astype(x.dtype)
 
     def take_rows(self, ids: jax.Array) -> jax.Array:
         """Rows of the (unstacked) embedding [V, D]: row v is data[v // 8, :, v % 8]."""
-        if self.four_bit:
-            return _q4_take_rows(self, ids)
+        if self.kind in ("q4", "q8"):
+            return _group_take_rows(self, ids)
         rows = self.data[ids // TILE, :, ids % TILE].astype(jnp.float32)
         return rows if self.scale is None else rows * self.scale[ids][..., None]
 
 
-def _q4_take_rows(w: PackedWeight, ids: jax.Array) -> jax.Array:
-    """Float32 rows [..., D] of a 4-bit packed embedding (the inverse of `pack_q4` for rows `ids`)."""
+def _group_take_rows(w: PackedWeight, ids: jax.Array) -> jax.Array:
+    """Float32 rows [..., D] of a 4- or 8-bit packed embedding (the inverse of `pack_q4` or
+    `pack_q8` for rows `ids`)."""
     t, j = ids // TILE, ids % TILE
-    data = w.data[t]  # [..., G, 128]
+    data = w.data[t]  # [..., G, bytes]
     G = data.shape[-2]
-    data = data.reshape(*data.shape[:-1], 4, TILE, 4)
-    group = jnp.take_along_axis(data, j[..., None, None, None, None], axis=-2)[..., 0, :]  # [..., G, 4, 4]
-    group = group.reshape(*group.shape[:-2], 16)
-    codes = jnp.concatenate([group & 0x0F, group >> 4], axis=-1).astype(jnp.float32)  # [..., G, 32]
+    data = data.reshape(*data.shape[:-1], -1, TILE, 4)  # [..., G, b, j, i]
+    group = jnp.take_along_axis(data, j[..., None, None, None, None], axis=-2)[..., 0, :]  # [..., G, b, 4]
+    group = group.reshape(*group.shape[:-2], -1)
+    if w.kind == "q4":
+        codes = jnp.concatenate([group & 0x0F, group >> 4], axis=-1).astype(jnp.float32)  # [..., G, 32]
+    else:
+        codes = group.astype(jnp.float32)
     scale = jnp.take_along_axis(w.scale[t], j[..., None, None], axis=-1).astype(jnp.float32)  # [..., G, 1]
-    mn = (
-        -8 * scale
-        if w.mins is None
-        else jnp.take_along_axis(w.mins[t], j[..., None, None], axis=-1).astype(jnp.float32)
-    )
+    if w.kind == "q8":
+        mn = 0.0
+    elif w.mins is None:
+        mn = -8 * scale
+    else:
+        mn = jnp.take_along_axis(w.mins[t], j[..., None, None], axis=-1).astype(jnp.float32)
     return (codes * scale + mn).reshape(*codes.shape[:-2], G * 32)
 
 
@@ -360,9 +405,21 @@ def pack_weight(w, contracted: tuple[int, ...], stacked: bool) -> PackedWeight |
     """`w` (a float array or an `Int8Weight`) in the packed layout, or None when its output
     size is not a multiple of the tile. `contracted`: the axes its matmul contracts, counting
     the layer axis of a `stacked` weight (as in `quantize.CONTRACTED`)."""
-    from llama_jax.quantize import Int8Weight, Q4Weight
+    from llama_jax.quantize import Int8Weight, Q4Weight, Q8Weight
 
     lead = 1 if stacked else 0
+    if isinstance(w, Q8Weight):
+        N = int(np.prod(w.q.shape[lead:-1]))
+        if not packable(N, w.q.shape[-1]):
+            return None
+        K = w.q.shape[-1]
+        data, scale = pack_q8(
+            np.asarray(w.q).reshape(w.q.shape[:lead] + (N, K)),
+            np.asarray(w.scale).reshape(w.q.shape[:lead] + (N, K // 32)),
+        )
+        return PackedWeight(
+            jnp.asarray(data), jnp.asarray(scale), tuple(w.shape[lead:]), w.contracted, split=q4_split()
+        )
     if isinstance(w, Q4Weight):
         N = int(np.prod(w.q.shape[lead:-1]))
         if not packable(N, w.q.shape[-1]):

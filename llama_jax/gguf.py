@@ -4,7 +4,8 @@ Owns the GGUF binary layout (a small, bounds-checked parser: the `gguf` package'
 spends seconds building per-string views of a 100k-entry vocabulary) and the translation of
 GGUF tensor names and layouts to the canonical Hugging Face names and `[out, in]` order used
 by `weights.py`, including undoing llama.cpp's Q/K row permutation for interleaved RoPE.
-4-bit tensors (Q4_0, Q4_1, Q4_K) can be read as their codes, scales and mins (`q4_rows`);
+4-bit tensors (Q4_0, Q4_1, Q4_K) can be read as their codes, scales and mins (`q4_rows`), and
+Q8_0 tensors as their codes and scales (`q8_rows`);
 other types are dequantized by the `gguf` package, one tensor at a time. Every failure is a `ModelLoadError`
 naming the file; nothing is allocated beyond what the file's own bytes justify.
 """
@@ -25,7 +26,7 @@ import numpy as np
 
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ModelLoadError
-from llama_jax.quantize import Q4Rows, pack_nibbles
+from llama_jax.quantize import Q4Rows, Q8Rows, pack_nibbles
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,14 @@ def q4_rows(raw: np.ndarray, qtype: str) -> Q4Rows:
     scale = (d[..., None] * scales).reshape(n, -1).astype(np.float16)
     mn = (-dmin[..., None] * mins).reshape(n, -1).astype(np.float16)
     return Q4Rows(pack_nibbles(codes), scale, mn)
+
+
+def q8_rows(raw: np.ndarray) -> Q8Rows:
+    """A Q8_0 tensor's bytes [rows, row_bytes] -> its int8 codes and float16 scales, exactly
+    (blocks of 34 bytes: the scale, then 32 codes in order)."""
+    b = raw.reshape(raw.shape[0], -1, 34)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0]
+    return Q8Rows(b[..., 2:].reshape(raw.shape[0], -1).copy().view(np.int8), d)
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -306,10 +315,12 @@ class GGUFFile:
         data = np.frombuffer(self._buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return data.reshape(*info.shape[:-1], -1)
 
-    def tensors(self, cfg: LlamaConfig, native_q4: bool = False) -> Iterator[tuple[str, np.ndarray | Q4Rows]]:
+    def tensors(
+        self, cfg: LlamaConfig, native: bool = False
+    ) -> Iterator[tuple[str, np.ndarray | Q4Rows | Q8Rows]]:
         """Yields (canonical name, rows in `[out, in]` order) for each used tensor, one at a
-        time: float32 arrays, or with `native_q4` `Q4Rows` for Q4_0/Q4_1/Q4_K tensors (their
-        codes, scales and mins as stored, nothing dequantized). Each tensor's file pages are
+        time: float32 arrays, or with `native` `Q4Rows` for Q4_0/Q4_1/Q4_K tensors and `Q8Rows`
+        for Q8_0 ones (their codes, scales and mins as stored, nothing dequantized). Each tensor's file pages are
         released from this process once it is read, so the mapped file does not add to the
         resident memory of a load."""
         unpermute = cfg.architecture in ("llama", "mistral")
@@ -319,7 +330,7 @@ class GGUFFile:
                 log.debug("%s: skipping unused tensor %s", self.path, info.name)
                 continue
             try:
-                arr = self.rows(info, native_q4)
+                arr = self.rows(info, native)
             finally:
                 self.release(info)
             heads = None
@@ -334,19 +345,22 @@ class GGUFFile:
                         f"tensor {info.name!r} has {arr.shape[0]} rows, but the metadata's {heads} heads"
                         f" of {cfg.head_dim} make {heads * cfg.head_dim}",
                     )
-                if isinstance(arr, Q4Rows):
-                    arr = Q4Rows(*(unpermute_rope_rows(a, heads) for a in arr))
+                if isinstance(arr, (Q4Rows, Q8Rows)):
+                    arr = type(arr)(*(unpermute_rope_rows(a, heads) for a in arr))
                 else:
                     arr = unpermute_rope_rows(arr, heads)
             yield name, arr
 
-    def rows(self, info: TensorInfo, native_q4: bool = False) -> np.ndarray | Q4Rows:
-        """One tensor's values: float32 `info.shape`, or `Q4Rows` for a 4-bit type with `native_q4`."""
+    def rows(self, info: TensorInfo, native: bool = False) -> np.ndarray | Q4Rows | Q8Rows:
+        """One tensor's values: float32 `info.shape`, or with `native` `Q4Rows` for a 4-bit type
+        and `Q8Rows` for Q8_0."""
         import gguf
 
         qt = gguf.GGMLQuantizationType(info.qtype)
-        if native_q4 and qt.name in Q4_TYPES and len(info.shape) == 2:
+        if native and qt.name in Q4_TYPES and len(info.shape) == 2:
             return q4_rows(self.raw(info), qt.name)
+        if native and qt.name == "Q8_0" and len(info.shape) == 2:
+            return q8_rows(self.raw(info))
         try:
             arr = gguf.quants.dequantize(self.raw(info), qt)
         except NotImplementedError:

@@ -4,7 +4,7 @@ One table (`specs`) says, for each parameter of `model.py`: its float layout, th
 matmul contracts, whether it is stacked over layers, and which file tensors it is made of (a
 fused weight's rows come from several: `wqkv` from q, k and v). Every matmul weight is a set of
 output rows (the file's `[out, in]` rows, reordered), so each tensor arrives as rows, becomes
-rows of its parameter's format (float, int8 per channel, or 4-bit groups of 32), and once a
+rows of its parameter's format (float, int8 per channel, or 4- or 8-bit groups of 32), and once a
 layer's rows are all there they go straight into the final storage of that format (the CPU
 kernels' packed layout when they serve it). No whole-model float32 copy ever exists: peak
 memory is the final weights plus one layer's rows of one parameter.
@@ -23,9 +23,21 @@ import numpy as np
 from llama_jax import cpu_kernels
 from llama_jax.config import LlamaConfig, rope_frequencies
 from llama_jax.errors import ModelLoadError
-from llama_jax.quantize import GROUP, Int8Weight, Q4Rows, Q4Weight, q4_from_rows, q4_to_rows
+from llama_jax.quantize import (
+    GROUP,
+    Int8Weight,
+    Q4Rows,
+    Q4Weight,
+    Q8Rows,
+    Q8Weight,
+    q4_from_rows,
+    q4_to_rows,
+    q8_from_rows,
+    q8_to_rows,
+)
 
-FLOAT, INT8, Q4 = "float", "int8", "q4"
+FLOAT, INT8, Q4, Q8 = "float", "int8", "q4", "q8"
+GROUPED = (Q4, Q8)  # formats in groups of 32 inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +176,17 @@ def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def float_rows(rows) -> np.ndarray:
-    return q4_to_rows(*rows) if isinstance(rows, Q4Rows) else rows
+    if isinstance(rows, Q4Rows):
+        return q4_to_rows(*rows)
+    return q8_to_rows(*rows) if isinstance(rows, Q8Rows) else rows
 
 
 def convert_rows(rows, fmt: str, dtype) -> object:
-    """A source tensor's rows (float [n, K] or `Q4Rows`) in format `fmt`."""
+    """A source tensor's rows (float [n, K], `Q4Rows` or `Q8Rows`) in format `fmt`."""
     if fmt == Q4:
-        return rows if isinstance(rows, Q4Rows) else Q4Rows(*q4_from_rows(rows))
+        return rows if isinstance(rows, Q4Rows) else Q4Rows(*q4_from_rows(float_rows(rows)))
+    if fmt == Q8:
+        return rows if isinstance(rows, Q8Rows) else Q8Rows(*q8_from_rows(float_rows(rows)))
     w = float_rows(rows)
     if fmt == INT8:
         return int8_rows(w)
@@ -189,6 +205,8 @@ class _Rows:
             self.parts = (np.empty((N, K), dtype),)
         elif fmt == INT8:
             self.parts = (np.empty((N, K), np.int8), np.empty((N,), np.float32))
+        elif fmt == Q8:
+            self.parts = (np.empty((N, K), np.int8), np.empty((N, K // GROUP), np.float16))
         else:
             self.parts = (
                 np.empty((N, K // 2), np.uint8),
@@ -230,6 +248,11 @@ class _Param:
                     aligned_empty(lead + self.kept_shape + self.csizes, np.int8),
                     aligned_empty(lead + scale_shape, np.float32),
                 )
+        elif fmt == Q8:
+            G = K // GROUP
+            codes = (N // T, G, 256) if packed else self.kept_shape + (K,)
+            scales = (N // T, G, T) if packed else self.kept_shape + (G,)
+            self.store = (aligned_empty(lead + codes, np.int8), aligned_empty(lead + scales, np.float16))
         else:
             G = K // GROUP
             if packed:  # the mins only once a layer is not symmetric (`write`)
@@ -268,6 +291,13 @@ class _Param:
             else:
                 self.store[0][idx] = q.reshape(self.kept_shape + self.csizes)
                 self.store[1][idx] = scale.reshape(self.store[1].shape[len(idx) :])
+        elif self.fmt == Q8:
+            q, scale = rows.parts
+            if self.packed:
+                self.store[0][idx], self.store[1][idx] = cpu_kernels.pack_q8(q, scale)
+            else:
+                for dst, src in zip(self.store, (q, scale), strict=True):
+                    dst[idx] = src.reshape(self.kept_shape + src.shape[-1:])
         else:
             q, scale, mn = rows.parts
             if self.packed:
@@ -300,7 +330,8 @@ class _Param:
             )
         if self.fmt == INT8:  # placed whole: a mesh splits q and scale as the float weight (sharding.placer)
             return put(Int8Weight(self.store[0], self.store[1], rel))
-        return Q4Weight(*(put(a) for a in self.store), rel, self.csizes)
+        cls = Q4Weight if self.fmt == Q4 else Q8Weight
+        return cls(*(put(a) for a in self.store), rel, self.csizes)
 
 
 def packable(spec: Spec) -> bool:
@@ -321,8 +352,8 @@ class Assembler:
         self.dtype = dtype
         self.formats = {n: (formats.get(n, FLOAT) if s.matmul else FLOAT) for n, s in self.specs.items()}
         for name, spec in self.specs.items():
-            if self.formats[name] == Q4 and spec.inputs % GROUP:
-                self.formats[name] = INT8  # 4-bit groups need inputs in multiples of 32
+            if self.formats[name] in GROUPED and spec.inputs % GROUP:
+                self.formats[name] = INT8  # groups need inputs in multiples of 32
         self.params = {
             n: _Param(s, self.formats[n], dtype, cfg.n_layers, kernels and packable(s))
             for n, s in self.specs.items()
@@ -334,7 +365,7 @@ class Assembler:
         self.rope_freqs: np.ndarray | None = None
 
     def add(self, name: str, rows) -> None:
-        """One source tensor: float rows (any float dtype) or `Q4Rows`, `[out, in]` order."""
+        """One source tensor: float rows (any float dtype), `Q4Rows` or `Q8Rows`, `[out, in]` order."""
         cfg, path = self.cfg, self.path
         sub, layer = split_name(name)
         if layer is not None and layer >= cfg.n_layers:
@@ -346,7 +377,7 @@ class Assembler:
             return
         if sub.endswith("_proj.bias") and not cfg.qkv_bias:
             raise ModelLoadError(path, f"tensor {name!r} is a bias, but the model config has no q/k/v biases")
-        shape = rows.shape if isinstance(rows, Q4Rows) else tuple(np.shape(rows))
+        shape = rows.shape if isinstance(rows, (Q4Rows, Q8Rows)) else tuple(np.shape(rows))
         if tuple(shape) != want:
             raise ModelLoadError(path, f"tensor {name!r} has shape {tuple(shape)}, expected {want}")
         if name in self.seen:
@@ -395,7 +426,9 @@ class Assembler:
         parts = []
         for name, p in self.params.items():
             if p.spec.matmul:
-                kind = {FLOAT: np.dtype(self.dtype).name, INT8: "int8", Q4: "4-bit"}[p.fmt]
+                kind = {FLOAT: np.dtype(self.dtype).name, INT8: "int8", Q4: "4-bit", Q8: "8-bit groups"}[
+                    p.fmt
+                ]
                 parts.append(f"{name.rsplit('/', 1)[-1]} {kind}{' packed' if p.packed else ''}")
         return ", ".join(parts)
 

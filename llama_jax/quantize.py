@@ -49,8 +49,8 @@ CONTRACTED = {
     "embed": (1,),  # [V, D]: per row
     "lm_head": (1,),  # [V, D]: per row
 }
-QUANTIZATIONS = ("int8", "q4")
-GROUP = 32  # inputs per group of a 4-bit weight (llama.cpp's Q4_0/Q4_1 blocks, Q4_K's sub-blocks)
+QUANTIZATIONS = ("int8", "q4", "q8")
+GROUP = 32  # inputs per group of a 4- or 8-bit weight (llama.cpp's Q4_0/Q4_1/Q8_0 blocks, Q4_K's sub-blocks)
 
 # The int8 matmul formulation, read at trace time: "auto" picks by shape (below); "vector",
 # "int8x2" or "float" force one for every shape (tests and benchmarks compare them).
@@ -110,9 +110,42 @@ class Int8Weight:
         return jnp.take(self.q, ids, axis=0).astype(jnp.float32) * jnp.take(self.scale, ids, axis=0)
 
 
+class _Groups:
+    """What the groupwise weights (`Q4Weight`, `Q8Weight`) share: codes stored output-major,
+    [kept..., K codes] with float16 scales [kept..., K/32], K the product of the contracted axes
+    (`contracted`, their sizes `csizes`); `rows` dequantizes them output-major."""
+
+    def _axes(self) -> tuple[list[int], list[int]]:
+        n = self.q.ndim - 1 + len(self.csizes)
+        c = [n + a for a in self.contracted]
+        return [i for i in range(n) if i not in c], c
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        kept, c = self._axes()
+        dims = dict(zip(kept + c, (*self.q.shape[:-1], *self.csizes), strict=True))
+        return tuple(dims[i] for i in range(len(dims)))
+
+    def rows(self, dtype=jnp.float32) -> jax.Array:  # [kept..., K] in `dtype`
+        raise NotImplementedError
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        kept, c = self._axes()
+        w = self.rows(dtype).reshape(tuple(self.shape[i] for i in kept + c))
+        return jnp.transpose(w, np.argsort(kept + c))
+
+    def einsum(self, spec: str, x: jax.Array) -> jax.Array:
+        return jnp.einsum(spec, x, self.dequantize(x.dtype))
+
+    def take_rows(self, ids: jax.Array) -> jax.Array:
+        """Rows of a weight whose first axis is kept (the embedding)."""
+        assert 0 not in self._axes()[1]
+        return jax.tree.map(lambda a: jnp.take(a, ids, axis=0), self).rows(jnp.float32)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class Q4Weight:
+class Q4Weight(_Groups):
     """4-bit codes in groups of 32 inputs, each group with a float16 scale and min:
     w = scale * q + min, q in 0..15 (llama.cpp's Q4_0 is min = -8 * scale, Q4_1 and Q4_K's
     sub-blocks are this exactly). Stored output-major like `Int8Weight`: `q` uint8
@@ -129,41 +162,30 @@ class Q4Weight:
     contracted: tuple[int, ...] = dataclasses.field(default=(-1,), metadata=dict(static=True))
     csizes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))  # their sizes
 
-    def _axes(self) -> tuple[list[int], list[int]]:
-        n = self.q.ndim - 1 + len(self.csizes)
-        c = [n + a for a in self.contracted]
-        return [i for i in range(n) if i not in c], c
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        kept, c = self._axes()
-        dims = dict(zip(kept + c, (*self.q.shape[:-1], *self.csizes), strict=True))
-        return tuple(dims[i] for i in range(len(dims)))
-
     def rows(self, dtype=jnp.float32) -> jax.Array:
-        """The weight output-major, [kept..., K], in `dtype`."""
         codes = unpack_nibbles(self.q)  # [..., K/32, 32]
         w = codes.astype(dtype) * self.scale.astype(dtype)[..., None] + self.min.astype(dtype)[..., None]
         return w.reshape(*w.shape[:-2], -1)
 
-    def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        kept, c = self._axes()
-        w = self.rows(dtype).reshape(tuple(self.shape[i] for i in kept + c))
-        return jnp.transpose(w, np.argsort(kept + c))
 
-    def einsum(self, spec: str, x: jax.Array) -> jax.Array:
-        return jnp.einsum(spec, x, self.dequantize(x.dtype))
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Q8Weight(_Groups):
+    """Signed 8-bit codes in groups of 32 inputs, each group with a float16 scale: w = scale * q
+    (llama.cpp's Q8_0 exactly; Q5_x and Q6_K files load as this, never fewer bits than the
+    file). `q` int8 [kept..., K], `scale` float16 [kept..., K/32], stored as `Q4Weight`.
+    Dequantized inside the jit on the XLA path; `cpu_kernels.pack_q8` repacks it for the
+    8-bit kernel."""
 
-    def take_rows(self, ids: jax.Array) -> jax.Array:
-        """Rows of a weight whose first axis is kept (the embedding)."""
-        assert 0 not in self._axes()[1]
-        rows = dataclasses.replace(
-            self,
-            q=jnp.take(self.q, ids, axis=0),
-            scale=jnp.take(self.scale, ids, axis=0),
-            min=jnp.take(self.min, ids, axis=0),
-        )
-        return rows.rows(jnp.float32)
+    q: jax.Array
+    scale: jax.Array
+    contracted: tuple[int, ...] = dataclasses.field(default=(-1,), metadata=dict(static=True))
+    csizes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+
+    def rows(self, dtype=jnp.float32) -> jax.Array:
+        codes = self.q.reshape(*self.q.shape[:-1], -1, GROUP)
+        w = codes.astype(dtype) * self.scale.astype(dtype)[..., None]
+        return w.reshape(*w.shape[:-2], -1)
 
 
 class Q4Rows(NamedTuple):
@@ -213,6 +235,37 @@ def q4_to_rows(q: np.ndarray, scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
     codes = unpack_nibbles(np.asarray(q)).astype(np.float32)
     w = codes * np.asarray(scale, np.float32)[..., None] + np.asarray(mn, np.float32)[..., None]
     return w.reshape(*w.shape[:-2], -1)
+
+
+class Q8Rows(NamedTuple):
+    """8-bit rows on the host, as a file's Q8_0 tensor arrives: q int8 [n, K], scale float16
+    [n, K/32] (`Q8Weight`'s layout)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+
+def q8_from_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float rows [..., K] (K a multiple of 32) -> (q int8 [..., K], scale float16 [..., K/32]),
+    symmetric per group (llama.cpp's Q8_0): max |w| of each group maps to 127."""
+    w = np.asarray(w, np.float32)
+    g = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP, GROUP)
+    scale = (np.abs(g).max(axis=-1) / 127.0).astype(np.float16)
+    s32 = scale.astype(np.float32)
+    inv = np.divide(1.0, s32, out=np.zeros_like(s32), where=s32 > 0)
+    q = np.clip(np.rint(g * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(w.shape), scale
+
+
+def q8_to_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Float32 rows [..., K] of 8-bit group codes (numpy; the reference dequantization)."""
+    q = np.asarray(q, np.float32)
+    g = q.reshape(*q.shape[:-1], -1, GROUP) * np.asarray(scale, np.float32)[..., None]
+    return g.reshape(q.shape)
 
 
 def matmul_view(spec: str, x: jax.Array, kept: list[int], contracted: list[int]):
@@ -286,31 +339,41 @@ def quantize_array(w: np.ndarray | jax.Array, axes: tuple[int, ...], on_host: bo
 
 def quantize_q4(w: np.ndarray | jax.Array, axes: tuple[int, ...]) -> Q4Weight:
     """A float weight as a `Q4Weight` contracting `axes` (their product a multiple of 32)."""
+    return _quantize_groups(w, axes, "q4")
+
+
+def quantize_q8(w: np.ndarray | jax.Array, axes: tuple[int, ...]) -> Q8Weight:
+    """A float weight as a `Q8Weight` contracting `axes` (their product a multiple of 32)."""
+    return _quantize_groups(w, axes, "q8")
+
+
+def _quantize_groups(w, axes: tuple[int, ...], method: str):
     w = np.asarray(w, np.float32)
     axes = tuple(sorted(a % w.ndim for a in axes))
     kept = [i for i in range(w.ndim) if i not in axes]
     rows = np.transpose(w, kept + list(axes)).reshape(*(w.shape[i] for i in kept), -1)
-    q, scale, mn = q4_from_rows(rows)
+    parts = q4_from_rows(rows) if method == "q4" else q8_from_rows(rows)
     contracted = tuple(a - w.ndim for a in axes)
     csizes = tuple(w.shape[a] for a in axes)
-    return Q4Weight(jnp.asarray(q), jnp.asarray(scale), jnp.asarray(mn), contracted, csizes)
+    cls = Q4Weight if method == "q4" else Q8Weight
+    return cls(*(jnp.asarray(a) for a in parts), contracted, csizes)
 
 
 def quantize_model(model: Llama, method: str = "int8", place: Callable | None = None) -> Llama:
-    """Replace the matmul weights and the embedding of `model` by int8 (or, `method="q4"`,
-    4-bit) weights, in place. `place(name, weight)` puts each (host) int8 weight on devices,
+    """Replace the matmul weights and the embedding of `model` by int8 (or, `method` "q4" or
+    "q8", 4- or 8-bit groupwise) weights, in place. `place(name, weight)` puts each (host) int8 weight on devices,
     e.g. a mesh's `sharding.placer`, which splits `q` and `scale` as the float weight was
-    (4-bit weights are not split over a mesh)."""
+    (groupwise weights are not split over a mesh)."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
     targets = [(model.blocks, name) for name in ("wqkv", "wo", "w_gate_up", "w_down")]
     targets += [(model, "embed")] + ([(model, "lm_head")] if model.lm_head is not None else [])
-    if method == "q4" and place is not None:
-        raise ValueError("4-bit weights are not split over a mesh: use int8")
+    if method != "int8" and place is not None:
+        raise ValueError("groupwise weights are not split over a mesh: use int8")
     for owner, name in targets:
         var: nnx.Param = getattr(owner, name)
-        if method == "q4":
-            var.set_value(quantize_q4(var.get_value(), CONTRACTED[name]))
+        if method != "int8":
+            var.set_value(_quantize_groups(var.get_value(), CONTRACTED[name], method))
             continue
         w = quantize_array(var.get_value(), CONTRACTED[name], on_host=place is not None)
         var.set_value(w if place is None else place(("blocks/" if owner is model.blocks else "") + name, w))

@@ -185,12 +185,13 @@ def plan_formats(
     cfg: LlamaConfig, quantize: str | None, bits: dict[str, int], mesh: Mesh | None
 ) -> dict[str, str]:
     """The format of each matmul weight. `quantize="auto"` keeps the file's precision: 4 bits
-    or fewer -> 4-bit groups, 5-8 bits -> int8, 16/32-bit floats -> the float dtype; a fused
-    weight takes its widest source (never fewer bits than the file). "none" (or None) and
-    "int8" choose one format for all; "q4" makes the layers' weights 4-bit, and the embedding and
-    output head 4-bit only where the file has them so (else int8: requantized to 4 bits they
-    moved the default model's answers, and llama.cpp's Q4 files keep them wider too). 4-bit
-    weights are not split over a mesh: int8 there."""
+    or fewer -> 4-bit groups, 5-8 bits -> 8-bit groups (Q8_0 exactly as stored), 16/32-bit
+    floats -> the float dtype; a fused weight takes its widest source (never fewer bits than
+    the file). "none" (or None), "int8" and "q8" choose one format for all; "q4" makes the
+    layers' weights 4-bit, and the embedding and output head 4-bit only where the file has them
+    so (else 8-bit groups: requantized to 4 bits they moved the default model's answers, and
+    llama.cpp's Q4 files keep them wider too). Groupwise weights are not split over a mesh:
+    int8 (per channel) there."""
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     out = {}
@@ -199,12 +200,12 @@ def plan_formats(
             continue
         if quantize == "auto":
             b = bits.get(name, 32)
-            fmt = params.Q4 if b <= 4 else params.INT8 if b <= 8 else params.FLOAT
+            fmt = params.Q4 if b <= 4 else params.Q8 if b <= 8 else params.FLOAT
         elif quantize == "q4" and not spec.stacked and bits.get(name, 32) > 4:
-            fmt = params.INT8
+            fmt = params.Q8
         else:
             fmt = params.FLOAT if quantize in (None, "none") else quantize
-        out[name] = params.INT8 if fmt == params.Q4 and mesh is not None else fmt
+        out[name] = params.INT8 if fmt in params.GROUPED and mesh is not None else fmt
     return out
 
 
@@ -268,8 +269,8 @@ def load_model(
 ) -> LoadedModel:
     """Load an alias, GGUF file, Hugging Face folder or model id into an NNX `Llama`, tensor by tensor
     straight into each weight's final format (`params.Assembler`): `quantize` is "auto" (keep
-    the file's precision, `plan_formats`), "none", "int8" (per-channel scales) or "q4" (groups
-    of 32 with scales and mins); `dtype` "auto" is `resolve_dtype`'s; with a `mesh`, each
+    the file's precision, `plan_formats`), "none", "int8" (per-channel scales), "q4" (groups
+    of 32 with scales and mins) or "q8" (8-bit groups of 32 with scales); `dtype` "auto" is `resolve_dtype`'s; with a `mesh`, each
     weight is split over it as loaded. `kernels`: use the hand-written CPU kernels
     (`cpu_kernels.py`); None (auto) uses them on the CPU backend for float32 activations on one
     device, when they build."""
@@ -287,9 +288,9 @@ def load_model(
         cfg = gg.config()
         check_tensors(cfg, {n for n in map(hf_name, (t.name for t in gg.infos)) if n}, gg.num_elements, path)
         formats = plan_formats(cfg, quantize, gguf_bits(gg, cfg), mesh)
-        native_q4 = params.Q4 in formats.values()
+        native = any(f in params.GROUPED for f in formats.values())
         sizes = {hf_name(t.name): t.nbytes for t in gg.infos}
-        tensors = ((n, a, sizes[n]) for n, a in gg.tensors(cfg, native_q4=native_q4))
+        tensors = ((n, a, sizes[n]) for n, a in gg.tensors(cfg, native=native))
         total = sum(n for name, n in sizes.items() if name)
         source = ("gguf", gg.metadata)
     if kernels is None:
@@ -355,7 +356,8 @@ def estimate_memory(
         bits = gguf_bits(gg, cfg)
     formats = plan_formats(cfg, quantize, bits, None)
     width = jnp.dtype(DTYPES[dtype]).itemsize
-    per_weight = {params.FLOAT: width, params.INT8: 1.0, params.Q4: 0.625}  # 4 bits + two float16 per 32
+    # 4 bits + two float16 per 32; 8 bits + one float16 per 32
+    per_weight = {params.FLOAT: width, params.INT8: 1.0, params.Q4: 0.625, params.Q8: 1.0625}
     weights = 0.0
     for name, spec in specs(cfg).items():
         n = math.prod(spec.shape) * (cfg.n_layers if spec.stacked else 1)

@@ -11,6 +11,8 @@
 //   result is exact int8-weight math up to float rounding.
 // - lj_matmul_q4: the same for 4-bit weights in groups of 32 with scales and mins (Q4_0, Q4_1,
 //   Q4_K), with int8 activations and integer dot products.
+// - lj_matmul_q8: the same for signed 8-bit weights in groups of 32 with scales (Q8_0, and the
+//   5- and 6-bit formats, which load as 8-bit groups).
 // - lj_top_k: the k largest logits of each row, for sampling and top_logprobs.
 // - lj_attend: one new token per row attending over a layer of the KV cache, reading only each
 //   row's valid positions (no padding to a context bucket, no copy of the cache).
@@ -488,6 +490,11 @@ ffi::Error MatmulI8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer
 // float one, and float widening would make several rows compute-bound. Per group:
 // y += scale * dx * sum(q * hi) [+ scale * dx / 254 * sum(q * lo)] + min * sum(x), the integer
 // sums exact in int32; a symmetric weight (Q4_0) has no mins stored, min = -8 * scale.
+//
+// 8-bit groups (lj_matmul_q8) are the same with signed codes and no min, w = scale * q, packed
+// (`pack_q8`) as w [N/8, K/32, 256]: byte b*32 + j*4 + i is channel j's code for input 4b+i.
+// The activations are quantized the same way; a weight's sign moves onto them (vpsignb), so
+// the same unsigned x signed dot instruction computes sum(q * hi).
 
 constexpr int64_t kGroup = 32;
 
@@ -540,7 +547,9 @@ void quantize_rows(const float* x, int64_t R, int64_t K, float split, QuantRows*
       for (int64_t i = 0; i < kGroup; ++i) {
         const float h = std::nearbyint(xg[i] * inv);  // |x - h * d| <= d / 2: lo in [-127, 127]
         h8[i] = int8_t(h);
-        if (two) l8[i] = int8_t(std::clamp(std::nearbyint((xg[i] * inv - h) * 254.0f), -127.0f, 127.0f));
+        // x * inv - h as one fused multiply-add, whatever the compiler contracts (the tests
+        // emulate this rounding exactly)
+        if (two) l8[i] = int8_t(std::clamp(std::nearbyint(std::fma(xg[i], inv, -h) * 254.0f), -127.0f, 127.0f));
       }
       dp[r * G + g] = d;
       sp[r * G + g] = sum;
@@ -581,131 +590,18 @@ float half_to_float(uint16_t h) {
 #endif
 }
 
-#if defined(__AVX2__) && defined(__F16C__)
-inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(acc, u, s);
-#elif defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(acc, u, s);
-#else
-  const __m256i pairs = _mm256_maddubs_epi16(u, s);  // |15 * 127 * 2| fits int16
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-#endif
-}
+// Weight formats of the integer kernels: how one group of a tile (8 channels x 32 inputs) is
+// stored and meets a row's 32 int8 activation codes. `kBytes`: bytes per tile and group;
+// `kMin`: the group's min term (none, -8 * scale, or stored).
+enum class MinTerm { kNone, kMinus8, kStored };
 
-// Group g of a tile (128 bytes: 8 channels x 32 codes) against one row's 32 int8 codes x:
-// 8 lanes of int32 sums, in C independent chains.
-template <int C>
-inline __m256i dot_group(const uint8_t* wg, const int8_t* x) {
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  __m256i acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_si256();
-  for (int b = 0; b < 4; ++b) {
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 32));
-    int32_t a, c;
-    std::memcpy(&a, x + 4 * b, 4);
-    std::memcpy(&c, x + 16 + 4 * b, 4);
-    acc[(2 * b) % C] = dot_u8s8(acc[(2 * b) % C], _mm256_and_si256(raw, low), _mm256_set1_epi32(a));
-    acc[(2 * b + 1) % C] =
-        dot_u8s8(acc[(2 * b + 1) % C], _mm256_and_si256(_mm256_srli_epi16(raw, 4), low), _mm256_set1_epi32(c));
-  }
-  for (int c = 1; c < C; ++c) acc[0] = _mm256_add_epi32(acc[0], acc[c]);
-  return acc[0];
-}
-
-// RT rows (codes xq and xl, rows K apart; dx, dxs rows G apart; each row's second-part groups
-// `split`, rows G apart, `n_split` of them) against one tile of G groups; writes 8 outputs per
-// row, rows ldy apart. The first parts of all RT rows share each weight load; then each row adds
-// its second parts' products, group by group (the tile is in L1 by then). SYM: the weight has no
-// mins, each group's min is -8 * scale (Q4_0: a tenth fewer bytes to read).
-template <int RT, bool SYM>
-inline void micro_q4(const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs,
-                     const int32_t* split, const int32_t* n_split, int64_t K, int64_t G, const uint8_t* w,
-                     const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
-  __m256 accf[RT];
-  for (int r = 0; r < RT; ++r) accf[r] = _mm256_setzero_ps();
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  // C independent chains per row (a dot instruction's latency is ~5 cycles: one chain of 8 per
-  // group left a lone row latency-bound at half the memory bandwidth).
-  constexpr int C = RT >= 4 ? 1 : RT == 1 ? 4 : 2;
-  auto scale = [&](int64_t g) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 8)));
-  };
-  for (int64_t g = 0; g < G; ++g) {
-    const uint8_t* wg = w + g * 128;
-    __builtin_prefetch(wg + 4 * 128);
-    __m256i acc[RT][C];
-    for (int r = 0; r < RT; ++r) {
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
-    }
-    for (int b = 0; b < 4; ++b) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 32));
-      const __m256i lo = _mm256_and_si256(raw, low);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-      const int cl = (2 * b) % C, ch = (2 * b + 1) % C;
-      for (int r = 0; r < RT; ++r) {
-        const int64_t o = r * K + g * kGroup + 4 * b;
-        int32_t a, c;
-        std::memcpy(&a, xq + o, 4);
-        std::memcpy(&c, xq + o + 16, 4);
-        acc[r][cl] = dot_u8s8(acc[r][cl], lo, _mm256_set1_epi32(a));
-        acc[r][ch] = dot_u8s8(acc[r][ch], hi, _mm256_set1_epi32(c));
-      }
-    }
-    const __m256 s = scale(g);
-    const __m256 m = SYM ? _mm256_mul_ps(s, _mm256_set1_ps(-8.0f))
-                         : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * 8)));
-    for (int r = 0; r < RT; ++r) {
-      __m256i h = acc[r][0];
-      for (int c = 1; c < C; ++c) h = _mm256_add_epi32(h, acc[r][c]);
-      const __m256 f = _mm256_cvtepi32_ps(h);
-      accf[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(s, _mm256_set1_ps(dx[r * G + g])), accf[r]);
-      accf[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dxs[r * G + g]), accf[r]);
-    }
-  }
-  for (int r = 0; r < RT; ++r) {
-    for (int32_t i = 0; i < n_split[r]; ++i) {
-      const int64_t g = split[r * G + i];
-      const __m256 f = _mm256_cvtepi32_ps(dot_group<2>(w + g * 128, xl + r * K + g * kGroup));
-      accf[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(scale(g), _mm256_set1_ps(dx[r * G + g] / 254.0f)), accf[r]);
-    }
-    _mm256_storeu_ps(y + r * ldy, accf[r]);
-  }
-}
-
-#if defined(__AVX512F__)
-constexpr int kMRQ4 = 8;  // 32 vector registers: 8 integer and 8 float accumulators
-#else
-constexpr int kMRQ4 = 4;  // 16 registers
-#endif
-
+// 4-bit codes (pack_q4): byte b*32 + j*4 + i holds channel j's code for input 4b+i in its low
+// nibble and for input 16+4b+i in its high one.
 template <bool SYM>
-inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs,
-                          const int32_t* split, const int32_t* n_split, int64_t K, int64_t G, const uint8_t* w,
-                          const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
-  switch (rt) {
-    case 1: micro_q4<1, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
-    case 2: micro_q4<2, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
-    case 3: micro_q4<3, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
-    case 4: micro_q4<4, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
-#if defined(__AVX512F__)
-    case 5: micro_q4<5, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
-    case 6: micro_q4<6, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
-    case 7: micro_q4<7, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
-    case 8: micro_q4<8, SYM>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
-#endif
-    default: break;
-  }
-}
-#else
-// Portable code (no AVX2): the same arithmetic, one lane at a time.
-constexpr int kMRQ4 = 1;
-
-template <bool SYM>
-inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs,
-                          const int32_t* split, const int32_t* n_split, int64_t K, int64_t G, const uint8_t* w,
-                          const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
-  auto dot = [](const uint8_t* wg, const int8_t* x, int j) {
+struct Q4Fmt {
+  static constexpr int64_t kBytes = 128;
+  static constexpr MinTerm kMin = SYM ? MinTerm::kMinus8 : MinTerm::kStored;
+  static int scalar_dot(const uint8_t* wg, const int8_t* x, int j) {
     int sum = 0;
     for (int b = 0; b < 4; ++b) {
       for (int i = 0; i < 4; ++i) {
@@ -714,18 +610,169 @@ inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const floa
       }
     }
     return sum;
+  }
+};
+
+// Signed 8-bit codes (pack_q8), symmetric (w = scale * q: llama.cpp's Q8_0, and the int8 groups
+// that Q5_x and Q6_K files become): byte b*32 + j*4 + i is channel j's code for input 4b+i.
+struct Q8Fmt {
+  static constexpr int64_t kBytes = 256;
+  static constexpr MinTerm kMin = MinTerm::kNone;
+  static int scalar_dot(const uint8_t* wg, const int8_t* x, int j) {
+    const int8_t* w = reinterpret_cast<const int8_t*>(wg);
+    int sum = 0;
+    for (int b = 0; b < 8; ++b) {
+      for (int i = 0; i < 4; ++i) sum += w[b * 32 + j * 4 + i] * x[4 * b + i];
+    }
+    return sum;
+  }
+};
+
+#if defined(__AVX2__) && defined(__F16C__)
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  const __m256i pairs = _mm256_maddubs_epi16(u, s);  // |2 * 128 * 127| fits int16
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+}
+
+inline __m256i broadcast4(const int8_t* x) {
+  int32_t a;
+  std::memcpy(&a, x, 4);
+  return _mm256_set1_epi32(a);
+}
+
+// One group of a tile against RT rows' 32 int8 codes each (row r at x + r * K): acc[r][c], C
+// independent chains per row. A 32-byte load is 8 channels x 4 inputs, the operand of one
+// integer dot instruction (unsigned x signed bytes): 4-bit codes are unsigned as they are, and
+// a signed weight lends its sign to the activations (|w| * sign(x, w) = w * x).
+template <int RT, int C, bool SYM>
+inline void group_dots(Q4Fmt<SYM>, const uint8_t* wg, const int8_t* x, int64_t K, __m256i (&acc)[RT][C]) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  for (int b = 0; b < 4; ++b) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 32));
+    const __m256i lo = _mm256_and_si256(raw, low);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+    const int cl = (2 * b) % C, ch = (2 * b + 1) % C;
+    for (int r = 0; r < RT; ++r) {
+      acc[r][cl] = dot_u8s8(acc[r][cl], lo, broadcast4(x + r * K + 4 * b));
+      acc[r][ch] = dot_u8s8(acc[r][ch], hi, broadcast4(x + r * K + 16 + 4 * b));
+    }
+  }
+}
+
+template <int RT, int C>
+inline void group_dots(Q8Fmt, const uint8_t* wg, const int8_t* x, int64_t K, __m256i (&acc)[RT][C]) {
+  for (int b = 0; b < 8; ++b) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 32));
+    const __m256i mag = _mm256_abs_epi8(raw);  // -128 -> 128 as an unsigned byte: exact
+    for (int r = 0; r < RT; ++r) {
+      acc[r][b % C] = dot_u8s8(acc[r][b % C], mag, _mm256_sign_epi8(broadcast4(x + r * K + 4 * b), raw));
+    }
+  }
+}
+
+// RT rows (codes xq and xl, rows K apart; dx, dxs rows G apart; each row's second-part groups
+// `split`, rows G apart, `n_split` of them) against one tile of G groups; writes 8 outputs per
+// row, rows ldy apart. The first parts of all RT rows share each weight load; then each row adds
+// its second parts' products, group by group (the tile is in L1 by then). Per group:
+// y += scale * dx * sum(q * hi) [+ scale * dx / 254 * sum(q * lo)] [+ min * sum(x)].
+template <typename F, int RT>
+inline void micro_int(const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs,
+                      const int32_t* split, const int32_t* n_split, int64_t K, int64_t G, const uint8_t* w,
+                      const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
+  __m256 accf[RT];
+  for (int r = 0; r < RT; ++r) accf[r] = _mm256_setzero_ps();
+  // C independent chains per row (a dot instruction's latency is ~5 cycles: one chain of 8 per
+  // group left a lone row latency-bound at half the memory bandwidth).
+  constexpr int C = RT >= 4 ? 1 : RT == 1 ? 4 : 2;
+  auto scale = [&](int64_t g) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 8)));
   };
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = w + g * F::kBytes;
+    for (int64_t b = 0; b < F::kBytes; b += 128) __builtin_prefetch(wg + 4 * F::kBytes + b);
+    __m256i acc[RT][C];
+    for (int r = 0; r < RT; ++r) {
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_si256();
+    }
+    group_dots<RT, C>(F{}, wg, xq + g * kGroup, K, acc);
+    const __m256 s = scale(g);
+    for (int r = 0; r < RT; ++r) {
+      __m256i h = acc[r][0];
+      for (int c = 1; c < C; ++c) h = _mm256_add_epi32(h, acc[r][c]);
+      accf[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(s, _mm256_set1_ps(dx[r * G + g])), accf[r]);
+    }
+    if constexpr (F::kMin != MinTerm::kNone) {
+      const __m256 m = F::kMin == MinTerm::kMinus8
+                           ? _mm256_mul_ps(s, _mm256_set1_ps(-8.0f))
+                           : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * 8)));
+      for (int r = 0; r < RT; ++r) accf[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dxs[r * G + g]), accf[r]);
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    for (int32_t i = 0; i < n_split[r]; ++i) {
+      const int64_t g = split[r * G + i];
+      __m256i acc[1][2] = {{_mm256_setzero_si256(), _mm256_setzero_si256()}};
+      group_dots<1, 2>(F{}, w + g * F::kBytes, xl + r * K + g * kGroup, K, acc);
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(acc[0][0], acc[0][1]));
+      accf[r] = _mm256_fmadd_ps(f, _mm256_mul_ps(scale(g), _mm256_set1_ps(dx[r * G + g] / 254.0f)), accf[r]);
+    }
+    _mm256_storeu_ps(y + r * ldy, accf[r]);
+  }
+}
+
+#if defined(__AVX512F__)
+constexpr int kMRInt = 8;  // 32 vector registers: 8 integer and 8 float accumulators
+#else
+constexpr int kMRInt = 4;  // 16 registers
+#endif
+
+template <typename F>
+inline void micro_int_rows(int rt, const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs,
+                           const int32_t* split, const int32_t* n_split, int64_t K, int64_t G, const uint8_t* w,
+                           const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
+  switch (rt) {
+    case 1: micro_int<F, 1>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 2: micro_int<F, 2>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 3: micro_int<F, 3>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 4: micro_int<F, 4>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+#if defined(__AVX512F__)
+    case 5: micro_int<F, 5>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 6: micro_int<F, 6>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 7: micro_int<F, 7>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+    case 8: micro_int<F, 8>(xq, xl, dx, dxs, split, n_split, K, G, w, sc, mn, y, ldy); break;
+#endif
+    default: break;
+  }
+}
+#else
+// Portable code (no AVX2): the same arithmetic, one lane at a time.
+constexpr int kMRInt = 1;
+
+template <typename F>
+inline void micro_int_rows(int rt, const int8_t* xq, const int8_t* xl, const float* dx, const float* dxs,
+                           const int32_t* split, const int32_t* n_split, int64_t K, int64_t G, const uint8_t* w,
+                           const uint16_t* sc, const uint16_t* mn, float* y, int64_t ldy) {
   for (int r = 0; r < rt; ++r) {
     for (int j = 0; j < 8; ++j) {
       float acc = 0;
       for (int64_t g = 0; g < G; ++g) {
-        const float s = half_to_float(sc[g * 8 + j]), m = SYM ? -8.0f * s : half_to_float(mn[g * 8 + j]);
-        acc += s * dx[r * G + g] * float(dot(w + g * 128, xq + r * K + g * kGroup, j)) + m * dxs[r * G + g];
+        const float s = half_to_float(sc[g * 8 + j]);
+        acc += s * dx[r * G + g] * float(F::scalar_dot(w + g * F::kBytes, xq + r * K + g * kGroup, j));
+        if (F::kMin != MinTerm::kNone) {
+          const float m = F::kMin == MinTerm::kMinus8 ? -8.0f * s : half_to_float(mn[g * 8 + j]);
+          acc += m * dxs[r * G + g];
+        }
       }
       for (int32_t i = 0; i < n_split[r]; ++i) {
         const int64_t g = split[r * G + i];
         acc += half_to_float(sc[g * 8 + j]) * (dx[r * G + g] / 254.0f) *
-               float(dot(w + g * 128, xl + r * K + g * kGroup, j));
+               float(F::scalar_dot(w + g * F::kBytes, xl + r * K + g * kGroup, j));
       }
       y[r * ldy + j] = acc;
     }
@@ -733,11 +780,11 @@ inline void micro_q4_rows(int rt, const int8_t* xq, const int8_t* xl, const floa
 }
 #endif
 
-// Rows at or past `valid` are zeros (a prefill chunk's padding), as in `matmul`. `mn` null: a
-// symmetric weight (every group's min is -8 * its scale). `split`: as in `quantize_rows`.
-template <bool SYM>
-void matmul_q4(const float* x, int64_t R, int64_t valid, int64_t K, const uint8_t* w,
-               const uint16_t* sc, const uint16_t* mn, float* y, int64_t N, float split) {
+// Rows at or past `valid` are zeros (a prefill chunk's padding), as in `matmul`. `mn`: the
+// stored mins (F::kMin kStored only). `split`: as in `quantize_rows`.
+template <typename F>
+void matmul_int(const float* x, int64_t R, int64_t valid, int64_t K, const uint8_t* w,
+                const uint16_t* sc, const uint16_t* mn, float* y, int64_t N, float split) {
   if (valid < R) std::memset(y + valid * N, 0, sizeof(float) * (R - valid) * N);
   R = valid;
   if (R == 0) return;
@@ -757,42 +804,71 @@ void matmul_q4(const float* x, int64_t R, int64_t valid, int64_t K, const uint8_
     const int64_t s = item / runs, run = item % runs;
     const int64_t r0 = super_start(s, R), r1 = super_start(s + 1, R);
     for (int64_t t = run * per_run; t < std::min(tiles, (run + 1) * per_run); ++t) {
-      const uint8_t* wt = w + t * G * 128;
+      const uint8_t* wt = w + t * G * F::kBytes;
       const uint16_t* st = sc + t * G * 8;
-      const uint16_t* mt = SYM ? nullptr : mn + t * G * 8;
-      for (int64_t r = r0; r < r1; r += kMRQ4) {
-        const int rt = int(std::min<int64_t>(kMRQ4, r1 - r));
-        micro_q4_rows<SYM>(rt, xq + r * K, xl + r * K, dx + r * G, dxs + r * G, split_at + r * G, n_split + r, K, G,
-                           wt, st, mt,
-                           y + r * N + t * kTile, N);
+      const uint16_t* mt = F::kMin == MinTerm::kStored ? mn + t * G * 8 : nullptr;
+      for (int64_t r = r0; r < r1; r += kMRInt) {
+        const int rt = int(std::min<int64_t>(kMRInt, r1 - r));
+        micro_int_rows<F>(rt, xq + r * K, xl + r * K, dx + r * G, dxs + r * G, split_at + r * G, n_split + r, K,
+                          G, wt, st, mt, y + r * N + t * kTile, N);
       }
     }
   });
 }
 
+// The checks and the layer's pointers shared by the 4-bit and 8-bit handlers: x [R, K], w
+// [(L,) N/8, K/32, bytes], scale [(L,) N/8, K/32, 8] float16, mins the same or empty.
+struct IntOperands {
+  int64_t K, N, G, l, valid;
+  bool ok;
+};
+
+template <ffi::DataType WT>
+IntOperands int_operands(ffi::Buffer<ffi::F32>& x, ffi::Buffer<WT>& w, ffi::Buffer<ffi::F16>& scale,
+                         int64_t mins, ffi::Buffer<ffi::S32>& ctl, int64_t bytes, float split) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  const size_t n = wd.size();
+  IntOperands o{};
+  const bool shapes = xd.size() == 2 && xd[1] % kGroup == 0 && (n == 3 || n == 4) && wd[n - 1] == bytes &&
+                      wd[n - 2] == xd[1] / kGroup;
+  const int64_t L = shapes && n == 4 ? wd[0] : 1;
+  o.N = shapes ? wd[n - 3] * kTile : 0;
+  o.G = xd.size() == 2 ? xd[1] / kGroup : 0;
+  o.K = xd.size() == 2 ? xd[1] : 0;
+  o.ok = shapes && scale.element_count() == L * o.N * o.G && (mins == 0 || mins == L * o.N * o.G) &&
+         split >= 0 && layer_rows(ctl, L, xd[0], &o.l, &o.valid);
+  return o;
+}
+
 ffi::Error MatmulQ4(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> scale,
                     ffi::Buffer<ffi::F16> mins, ffi::Buffer<ffi::S32> ctl, ffi::ResultBuffer<ffi::F32> y,
                     float split) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  const size_t n = wd.size();
-  int64_t l, valid;
-  const bool shapes = xd.size() == 2 && xd[1] % kGroup == 0 && (n == 3 || n == 4) && wd[n - 1] == 128 &&
-                      wd[n - 2] == xd[1] / kGroup;
-  const int64_t L = shapes && n == 4 ? wd[0] : 1;
-  const int64_t N = shapes ? wd[n - 3] * kTile : 0, G = xd.size() == 2 ? xd[1] / kGroup : 0;
-  const bool sym = mins.element_count() == 0;
-  if (!shapes || scale.element_count() != L * N * G || (!sym && mins.element_count() != L * N * G) ||
-      !(split >= 0) || !layer_rows(ctl, L, xd[0], &l, &valid)) {
+  const IntOperands o = int_operands(x, w, scale, mins.element_count(), ctl, Q4Fmt<true>::kBytes, split);
+  if (!o.ok) {
     return ffi::Error::InvalidArgument(
         "lj_matmul_q4: expected x [R, K], w [(L,) N/8, K/32, 128], scale and min (or no min) "
         "[(L,) N/8, K/32, 8], split >= 0 and a layer in range");
   }
-  const int64_t K = xd[1];
-  const uint8_t* wl = w.typed_data() + l * N * K / 2;
-  const uint16_t* sl = reinterpret_cast<const uint16_t*>(scale.typed_data()) + l * N * G;
-  const uint16_t* ml = sym ? nullptr : reinterpret_cast<const uint16_t*>(mins.typed_data()) + l * N * G;
-  (sym ? matmul_q4<true> : matmul_q4<false>)(x.typed_data(), xd[0], valid, K, wl, sl, ml, y->typed_data(), N,
-                                             split);
+  const bool sym = mins.element_count() == 0;
+  const uint8_t* wl = w.typed_data() + o.l * o.N * o.K / 2;
+  const uint16_t* sl = reinterpret_cast<const uint16_t*>(scale.typed_data()) + o.l * o.N * o.G;
+  const uint16_t* ml = sym ? nullptr : reinterpret_cast<const uint16_t*>(mins.typed_data()) + o.l * o.N * o.G;
+  (sym ? matmul_int<Q4Fmt<true>> : matmul_int<Q4Fmt<false>>)(x.typed_data(), x.dimensions()[0], o.valid, o.K, wl,
+                                                             sl, ml, y->typed_data(), o.N, split);
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulQ8(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F16> scale,
+                    ffi::Buffer<ffi::S32> ctl, ffi::ResultBuffer<ffi::F32> y, float split) {
+  const IntOperands o = int_operands(x, w, scale, 0, ctl, Q8Fmt::kBytes, split);
+  if (!o.ok) {
+    return ffi::Error::InvalidArgument(
+        "lj_matmul_q8: expected x [R, K], w [(L,) N/8, K/32, 256], scale [(L,) N/8, K/32, 8], split >= 0 "
+        "and a layer in range");
+  }
+  const uint8_t* wl = reinterpret_cast<const uint8_t*>(w.typed_data()) + o.l * o.N * o.K;
+  const uint16_t* sl = reinterpret_cast<const uint16_t*>(scale.typed_data()) + o.l * o.N * o.G;
+  matmul_int<Q8Fmt>(x.typed_data(), x.dimensions()[0], o.valid, o.K, wl, sl, nullptr, y->typed_data(), o.N, split);
   return ffi::Error::Success();
 }
 
@@ -1024,6 +1100,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_matmul_q4, MatmulQ4,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("split"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(lj_matmul_q8, MatmulQ8,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
