@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.model import Ops
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.cc"
@@ -312,7 +314,7 @@ class PackedWeight:
     256], `scale` float16 [(L,) N/8, K/32, 8]). `kind` says which, from the dtypes. `layer_shape` is the float weight's shape without the layer
     axis and `contracted` its contracted axes counted from the end, as in `Int8Weight`.
 
-    Stacked on a leading layer axis, it is not sliced by the layer scan: `at(layer)` gives a
+    Stacked on a leading layer axis, it is not sliced by the layer scan: `at_layer(layer)` gives a
     view whose `einsum` passes the whole array and the layer index to the kernel, which reads
     that layer in place (a sliced operand would be copied by XLA, every layer, every step)."""
 
@@ -320,8 +322,8 @@ class PackedWeight:
     scale: jax.Array | None
     layer_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     contracted: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-    layer: jax.Array | None = None  # a view's layer (`at`)
-    rows: jax.Array | None = None  # a view's count of activation rows to compute (`at`)
+    layer: jax.Array | None = None  # a view's layer (`at_layer`)
+    rows: jax.Array | None = None  # a view's count of activation rows to compute (`at_layer`)
     mins: jax.Array | None = None  # 4-bit weights: each group's min (None: symmetric, -8 * scale)
     split: float = dataclasses.field(default=SPLIT, metadata=dict(static=True))  # 4-bit: see `matmul_q4`
 
@@ -348,7 +350,7 @@ class PackedWeight:
         c = [n + a for a in self.contracted]
         return [i for i in range(n) if i not in c], c
 
-    def at(self, layer, rows=None) -> PackedWeight:
+    def at_layer(self, layer, rows=None) -> PackedWeight:
         """A view of one layer of a stacked weight; `rows`: compute only the first `rows`
         flattened activation rows of each product (the others are zeros)."""
         return dataclasses.replace(self, layer=layer, rows=rows)
@@ -404,7 +406,7 @@ def _group_take_rows(w: PackedWeight, ids: jax.Array) -> jax.Array:
 def pack_weight(w, contracted: tuple[int, ...], stacked: bool) -> PackedWeight | None:
     """`w` (a float array or an `Int8Weight`) in the packed layout, or None when its output
     size is not a multiple of the tile. `contracted`: the axes its matmul contracts, counting
-    the layer axis of a `stacked` weight (as in `quantize.CONTRACTED`)."""
+    the layer axis of a `stacked` weight (`layout.contracted_axes`)."""
     from llama_jax.quantize import Int8Weight, Q4Weight, Q8Weight
 
     lead = 1 if stacked else 0
@@ -463,22 +465,51 @@ def pack_weight(w, contracted: tuple[int, ...], stacked: bool) -> PackedWeight |
 
 
 def pack_model(model) -> bool:
-    """Put `model`'s matmul weights (float32 or int8) in the kernels' layout, in place, and
-    turn on its kernel path (`Llama.kernels`). False (and nothing changed) when the kernels
-    are unavailable or the model's activations are not float32."""
-    from llama_jax.quantize import CONTRACTED
+    """Put `model`'s matmul weights (float32, int8 or groupwise) in the kernels' layout, in
+    place, and give it the kernels' ops (`KernelOps`). False (and nothing changed) when the
+    kernels are unavailable or the model's activations are not float32."""
+    from llama_jax import layout
 
     if jnp.dtype(model.dtype) != jnp.float32 or not available():
         return False
-    targets = [(model.blocks, n, True) for n in ("wqkv", "wo", "w_gate_up", "w_down")]
-    targets += [(model, "embed", False)] + ([(model, "lm_head", False)] if model.lm_head is not None else [])
-    for owner, name, stacked in targets:
-        var = getattr(owner, name)
-        packed = pack_weight(var.get_value(), CONTRACTED[name], stacked)
+    for name in layout.matmul_names(model.cfg):
+        var = layout.variable(model, name)
+        packed = pack_weight(var.get_value(), layout.contracted_axes(name), layout.BY_NAME[name].stacked)
         if packed is not None:
             var.set_value(packed)
-    model.kernels = True
+    model.ops = OPS
     return True
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOps(Ops):
+    """The CPU kernels' attention and top-k (`model.Ops`): a decode step's rows attend over
+    their valid cache positions read in place by layer index, one slot's prefill chunk over its
+    valid positions and real rows; anything else is XLA's. Their KV cache is float16 by
+    default (half the memory and bandwidth of float32, as llama.cpp's)."""
+
+    name: str = "cpu-kernels"
+    kv_dtype: str | None = "float16"
+
+    def cache_in_place(self, x: jax.Array, view) -> bool:
+        return view.k is not None and x.shape[1] == 1
+
+    def attend(self, q, k, v, k_ctx, v_ctx, view, layer, valid):
+        B, T = q.shape[:2]
+        if view.k is not None and T == 1:
+            return attend(q[:, 0], k[:, 0], v[:, 0], view.k, view.v, layer, view.ctx_len)[:, None]
+        if B == 1 and T > 1:
+            kc, vc = (None, None) if k_ctx is None else (k_ctx[0], v_ctx[0])
+            return attend_chunk(q[0], k[0], v[0], kc, vc, view.ctx_len[0], T if valid is None else valid)[
+                None
+            ]
+        return super().attend(q, k, v, k_ctx, v_ctx, view, layer, valid)
+
+    def top_k(self, x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+        return top_k(x, k)
+
+
+OPS = KernelOps()
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -19,13 +19,16 @@ Layout choices (all for speed on XLA, see ../shared/reference/jax-serving.md):
 
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax import cpu_kernels
+from llama_jax import layout
 from llama_jax.config import LlamaConfig, rope_frequencies
-from llama_jax.weight import Weight
+from llama_jax.weight import LayerStack, Weight
 
 
 class Buffer(nnx.Variable):
@@ -78,79 +81,90 @@ def dense(x: jax.Array, w, spec: str) -> jax.Array:
     return jnp.einsum(spec, x, w.astype(x.dtype))
 
 
+class CacheView(NamedTuple):
+    """What a chunk attends to: the KV cache `k`, `v` [L, B, C, K, H] (None: nothing cached,
+    the chunk starts at position 0) of which `ctx_len` [B] positions are valid per row; with
+    `context` (static) only the first `context` positions are attended to, and with `rows`
+    (static) only the first `rows` slots (the slices are taken per layer inside the scan, so
+    the whole-cache view is never copied)."""
+
+    k: jax.Array | None
+    v: jax.Array | None
+    ctx_len: jax.Array
+    context: int | None = None
+    rows: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """How a step attends and picks its top-k, beyond its weights' own matmuls: XLA's, on every
+    backend. Chosen when the model is prepared (`Llama.ops`; the CPU kernels' subclass is
+    `cpu_kernels.KernelOps`), so the model code has no backend flags. Static: part of the
+    model's graph definition, so frozen and compared by value."""
+
+    name: str = "xla"
+    kv_dtype: str | None = None  # the KV cache's "auto" element type (None: the activations')
+
+    def cache_in_place(self, x: jax.Array, view: CacheView) -> bool:
+        """Whether layer `i`'s attention reads the whole cache by its index (`attend`'s
+        `layer`), so the layer scan must not slice it."""
+        return False
+
+    def attend(self, q, k, v, k_ctx, v_ctx, view: CacheView, layer, valid):
+        """One layer's attention: q [B,T,K,G,H]; k, v [B,T,K,H] (the chunk's own); k_ctx,
+        v_ctx [B,C,K,H] (this layer's cache slice; None when nothing is cached or the cache is
+        read in place); `layer` (traced) the layer index; `valid` (traced or None) the real
+        rows of a padded chunk. -> [B,T,K,G,H]."""
+        return attend(q, k, v, k_ctx, v_ctx, view.ctx_len)
+
+    def top_k(self, x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+        return jax.lax.top_k(x, k)
+
+
+XLA = Ops()
+
+
 class Blocks(nnx.Module):
     """All L transformer blocks, weights stacked on a leading L axis."""
 
     def __init__(self, cfg: LlamaConfig, dtype, rngs: nnx.Rngs):
-        L, D, K, G, H, F = cfg.n_layers, cfg.dim, cfg.n_kv_heads, cfg.group, cfg.head_dim, cfg.ffn_dim
+        self.cfg = cfg
         init = nnx.initializers.normal(0.02)
-        self.attn_norm = nnx.Param(jnp.ones((L, D), dtype))
-        self.wqkv = nnx.Param(init(rngs.params(), (L, D, K, G + 2, H), dtype))
-        self.bqkv = nnx.Param(jnp.zeros((L, K, G + 2, H), dtype)) if cfg.qkv_bias else None
-        self.wo = nnx.Param(init(rngs.params(), (L, K, G, H, D), dtype))
-        self.mlp_norm = nnx.Param(jnp.ones((L, D), dtype))
-        self.w_gate_up = nnx.Param(init(rngs.params(), (L, D, 2, F), dtype))
-        self.w_down = nnx.Param(init(rngs.params(), (L, F, D), dtype))
+        for name, spec in layout.specs(cfg).items():
+            if spec.stacked:
+                shape = (cfg.n_layers, *spec.shape)
+                value = init(rngs.params(), shape, dtype) if spec.matmul else _vector(name, shape, dtype)
+                setattr(self, name.removeprefix("blocks/"), nnx.Param(value))
+        if not cfg.qkv_bias:
+            self.bqkv = None
 
-    def __call__(
-        self,
-        cfg: LlamaConfig,
-        x,
-        positions,
-        inv_freq,
-        k_cache,
-        v_cache,
-        ctx_len,
-        context=None,
-        rows=None,
-        kernels=False,
-        valid=None,
-        kv_dtype=None,
-    ):
+    def __call__(self, x, positions, inv_freq, view: CacheView, ops: Ops, valid=None, kv_dtype=None):
         """x [B,T,D] -> (x [B,T,D], new_k [L,B,T,K,H], new_v [L,B,T,K,H]).
 
-        With `context` (static), only the first `context` cache positions are attended to, and
-        with `rows` (static) only the first `rows` slots; the slices are taken per layer inside
-        the scan, so the whole-cache view is never copied.
-
-        With `kernels` (the CPU kernels of `cpu_kernels.py`, on for a packed model), packed
-        weights and, for one new token per row, the whole cache stay out of the scan's
-        sliced inputs: the kernels get the layer index and read that layer in place, and
-        attention reads each row's `ctx_len` valid positions (`context` does not matter). A
-        chunk of one slot (prefill) attends in a kernel too, over its `ctx_len` valid cache
-        positions, computing only its `valid` rows.
-        `valid` (traced, kernels only): the kernels' matmuls compute only the first `valid`
-        of the B*T token rows (a padded prefill chunk's true length).
-        `kv_dtype` (static): the KV cache's element type; a chunk's own keys and values are
-        rounded to it before they are attended to, so a position reads the same values whether
-        it is in this chunk or in the cache later (a prompt prefilled whole and one continued
-        from the prefix cache give the same numbers).
+        A weight that reads its layer in place (`LayerStack`: the CPU kernels' packed weights)
+        stays out of the scan's sliced inputs and gets the layer index, and so does the cache
+        when `ops` reads it in place. `valid` (traced): how many of the B*T token rows are
+        real (a padded prefill chunk; the kernels compute only those). `kv_dtype` (static): the
+        KV cache's element type; a chunk's own keys and values are rounded to it before they
+        are attended to, so a position reads the same values whether it is in this chunk or in
+        the cache later (a prompt prefilled whole and one continued from the prefix cache give
+        the same numbers).
         """
+        cfg = self.cfg
         G = cfg.group
-        weights = {
-            "attn_norm": self.attn_norm.get_value(),
-            "wqkv": self.wqkv.get_value(),
-            "wo": self.wo.get_value(),
-            "mlp_norm": self.mlp_norm.get_value(),
-            "w_gate_up": self.w_gate_up.get_value(),
-            "w_down": self.w_down.get_value(),
-        }
-        if self.bqkv is not None:
-            weights["bqkv"] = self.bqkv.get_value()
-        packed = {n: w for n, w in weights.items() if isinstance(w, cpu_kernels.PackedWeight)}
-        scanned = {n: w for n, w in weights.items() if n not in packed}
-        attend_kernel = kernels and k_cache is not None and x.shape[1] == 1
-        chunk_kernel = kernels and x.shape[0] == 1 and x.shape[1] > 1  # one slot's prefill chunk
-        if attend_kernel:
-            xs = (scanned, None, None, jnp.arange(cfg.n_layers, dtype=jnp.int32))
-        else:
-            xs = (scanned, k_cache, v_cache, jnp.arange(cfg.n_layers, dtype=jnp.int32))
+        names = ("attn_norm", "wqkv", "bqkv", "wo", "mlp_norm", "w_gate_up", "w_down")
+        weights = {n: getattr(self, n).get_value() for n in names if getattr(self, n) is not None}
+        in_place = {n: w for n, w in weights.items() if isinstance(w, LayerStack)}
+        scanned = {n: w for n, w in weights.items() if n not in in_place}
+        layers = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        cache_in_place = ops.cache_in_place(x, view)
+        xs = (scanned, None, None, layers) if cache_in_place else (scanned, view.k, view.v, layers)
 
         def layer(x, xs):
             w, k_ctx, v_ctx, i = xs
-            w = {**w, **{n: p.at(i, valid) for n, p in packed.items()}}
-            if context is not None and k_ctx is not None:
-                k_ctx, v_ctx = k_ctx[:rows, :context], v_ctx[:rows, :context]
+            w = {**w, **{n: p.at_layer(i, valid) for n, p in in_place.items()}}
+            if view.context is not None and k_ctx is not None:
+                k_ctx, v_ctx = k_ctx[: view.rows, : view.context], v_ctx[: view.rows, : view.context]
             h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
             qkv = dense(h, w["wqkv"], "BTD,DKXH->BTKXH")
             if "bqkv" in w:
@@ -160,14 +174,7 @@ class Blocks(nnx.Module):
             v = qkv[..., G + 1, :]
             if kv_dtype is not None and jnp.dtype(kv_dtype) != k.dtype:
                 k, v = (a.astype(kv_dtype).astype(a.dtype) for a in (k, v))
-            if attend_kernel:
-                o = cpu_kernels.attend(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, i, ctx_len)[:, None]
-            elif chunk_kernel:
-                kc, vc = (None, None) if k_ctx is None else (k_ctx[0], v_ctx[0])
-                rows_valid = x.shape[1] if valid is None else valid
-                o = cpu_kernels.attend_chunk(q[0], k[0], v[0], kc, vc, ctx_len[0], rows_valid)[None]
-            else:
-                o = attend(q, k, v, k_ctx, v_ctx, ctx_len)
+            o = ops.attend(q, k, v, k_ctx, v_ctx, view, i, valid)
             x = x + dense(o, w["wo"], "BTKGH,KGHD->BTD")
             h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
             gu = dense(h, w["w_gate_up"], "BTD,DCF->BTCF")
@@ -178,6 +185,11 @@ class Blocks(nnx.Module):
         return x, new_k, new_v
 
 
+def _vector(name: str, shape, dtype) -> jax.Array:
+    """A new vector parameter: norms start at one, biases at zero."""
+    return (jnp.ones if name.endswith("norm") else jnp.zeros)(shape, dtype)
+
+
 class Llama(nnx.Module):
     """Embedding, stacked blocks, final norm and (tied or separate) output head."""
 
@@ -185,16 +197,21 @@ class Llama(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.cfg = cfg
         self.dtype = dtype
-        self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
+        init = nnx.initializers.normal(0.02)
+        specs = layout.specs(cfg)
+        self.embed = nnx.Param(init(rngs.params(), specs["embed"].shape, dtype))
         self.blocks = Blocks(cfg, dtype, rngs)
-        self.norm = nnx.Param(jnp.ones((cfg.dim,), dtype))
+        self.norm = nnx.Param(_vector("norm", specs["norm"].shape, dtype))
         self.lm_head = (
-            None
-            if cfg.tie_embeddings
-            else nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
+            nnx.Param(init(rngs.params(), specs["lm_head"].shape, dtype)) if "lm_head" in specs else None
         )
         self.inv_freq = Buffer(jnp.asarray(rope_frequencies(cfg), jnp.float32))
-        self.kernels = False  # the CPU kernel path; `cpu_kernels.pack_model` turns it on
+        self.ops = XLA  # `cpu_kernels.pack_model` (or the loader) sets the CPU kernels' ops
+
+    @property
+    def kernels(self) -> bool:
+        """Whether the model runs on the CPU kernels (their ops and packed weights)."""
+        return self.ops.name != XLA.name
 
     def hidden(
         self,
@@ -220,19 +237,9 @@ class Llama(nnx.Module):
         x = embed_lookup(self.embed.get_value(), tokens).astype(self.dtype)
         if ctx_len is None:
             ctx_len = jnp.zeros(tokens.shape[:1], jnp.int32)
+        view = CacheView(k_cache, v_cache, ctx_len, context, rows)
         x, new_k, new_v = self.blocks(
-            self.cfg,
-            x,
-            positions,
-            self.inv_freq.get_value(),
-            k_cache,
-            v_cache,
-            ctx_len,
-            context,
-            rows,
-            self.kernels,
-            valid,
-            kv_dtype,
+            x, positions, self.inv_freq.get_value(), view, self.ops, valid, kv_dtype
         )
         return rms_norm(x, self.norm.get_value(), self.cfg.norm_eps), new_k, new_v
 

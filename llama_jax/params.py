@@ -1,8 +1,8 @@
 """The model's parameters as the loader builds them, one file tensor at a time.
 
-One table (`specs`) says, for each parameter of `model.py`: its float layout, the axes its
-matmul contracts, whether it is stacked over layers, and which file tensors it is made of (a
-fused weight's rows come from several: `wqkv` from q, k and v). Every matmul weight is a set of
+The parameter table (`layout.specs`) says, for each parameter of `model.py`: its float layout,
+the axes its matmul contracts, whether it is stacked over layers, and which file tensors it is
+made of (a fused weight's rows come from several: `wqkv` from q, k and v). Every matmul weight is a set of
 output rows (the file's `[out, in]` rows, reordered), so each tensor arrives as rows, becomes
 rows of its parameter's format (float, int8 per channel, or 4- or 8-bit groups of 32), and once a
 layer's rows are all there they go straight into the final storage of that format (the CPU
@@ -14,7 +14,6 @@ memory is the final weights plus one layer's rows of one parameter.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 
@@ -23,6 +22,7 @@ import numpy as np
 from llama_jax import cpu_kernels
 from llama_jax.config import LlamaConfig, rope_frequencies
 from llama_jax.errors import ModelLoadError
+from llama_jax.layout import Spec, specs
 from llama_jax.quantize import (
     GROUP,
     Int8Weight,
@@ -40,62 +40,7 @@ FLOAT, INT8, Q4, Q8 = "float", "int8", "q4", "q8"
 GROUPED = (Q4, Q8)  # formats in groups of 32 inputs
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """One parameter: `shape` is its float layout per layer, `contracted` the axes its matmul
-    contracts (counted from the end; empty for vectors), `sources` the canonical file tensor
-    names (per layer for stacked ones) whose rows make its output rows."""
-
-    name: str  # the "/"-joined NNX path, as `sharding.RULES` names it
-    shape: tuple[int, ...]
-    contracted: tuple[int, ...]
-    stacked: bool
-    sources: tuple[str, ...]
-
-    @property
-    def matmul(self) -> bool:
-        return bool(self.contracted)
-
-    def split(self) -> tuple[list[int], list[int]]:
-        """(kept, contracted) axes of the per-layer shape."""
-        n = len(self.shape)
-        c = [n + a for a in self.contracted]
-        return [i for i in range(n) if i not in c], c
-
-    @property
-    def rows(self) -> int:  # N: output rows
-        kept, _ = self.split()
-        return math.prod(self.shape[i] for i in kept)
-
-    @property
-    def inputs(self) -> int:  # K: contracted inputs per row
-        _, c = self.split()
-        return math.prod(self.shape[i] for i in c)
-
-
 _LAYER = "model.layers.{}."
-
-
-def specs(cfg: LlamaConfig) -> dict[str, Spec]:
-    """Every parameter of `Llama(cfg)` with its layout and file tensors."""
-    D, K, G, H, F, V = cfg.dim, cfg.n_kv_heads, cfg.group, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
-    attn = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
-    out = [
-        Spec("embed", (V, D), (-1,), False, ("model.embed_tokens.weight",)),
-        Spec("norm", (D,), (), False, ("model.norm.weight",)),
-        Spec("blocks/attn_norm", (D,), (), True, ("input_layernorm.weight",)),
-        Spec("blocks/wqkv", (D, K, G + 2, H), (-4,), True, attn),
-        Spec("blocks/wo", (K, G, H, D), (-4, -3, -2), True, ("self_attn.o_proj.weight",)),
-        Spec("blocks/mlp_norm", (D,), (), True, ("post_attention_layernorm.weight",)),
-        Spec("blocks/w_gate_up", (D, 2, F), (-3,), True, ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
-        Spec("blocks/w_down", (F, D), (-2,), True, ("mlp.down_proj.weight",)),
-    ]
-    if cfg.qkv_bias:
-        bias = tuple(s.replace(".weight", ".bias") for s in attn)
-        out.append(Spec("blocks/bqkv", (K, G + 2, H), (), True, bias))
-    if not cfg.tie_embeddings:
-        out.append(Spec("lm_head", (V, D), (-1,), False, ("lm_head.weight",)))
-    return {s.name: s for s in out}
 
 
 def _source_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:

@@ -37,18 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_jax import layout
+
 if TYPE_CHECKING:
     from llama_jax.model import Llama
 
-# Parameter -> the axes its einsum contracts (per-channel scales reduce over these).
-CONTRACTED = {
-    "wqkv": (1,),  # [L, D, K, X, H]
-    "wo": (1, 2, 3),  # [L, K, G, H, D]
-    "w_gate_up": (1,),  # [L, D, 2, F]
-    "w_down": (1,),  # [L, F, D]
-    "embed": (1,),  # [V, D]: per row
-    "lm_head": (1,),  # [V, D]: per row
-}
 QUANTIZATIONS = ("int8", "q4", "q8")
 GROUP = 32  # inputs per group of a 4- or 8-bit weight (llama.cpp's Q4_0/Q4_1/Q8_0 blocks, Q4_K's sub-blocks)
 
@@ -366,15 +359,14 @@ def quantize_model(model: Llama, method: str = "int8", place: Callable | None = 
     (groupwise weights are not split over a mesh)."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
-    targets = [(model.blocks, name) for name in ("wqkv", "wo", "w_gate_up", "w_down")]
-    targets += [(model, "embed")] + ([(model, "lm_head")] if model.lm_head is not None else [])
     if method != "int8" and place is not None:
         raise ValueError("groupwise weights are not split over a mesh: use int8")
-    for owner, name in targets:
-        var: nnx.Param = getattr(owner, name)
+    for name in layout.matmul_names(model.cfg):
+        var: nnx.Param = layout.variable(model, name)
+        axes = layout.contracted_axes(name)
         if method != "int8":
-            var.set_value(_quantize_groups(var.get_value(), CONTRACTED[name], method))
+            var.set_value(_quantize_groups(var.get_value(), axes, method))
             continue
-        w = quantize_array(var.get_value(), CONTRACTED[name], on_host=place is not None)
-        var.set_value(w if place is None else place(("blocks/" if owner is model.blocks else "") + name, w))
+        w = quantize_array(var.get_value(), axes, on_host=place is not None)
+        var.set_value(w if place is None else place(name, w))
     return model

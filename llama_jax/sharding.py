@@ -1,7 +1,7 @@
 """Tensor-parallel placement over a `jax.sharding.Mesh` with `data` and `model` axes.
 
-What it owns: building the mesh from `"data=D,model=M"`, the partition rules (a table of
-parameter-name patterns to `PartitionSpec`, Megatron style: heads and MLP columns split on
+What it owns: building the mesh from `"data=D,model=M"`, each parameter's `PartitionSpec` from
+the parameter table's split letter (`layout.py`, Megatron style: heads and MLP columns split on
 `model`, output projections on their input dimension, the vocabulary of the embedding and head
 on `model`), the decode state's layout (slots over `data`, the KV cache by KV heads over
 `model`) and the declared shardings of `ModelRunner`'s jitted functions. XLA's SPMD
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 from collections.abc import Callable
 
 import jax
@@ -25,20 +24,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from llama_jax import layout
+
 log = logging.getLogger(__name__)
 
 AXES = ("data", "model")
 
-# Parameter name ("/"-joined NNX path) -> PartitionSpec of the float weight (model.py layouts).
-RULES: tuple[tuple[str, P], ...] = (
-    (r"embed|lm_head", P("model", None)),  # [V, D]: vocabulary-parallel
-    (r"blocks/wqkv", P(None, None, "model", None, None)),  # [L, D, K, X, H]: KV heads, with their G
-    (r"blocks/bqkv", P(None, "model", None, None)),  # [L, K, X, H]
-    (r"blocks/wo", P(None, "model", None, None, None)),  # [L, K, G, H, D]: input (heads) dim
-    (r"blocks/w_gate_up", P(None, None, None, "model")),  # [L, D, 2, F]: MLP columns
-    (r"blocks/w_down", P(None, "model", None)),  # [L, F, D]: input (MLP) dim
-    (r".*", P()),  # norms, RoPE frequencies
-)
 KV_CACHE = P(None, "data", None, "model", None)  # [L, B, S, K, H]
 
 
@@ -84,7 +75,9 @@ def fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 
 def rule(name: str) -> P:
-    return next(spec for pattern, spec in RULES if re.fullmatch(pattern, name))
+    """A float parameter's PartitionSpec, from the parameter table (`layout.partition`); RoPE
+    frequencies and anything else not in it are replicated."""
+    return P(*layout.partition(name)) if name in layout.BY_NAME else P()
 
 
 def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:

@@ -22,3 +22,13 @@ class Weight(Protocol):
     def einsum(self, spec: str, x: jax.Array) -> jax.Array: ...  # `jnp.einsum(spec, x, w)`
 
     def take_rows(self, ids: jax.Array) -> jax.Array: ...  # float32 rows of a [V, D] table
+
+
+@runtime_checkable
+class LayerStack(Protocol):
+    """A weight stacked over layers that its matmul reads in place, by layer index (the CPU
+    kernels' `PackedWeight`): the layer scan does not slice it (a sliced operand would be
+    copied by XLA, every layer, every step) but passes `at_layer(layer, rows)`, a one-layer view (`at` would be any jax array);
+    `rows` (traced or None): the real activation rows of a padded chunk (the rest are zeros)."""
+
+    def at_layer(self, layer: jax.Array, rows: jax.Array | None = None) -> Weight: ...

@@ -307,7 +307,8 @@ def load_model(
     place = None if mesh is None else sharding.placer(mesh)
     state = asm.finish(lambda n, x: jax.device_put(x) if place is None else place(n, x))
     model_ = assemble_model(cfg, state, DTYPES[dtype])
-    model_.kernels = packed
+    if packed:
+        model_.ops = cpu_kernels.OPS
     seconds = time.perf_counter() - t0
     log.info(
         "loaded %s (%s, %d layers, %.0fM params, %s) in %.1f s: %.0f MB of weights (%s)",

@@ -255,7 +255,7 @@ def test_quantized_rows_keep_their_int8_layout(rng):
     q = np.asarray(ck.unpack(packed.data))  # [L, N, K] with N = 3*8 outputs, K = 16 inputs
     np.testing.assert_array_equal(q.reshape(2, 3, 8, 16), np.asarray(qw.q))
     x = jnp.asarray(rng.standard_normal((2, 1, 16)), jnp.float32)
-    got = packed.at(jnp.int32(1)).einsum("BTD,DKH->BTKH", x)
+    got = packed.at_layer(jnp.int32(1)).einsum("BTD,DKH->BTKH", x)
     want = jnp.einsum("BTD,DKH->BTKH", x, qw.dequantize()[1])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 

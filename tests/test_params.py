@@ -396,7 +396,7 @@ def test_every_weight_format_is_a_weight_and_a_float_array_is_not(rng, monkeypat
     must satisfy it, and a float array must take the plain einsum path."""
     monkeypatch.setenv("LLAMA_JAX_Q4_SPLIT", "0")  # the packed 4-bit weight's 16-bit activations
     from llama_jax.quantize import quantize_array, quantize_q4, quantize_q8
-    from llama_jax.weight import Weight
+    from llama_jax.weight import LayerStack, Weight
 
     w = rng.standard_normal((64, 96)).astype(np.float32)
     int8, q4, q8 = quantize_array(w, (1,)), quantize_q4(w, (1,)), quantize_q8(w, (1,))
@@ -410,3 +410,7 @@ def test_every_weight_format_is_a_weight_and_a_float_array_is_not(rng, monkeypat
             np.asarray(f.einsum("TD,VD->TV", x)), want, rtol=0, atol=1e-3 * np.abs(want).max()
         )
     assert not isinstance(jnp.asarray(w), Weight)
+    # the layer scan passes a weight whole only when it reads its layer in place
+    stacked = ck.pack_weight(np.stack([w, w]), (2,), stacked=True)
+    assert isinstance(stacked, LayerStack) and not isinstance(jnp.asarray(w), LayerStack)
+    assert not any(isinstance(f, LayerStack) for f, _ in exact[1:])
