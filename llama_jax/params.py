@@ -30,6 +30,8 @@ from llama_jax.quantize import (
     Q4Weight,
     Q8Rows,
     Q8Weight,
+    as_int4,
+    int4_codes,
     q4_from_rows,
     q4_to_rows,
     q8_from_rows,
@@ -275,8 +277,10 @@ class _Param:
             )
         if self.fmt == INT8:  # placed whole: a mesh splits q and scale as the float weight (sharding.placer)
             return put(Int8Weight(self.store[0], self.store[1], rel))
-        cls = Q4Weight if self.fmt == Q4 else Q8Weight
-        return cls(*(put(a) for a in self.store), rel, self.csizes)
+        if self.fmt == Q8:
+            return Q8Weight(*(put(a) for a in self.store), rel, self.csizes)
+        w = Q4Weight(*(put(a) for a in self.store), rel, self.csizes)
+        return as_int4(w) if int4_codes() else w
 
 
 def packable(spec: Spec) -> bool:

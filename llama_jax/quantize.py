@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import string
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
@@ -156,9 +157,33 @@ class Q4Weight(_Groups):
     csizes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))  # their sizes
 
     def rows(self, dtype=jnp.float32) -> jax.Array:
-        codes = unpack_nibbles(self.q)  # [..., K/32, 32]
+        if self.q.dtype == jnp.uint4:  # `as_int4`: one code per element
+            codes = self.q.reshape(*self.q.shape[:-1], -1, GROUP)
+        else:
+            codes = unpack_nibbles(self.q)  # [..., K/32, 32]
         w = codes.astype(dtype) * self.scale.astype(dtype)[..., None] + self.min.astype(dtype)[..., None]
         return w.reshape(*w.shape[:-2], -1)
+
+
+def int4_codes() -> bool:
+    """Whether 4-bit weights on the XLA path hold their codes as `jnp.uint4` (`as_int4`): on
+    GPU and TPU, where XLA reads 4-bit operands natively and fuses their convert into the dot;
+    not on CPU, whose XLA path unpacks bytes (LLAMA_JAX_INT4=1/0 overrides, for tests)."""
+    value = os.environ.get("LLAMA_JAX_INT4", "")
+    if value:
+        return value.lower() not in ("0", "false", "no", "off")
+    return jax.default_backend() in ("gpu", "tpu")
+
+
+def as_int4(w: Q4Weight) -> Q4Weight:
+    """`w` with its codes as `jnp.uint4` [kept..., K] (unpacked on its device, in one jit)."""
+    return dataclasses.replace(w, q=_unpack_uint4(w.q))
+
+
+@jax.jit
+def _unpack_uint4(q: jax.Array) -> jax.Array:
+    codes = unpack_nibbles(q)
+    return codes.reshape(*codes.shape[:-2], -1).astype(jnp.uint4)
 
 
 @jax.tree_util.register_dataclass

@@ -150,6 +150,25 @@ def test_a_quantized_file_loads_in_its_own_precision(gguf_file, qtype, fmt, exac
         assert err < 0.05 * np.abs(want).max() and err < 0.75 * np.abs(per_channel - want).max()
 
 
+def test_4bit_codes_as_uint4_compute_the_same_weights(q4_file, monkeypatch):
+    """On GPU and TPU the XLA path keeps 4-bit codes as jnp.uint4 (XLA reads 4-bit operands
+    natively there); forced here on CPU, the model computes the same logits as with bytes."""
+    _, path, _ = q4_file
+    monkeypatch.setenv("LLAMA_JAX_INT4", "0")
+    packed = load_model(path, kernels=False)
+    monkeypatch.setenv("LLAMA_JAX_INT4", "1")
+    int4 = load_model(path, kernels=False)
+    w = int4.model.blocks.wqkv.get_value()
+    assert w.q.dtype == jnp.uint4 and w.shape == packed.model.blocks.wqkv.get_value().shape
+    np.testing.assert_array_equal(
+        np.asarray(w.dequantize()), np.asarray(packed.model.blocks.wqkv.get_value().dequantize())
+    )
+    want = model_logits(packed.model, SAMPLE_IDS)
+    np.testing.assert_allclose(
+        model_logits(int4.model, SAMPLE_IDS), want, rtol=0, atol=1e-5 * np.abs(want).max()
+    )
+
+
 @pytest.mark.parametrize("quant", ["none", "int8", "q4", "q8"])
 def test_every_format_on_the_kernel_path_equals_the_xla_path(q4_file, quant, monkeypatch):
     if not ck.available():

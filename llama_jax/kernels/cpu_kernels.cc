@@ -513,7 +513,8 @@ struct QuantRows {
 // rms(row) (the groups of the row's outlier channels), also gets x - dx * hi ~ dx / 254 * lo:
 // the rounding error the row's dot products see is near two parts' (about 16 bits) for the
 // integer work of one part and a few percent. split 0: every nonzero group has two parts.
-void quantize_rows(const float* x, int64_t R, int64_t K, float split, QuantRows* out) {
+// `offset`: codes stored as unsigned bytes, code + 128 (the 8-bit kernel's VNNI form).
+void quantize_rows(const float* x, int64_t R, int64_t K, float split, QuantRows* out, bool offset) {
   const int64_t G = K / kGroup;
   out->hi.resize(R * K);
   out->lo.resize(R * K);
@@ -547,9 +548,11 @@ void quantize_rows(const float* x, int64_t R, int64_t K, float split, QuantRows*
       for (int64_t i = 0; i < kGroup; ++i) {
         const float h = std::nearbyint(xg[i] * inv);  // |x - h * d| <= d / 2: lo in [-127, 127]
         h8[i] = int8_t(h);
+        if (offset) h8[i] = int8_t(uint8_t(h8[i]) ^ 0x80);
         // x * inv - h as one fused multiply-add, whatever the compiler contracts (the tests
         // emulate this rounding exactly)
         if (two) l8[i] = int8_t(std::clamp(std::nearbyint(std::fma(xg[i], inv, -h) * 254.0f), -127.0f, 127.0f));
+        if (two && offset) l8[i] = int8_t(uint8_t(l8[i]) ^ 0x80);
       }
       dp[r * G + g] = d;
       sp[r * G + g] = sum;
@@ -592,8 +595,16 @@ float half_to_float(uint16_t h) {
 
 // Weight formats of the integer kernels: how one group of a tile (8 channels x 32 inputs) is
 // stored and meets a row's 32 int8 activation codes. `kBytes`: bytes per tile and group;
-// `kMin`: the group's min term (none, -8 * scale, or stored).
+// `kMin`: the group's min term (none, -8 * scale, or stored); `kOffset`: the activation codes
+// come as unsigned bytes, code + 128 (`quantize_rows`).
 enum class MinTerm { kNone, kMinus8, kStored };
+
+#if defined(__AVX2__) && defined(__F16C__) && \
+    ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+constexpr bool kVnni = true;  // vpdpbusd: unsigned x signed bytes summed in int32, no int16 step
+#else
+constexpr bool kVnni = false;
+#endif
 
 // 4-bit codes (pack_q4): byte b*32 + j*4 + i holds channel j's code for input 4b+i in its low
 // nibble and for input 16+4b+i in its high one.
@@ -601,6 +612,7 @@ template <bool SYM>
 struct Q4Fmt {
   static constexpr int64_t kBytes = 128;
   static constexpr MinTerm kMin = SYM ? MinTerm::kMinus8 : MinTerm::kStored;
+  static constexpr bool kOffset = false;
   static int scalar_dot(const uint8_t* wg, const int8_t* x, int j) {
     int sum = 0;
     for (int b = 0; b < 4; ++b) {
@@ -618,6 +630,7 @@ struct Q4Fmt {
 struct Q8Fmt {
   static constexpr int64_t kBytes = 256;
   static constexpr MinTerm kMin = MinTerm::kNone;
+  static constexpr bool kOffset = kVnni;
   static int scalar_dot(const uint8_t* wg, const int8_t* x, int j) {
     const int8_t* w = reinterpret_cast<const int8_t*>(wg);
     int sum = 0;
@@ -665,8 +678,24 @@ inline void group_dots(Q4Fmt<SYM>, const uint8_t* wg, const int8_t* x, int64_t K
   }
 }
 
+// With VNNI the activations come offset, x + 128 (unsigned), and meet the signed codes as they
+// are: sum((x + 128) * q) - 128 * sum(q), the weights' sums shared by all RT rows (one dot
+// per load instead of a sign per row and load). Without it (vpmaddubsw's int16 pairs would
+// overflow on 255 * -128 * 2) the weight's sign moves onto the activations.
 template <int RT, int C>
 inline void group_dots(Q8Fmt, const uint8_t* wg, const int8_t* x, int64_t K, __m256i (&acc)[RT][C]) {
+  if constexpr (Q8Fmt::kOffset) {
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m256i sum = _mm256_setzero_si256();
+    for (int b = 0; b < 8; ++b) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 32));
+      sum = dot_u8s8(sum, ones, raw);
+      for (int r = 0; r < RT; ++r) acc[r][b % C] = dot_u8s8(acc[r][b % C], broadcast4(x + r * K + 4 * b), raw);
+    }
+    const __m256i shift = _mm256_slli_epi32(sum, 7);
+    for (int r = 0; r < RT; ++r) acc[r][0] = _mm256_sub_epi32(acc[r][0], shift);
+    return;
+  }
   for (int b = 0; b < 8; ++b) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 32));
     const __m256i mag = _mm256_abs_epi8(raw);  // -128 -> 128 as an unsigned byte: exact
@@ -790,7 +819,7 @@ void matmul_int(const float* x, int64_t R, int64_t valid, int64_t K, const uint8
   if (R == 0) return;
   const int64_t G = K / kGroup, tiles = N / kTile;
   thread_local QuantRows xr;  // the caller's; workers only read it
-  quantize_rows(x, R, K, split, &xr);
+  quantize_rows(x, R, K, split, &xr, F::kOffset);
   const int8_t* xq = xr.hi.data();
   const int8_t* xl = xr.lo.data();
   const float* dx = xr.d.data();
