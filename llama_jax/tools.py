@@ -299,7 +299,7 @@ class ToolCallStream:
                 out += self._release()
                 self._buf = self._buf[len(OPEN) :]
                 self._call = {"id": new_call_id(), "name": None, "sent": 0}
-            j = self._buf.find(CLOSE)
+            j = _close_at(self._buf)
             out += self._stream_call(self._buf if j < 0 else self._buf[:j], done=j >= 0)
             if j < 0:
                 return out
@@ -401,10 +401,9 @@ class ToolCallStream:
         return self._deltas(dataclasses.replace(parsed, id=call["id"]))
 
 
-def _json_end(text: str) -> int | None:
-    """Index just past the JSON value that starts `text` (an object or array), None if it is
-    not complete yet."""
-    depth, in_str, escaped = 0, False, False
+def _outside_strings(text: str):
+    """(index, char) for each character of `text` outside JSON strings (quotes included)."""
+    in_str, escaped = False, False
     for i, ch in enumerate(text):
         if in_str:
             if escaped:
@@ -415,7 +414,22 @@ def _json_end(text: str) -> int | None:
                 in_str = False
         elif ch == '"':
             in_str = True
-        elif ch in "{[":
+        else:
+            yield i, ch
+
+
+def _close_at(body: str) -> int:
+    """Where the open call's closing tag starts in `body`, -1 if not yet: a tag inside a JSON
+    string is text (a forced call's grammar lets a string hold anything, "</tool_call>" too)."""
+    return next((i for i, ch in _outside_strings(body) if ch == "<" and body.startswith(CLOSE, i)), -1)
+
+
+def _json_end(text: str) -> int | None:
+    """Index just past the JSON value that starts `text` (an object or array), None if it is
+    not complete yet."""
+    depth = 0
+    for i, ch in _outside_strings(text):
+        if ch in "{[":
             depth += 1
         elif ch in "}]":
             depth -= 1

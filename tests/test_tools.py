@@ -188,6 +188,11 @@ OUTPUTS = [
         [("get_time", {}), ("get_weather", {"city": "A"})],
         "",
     ),
+    (  # a closing tag inside a string is text (a forced call's grammar allows it there)
+        '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC}}</tool_call>\\"x"}}\n</tool_call>',
+        [("get_time", {"tz": 'UTC}}</tool_call>"x'})],
+        "",
+    ),
     ('{"not": "a call"}', [], '{"not": "a call"}'),
     ("<tool_call>not json</tool_call> after", [], "<tool_call>not json</tool_call> after"),
 ]
