@@ -1,4 +1,12 @@
-"""int8 weight-only quantization with per-output-channel scales.
+"""Quantized weights on XLA's own ops: int8 per channel, and 8-bit and 4-bit groups of 32.
+
+Three `Weight`s (`weight.py`) replace a float weight, each computing its own `einsum` and
+`take_rows`: `Int8Weight` (int8 codes, a float32 scale per output channel), `Q8Weight` (int8
+codes, a float16 scale per group of 32 inputs: Q8_0, and what Q5_x/Q6_K files become) and
+`Q4Weight` (4-bit codes two to a byte, a float16 scale and min per group of 32: Q4_0/Q4_1/Q4_K;
+`jnp.uint4` on GPU/TPU). Groupwise weights dequantize inside the jit; `cpu_kernels.py` packs the
+same codes for its own kernels. The `*_from_rows`/`*_to_rows` pairs convert to and from the
+loader's row form.
 
 `Int8Weight(q, scale, contracted)` replaces a float weight: `scale` is float32 with the weight's
 shape, its contracted (input) axes kept as size 1, so `dequantize()` = `q * scale` is the float
