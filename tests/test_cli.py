@@ -61,10 +61,10 @@ def test_version_and_grouped_help_with_llama_cpp_and_vllm_spellings():
 def test_llama_cpp_and_vllm_spellings_reach_the_same_settings():
     import argparse
 
-    from llama_jax.cli import _serve_arguments, serve_settings
+    from serve.cli import add_arguments, serve_settings
 
     parser = argparse.ArgumentParser()
-    _serve_arguments(parser)
+    add_arguments(parser)
     llama_cpp = serve_settings(parser.parse_args(["-hf", "m.gguf", "-c", "4096", "-np", "4", "-a", "mock"]))
     vllm = serve_settings(
         parser.parse_args(
