@@ -1,6 +1,9 @@
 """llama_jax: Llama-family language models on JAX/XLA.
 
 from llama_jax import Generator, SamplingParams
+
+The public API is `__all__`: what notebooks, scripts and the server (`serve/`, held to it by
+`tests/test_boundary.py`) import.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -6,7 +6,9 @@
 
 It owns one loaded model, its tokenizer and chat template, and one `Engine` run by an
 `EngineLoop` thread; every call (sync or async, from any thread) goes through it, so
-concurrent calls and batch generation share the slots by continuous batching.
+concurrent calls and batch generation share the slots by continuous batching. It is the
+only door of the HTTP server (`serve/`): what a server needs of the engine (n-sample
+groups, cancelling, health, gauges) is a member here, so nothing reaches under it.
 """
 
 from __future__ import annotations

@@ -227,7 +227,7 @@ def _assign_aliases(specs: list[ModelSpec], aliases: tuple[str, ...]) -> list[Mo
             targeted.setdefault(0, []).append(a)
             continue
         if ids is None:
-            from serve.state import model_id  # loads the library: only for this form
+            from serve.state import model_id  # serve.state imports this module
 
             ids = [model_id(s.model) for s in specs]
         if name not in ids:
