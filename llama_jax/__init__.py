@@ -1,10 +1,14 @@
 """llama_jax: Llama-family language models on JAX/XLA.
 
 from llama_jax import Generator, SamplingParams
+
+The public API is `__all__`: what notebooks, scripts and the server (`serve/`, held to it by
+`tests/test_boundary.py`) import.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from llama_jax.compiler import WARMUP_MODES
 from llama_jax.constrain import Grammar
 from llama_jax.engine import Delta, Usage
 from llama_jax.errors import (
@@ -16,9 +20,12 @@ from llama_jax.errors import (
     OverloadedError,
     TemplateError,
 )
-from llama_jax.generator import Completion, Generator
+from llama_jax.generator import Completion, Generator, PreparedChat, SlotInfo
 from llama_jax.sampling import SamplingParams
+from llama_jax.sharding import initialize_distributed
+from llama_jax.stopping import MAX_STOP_CHARS
 from llama_jax.tools import ToolCall
+from llama_jax.weights import DEFAULT_MODEL, LoadOptions, estimate_memory, resolve_model_path
 
 try:
     __version__ = version("llama-jax")
@@ -26,6 +33,9 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
     __version__ = "0+unknown"
 
 __all__ = [
+    "DEFAULT_MODEL",
+    "MAX_STOP_CHARS",
+    "WARMUP_MODES",
     "Completion",
     "ContextLengthError",
     "Delta",
@@ -34,10 +44,16 @@ __all__ = [
     "Grammar",
     "InvalidRequestError",
     "LlamaJaxError",
+    "LoadOptions",
     "ModelLoadError",
     "OverloadedError",
+    "PreparedChat",
     "SamplingParams",
+    "SlotInfo",
     "TemplateError",
     "ToolCall",
     "Usage",
+    "estimate_memory",
+    "initialize_distributed",
+    "resolve_model_path",
 ]

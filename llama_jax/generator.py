@@ -6,7 +6,9 @@
 
 It owns one loaded model, its tokenizer and chat template, and one `Engine` run by an
 `EngineLoop` thread; every call (sync or async, from any thread) goes through it, so
-concurrent calls and batch generation share the slots by continuous batching.
+concurrent calls and batch generation share the slots by continuous batching. It is the
+only door of the HTTP server (`serve/`): what a server needs of the engine (n-sample
+groups, cancelling, health, gauges) is a member here, so nothing reaches under it.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from llama_jax import lockstep
 from llama_jax.chat_template import ChatTemplate
@@ -46,7 +47,7 @@ from llama_jax.tools import (
     template_messages,
     tool_grammar,
 )
-from llama_jax.weights import LoadedModel, load_model
+from llama_jax.weights import LoadedModel, LoadOptions, load_model
 from llama_jax.xla_cache import enable_compilation_cache
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,15 @@ class PreparedChat:
     def reasoning_stream(self) -> ReasoningStream:
         """A splitter of the output's reasoning block from its answer (`llama_jax.reasoning`)."""
         return ReasoningStream(self.markers, self.thinking)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotInfo:
+    """A busy slot: its request's id and token counts."""
+
+    request_id: str
+    prompt_tokens: int
+    generated_tokens: int
 
 
 class Generator:
@@ -134,57 +144,52 @@ class Generator:
     def from_pretrained(
         cls,
         model: str | os.PathLike | None = None,
+        options: LoadOptions | None = None,
         *,
-        dtype: str = "auto",
-        quantize: str | None = "auto",
-        max_seq_len: int = 2048,
-        max_slots: int = 8,
         max_queue: int = 256,
-        chat_template: str | None = None,
         compilation_cache: str | None = "default",
-        mesh: str | Mesh | None = None,
-        kernels: bool | None = None,
-        kv_dtype: str | None = "auto",
-        revision: str | None = None,
+        **fields,
     ) -> Generator:
         """Load an alias (default: smollm2-135m-instruct), a GGUF file, a Hugging Face folder or
         a Hugging Face model id: "org/name" (a model folder), "org/name:Q4_K_M" (that GGUF file
         of a GGUF repository), from the local cache or downloaded (`huggingface_hub`, the `hf`
         extra; `HF_HUB_OFFLINE=1` is respected) at `revision` (branch, tag or commit).
 
-        `quantize="auto"` keeps the file's precision: a Q4 GGUF's weights stay 4-bit (groups of
-        32 with scales and mins), Q5-Q8 become int8, 16/32-bit floats `dtype`; "none" loads
-        float weights, "int8" int8 with per-channel scales, "q4" 4-bit. `max_seq_len` (tokens per sequence) and `max_slots` (sequences decoded together) fix the
-        KV cache's size; `chat_template` overrides the model's (a builtin name or Jinja source).
+        The load options are `LoadOptions`' fields, given as `options` or as keywords (over
+        `options`): `quantize="auto"` keeps the file's precision: a Q4 GGUF's weights stay 4-bit
+        (groups of 32 with scales and mins), Q5-Q8 become int8, 16/32-bit floats `dtype`; "none"
+        loads float weights, "int8" int8 with per-channel scales, "q4" 4-bit. `max_seq_len`
+        (tokens per sequence) and `max_slots` (sequences decoded together) fix the KV cache's
+        size; `chat_template` overrides the model's (a builtin name or Jinja source).
         `dtype="auto"`: float32 on CPU, bfloat16 on GPU/TPU. `mesh="data=D,model=M"` (or a
         `jax.sharding.Mesh`) runs tensor-parallel over M devices with D replicas of the slot
         batch (`max_slots` a multiple of D); None: one device. `kernels`: the hand-written CPU
         decode kernels (`cpu_kernels.py`); None uses them on the CPU backend when they build
         (`LLAMA_JAX_CPU_KERNELS=0` turns them off). `kv_dtype`: the KV cache's element type;
         "auto" is float16 where the CPU kernels serve (as llama.cpp's cache), else `dtype`.
+        `max_queue`: requests waiting for a slot before submits are refused;
+        `compilation_cache`: the persistent XLA cache's folder ("default": llama-jax's).
         """
+        opts = LoadOptions.of(options, **fields)
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache == "default" else compilation_cache)
-        mesh = make_mesh(mesh)
+        mesh = make_mesh(opts.mesh)
         log.info("%s", describe(mesh))
-        loaded = load_model(
-            model, dtype=dtype, quantize=quantize, mesh=mesh, kernels=kernels, revision=revision
-        )
+        loaded = load_model(model, opts, mesh=mesh)
         kind, source = loaded.tokenizer_source
         if kind == "gguf":
             tokenizer = Tokenizer.from_gguf_metadata(source, loaded.path)
         else:
             tokenizer = Tokenizer.from_hf_folder(source)
-        template = ChatTemplate.resolve(tokenizer.chat_template, chat_template)
-        max_seq_len = min(max_seq_len, loaded.config.context_length)
+        template = ChatTemplate.resolve(tokenizer.chat_template, opts.chat_template)
         return cls(
             loaded,
             tokenizer,
             template,
-            max_slots=max_slots,
-            max_seq_len=max_seq_len,
+            max_slots=opts.max_slots,
+            max_seq_len=min(opts.max_seq_len, loaded.config.context_length),
             max_queue=max_queue,
-            kv_dtype=kv_dtype,
+            kv_dtype=opts.kv_dtype,
         )
 
     def warmup(self, progress: bool | None = None, mode: str = "full") -> None:
@@ -209,6 +214,82 @@ class Generator:
         """{"compiled", "pending", "compiling"}: step shapes compiled, still to compile (planned
         by a "first" warm-up, or waited for by a request), and the one compiling now."""
         return self.runner.compiler.status()
+
+    # -- for a server: the engine's limits, requests, health and gauges ----------------------
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """The token ids that end a turn (the model's and the tokenizer's)."""
+        return self.engine.eos_ids
+
+    @property
+    def max_slots(self) -> int:
+        """Sequences decoded together."""
+        return self.runner.max_slots
+
+    @property
+    def client_queue(self) -> int:
+        """The most requests one client may have waiting."""
+        return min(self.engine.max_queue, self.engine.max_queue_per_client)
+
+    def submit_group(
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingParams,
+        sinks: Sequence[Callable[[Delta | BaseException], None]],
+        client: str | None = None,
+    ) -> list[Request]:
+        """`len(sinks)` samples of one prompt sharing one prefill (OpenAI's `n`). Each sink
+        receives its sample's deltas, or the exception that ended it, on the engine thread.
+        A bad request or a full queue raises here, before any device work; `client` (a key, an
+        address) is held to its share of the queue. Cancel what is not read to its end."""
+        return self.loop.submit_group(prompt_ids, sampling, sinks, client=client)
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request of `submit_group` and free its slot (no-op once it has finished)."""
+        self.loop.cancel(request)
+
+    @property
+    def healthy(self) -> bool:
+        """The engine thread runs (started here if it was not) and has not failed."""
+        return self.loop.error is None and self.loop.running
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What stopped the engine thread; None while it runs or after a stop on purpose."""
+        return self.loop.error
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work without finishing a step (0: it is keeping up)."""
+        return self.loop.stalled_for()
+
+    @property
+    def busy(self) -> bool:
+        """Requests are running or waiting."""
+        return bool(self.engine.live_slots or self.engine.waiting or self.loop.backlog)
+
+    def metrics(self) -> dict:
+        """The engine's counters and latency histograms (`EngineMetrics.snapshot`)."""
+        return self.engine.metrics.snapshot()
+
+    def gauges(self) -> dict:
+        """{"queue_length", "live_slots", "max_slots", "kv_cache_usage"} now; the queue counts
+        requests posted to the engine thread and not yet taken."""
+        g = self.engine.gauges()
+        g["queue_length"] += self.loop.backlog
+        return g
+
+    def slots(self) -> list[SlotInfo | None]:
+        """What each slot holds now (None: free)."""
+        return [
+            None if r is None else SlotInfo(r.id, len(r.prompt_ids), len(r.output_ids))
+            for r in list(self.engine.slots)
+        ]
+
+    def follow(self) -> None:
+        """On a process other than 0 of a multi-process mesh: replay process 0's device steps
+        for as long as the process runs (`lockstep.follow`)."""
+        lockstep.follow(self.engine)
 
     # -- prompts ------------------------------------------------------------------------------
 

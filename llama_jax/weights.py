@@ -42,6 +42,79 @@ MODEL_ALIASES = {
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+QUANTIZE_CHOICES = ("auto", "none", *QUANTIZATIONS)
+
+
+def _option(default, help: str = "", *flags: str, **argparse_kwargs) -> dataclasses.Field:  # noqa: A002
+    """A `LoadOptions` field; `help` and `flags` make its `llama-jax` command-line flag (none
+    without flags), `argparse_kwargs` (choices, type, metavar) the rest of it."""
+    return dataclasses.field(default=default, metadata={"help": help, "flags": flags, **argparse_kwargs})
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """Every option of loading a model and sizing its engine, defined once: what
+    `Generator.from_pretrained`, `load_model`, `estimate_memory` and the server's `ModelSpec`
+    take, and what the `llama-jax` flags are made from (each field's metadata: help, flags)."""
+
+    revision: str | None = _option(None, "Hugging Face model id: branch, tag or commit", "--revision")
+    dtype: str = _option(
+        "auto",
+        "activations and float weights; auto: float32 on CPU, bfloat16 on GPU/TPU",
+        "--dtype",
+        choices=("auto", *DTYPES),
+    )
+    quantize: str | None = _option(
+        "auto",
+        "weight format: auto keeps the file's precision (a Q4 GGUF stays 4-bit, Q5-Q8 become 8-bit "
+        "groups, float files float); none: float; int8: per-channel int8; q4: 4-bit groups of 32; "
+        "q8: 8-bit groups of 32",
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+    )
+    max_seq_len: int = _option(
+        2048,
+        "tokens per sequence (capped at the model's context length)",
+        "-c",
+        "--ctx-size",
+        "--max-seq-len",
+        "--max-model-len",
+        type=int,
+        metavar="N",
+    )
+    max_slots: int = _option(
+        8,
+        "sequences decoded together",
+        "-np",
+        "--parallel",
+        "--max-slots",
+        "--max-num-seqs",
+        type=int,
+        metavar="N",
+    )
+    mesh: str | Mesh | None = _option(
+        None,
+        "tensor-parallel over devices: data=D,model=M (M devices per replica, D replicas of the slot "
+        "batch), or auto (every device on model); none: one device",
+        "--mesh",
+    )
+    # The hand-written CPU decode kernels (`cpu_kernels.py`); None: on the CPU backend for
+    # float32 activations on one device, when they build (`LLAMA_JAX_CPU_KERNELS=0`: never).
+    kernels: bool | None = _option(None)
+    # The KV cache's element type; "auto": float16 where the CPU kernels serve, else `dtype`.
+    kv_dtype: str | None = _option("auto")
+    chat_template: str | None = _option(None, "built-in template name or Jinja source", "--chat-template")
+
+    @classmethod
+    def of(cls, options: LoadOptions | None = None, **fields) -> LoadOptions:
+        """`options` (default: the defaults) with `fields` laid over them; a subclass such as
+        the server's `ModelSpec` gives its load options only."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        base = {} if options is None else {k: getattr(options, k) for k in names}
+        unknown = set(fields) - names
+        if unknown:
+            raise TypeError(f"unknown load options: {', '.join(sorted(unknown))}")
+        return cls(**{**base, **fields})
 
 
 def resolve_dtype(dtype: str | None) -> str:
@@ -178,9 +251,6 @@ def read_hf_folder(folder: Path) -> tuple[LlamaConfig, Iterator[tuple[str, np.nd
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1}
 
 
-QUANTIZE_CHOICES = ("auto", "none", *QUANTIZATIONS)
-
-
 def plan_formats(
     cfg: LlamaConfig, quantize: str | None, bits: dict[str, int], mesh: Mesh | None
 ) -> dict[str, str]:
@@ -260,34 +330,32 @@ class _Progress:
 
 
 def load_model(
-    model: str | os.PathLike | None = None,
-    dtype: str = "float32",
-    quantize: str | None = "auto",
-    mesh: Mesh | None = None,
-    kernels: bool | None = None,
-    revision: str | None = None,
+    model: str | os.PathLike | None = None, options: LoadOptions | None = None, **fields
 ) -> LoadedModel:
     """Load an alias, GGUF file, Hugging Face folder or model id into an NNX `Llama`, tensor by tensor
-    straight into each weight's final format (`params.Assembler`): `quantize` is "auto" (keep
+    straight into each weight's final format (`params.Assembler`). The options (`LoadOptions`,
+    its fields given as `options` or keywords) that matter here: `quantize` is "auto" (keep
     the file's precision, `plan_formats`), "none", "int8" (per-channel scales), "q4" (groups
-    of 32 with scales and mins) or "q8" (8-bit groups of 32 with scales); `dtype` "auto" is `resolve_dtype`'s; with a `mesh`, each
-    weight is split over it as loaded. `kernels`: use the hand-written CPU kernels
-    (`cpu_kernels.py`); None (auto) uses them on the CPU backend for float32 activations on one
-    device, when they build."""
+    of 32 with scales and mins) or "q8" (8-bit groups of 32 with scales); `dtype` "auto" is
+    `resolve_dtype`'s; with a `mesh`, each weight is split over it as loaded; `kernels`: use the
+    hand-written CPU kernels (`cpu_kernels.py`); None (auto) uses them on the CPU backend for
+    float32 activations on one device, when they build; `revision` of a Hugging Face model id."""
+    opts = LoadOptions.of(options, **fields)
+    mesh, kernels = sharding.make_mesh(opts.mesh), opts.kernels
     t0 = time.perf_counter()
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_dtype(opts.dtype)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    name, path = resolve_model_path(model, revision)
+    name, path = resolve_model_path(model, opts.revision)
     if path.is_dir():
         cfg, tensors, total = read_hf_folder(path)
-        formats = plan_formats(cfg, quantize, {}, mesh)
+        formats = plan_formats(cfg, opts.quantize, {}, mesh)
         source: tuple[str, object] = ("hf", path)
     else:
         gg = GGUFFile(path)
         cfg = gg.config()
         check_tensors(cfg, {n for n in map(hf_name, (t.name for t in gg.infos)) if n}, gg.num_elements, path)
-        formats = plan_formats(cfg, quantize, gguf_bits(gg, cfg), mesh)
+        formats = plan_formats(cfg, opts.quantize, gguf_bits(gg, cfg), mesh)
         native = any(f in params.GROUPED for f in formats.values())
         sizes = {hf_name(t.name): t.nbytes for t in gg.infos}
         tensors = ((n, a, sizes[n]) for n, a in gg.tensors(cfg, native=native))
@@ -336,26 +404,21 @@ def assemble_model(cfg: LlamaConfig, state: dict, dtype) -> Llama:
     return model_
 
 
-def estimate_memory(
-    model: str | os.PathLike | None,
-    dtype: str = "float32",
-    quantize: str | None = "auto",
-    max_slots: int = 8,
-    max_seq_len: int = 2048,
-    revision: str | None = None,
-) -> int:
+def estimate_memory(model: str | os.PathLike | None, options: LoadOptions | None = None, **fields) -> int:
     """Bytes a loaded model will hold on its device: weights in the formats `load_model` would
-    choose plus the KV cache of its slots. Reads only the config and tensor types (GGUF header
-    or config.json), so it is cheap to ask before loading."""
-    _, path = resolve_model_path(model, revision)
-    dtype = resolve_dtype(dtype)
+    choose for these options (`LoadOptions`, as `load_model` takes them) plus the KV cache of
+    its slots. Reads only the config and tensor types (GGUF header or config.json), so it is
+    cheap to ask before loading."""
+    opts = LoadOptions.of(options, **fields)
+    _, path = resolve_model_path(model, opts.revision)
+    dtype = resolve_dtype(opts.dtype)
     if path.is_dir():
         cfg, bits = LlamaConfig.from_hf_config(path / "config.json"), {}
     else:
         gg = GGUFFile(path)
         cfg = gg.config()
         bits = gguf_bits(gg, cfg)
-    formats = plan_formats(cfg, quantize, bits, None)
+    formats = plan_formats(cfg, opts.quantize, bits, None)
     width = jnp.dtype(DTYPES[dtype]).itemsize
     # 4 bits + two float16 per 32; 8 bits + one float16 per 32
     per_weight = {params.FLOAT: width, params.INT8: 1.0, params.Q4: 0.625, params.Q8: 1.0625}
@@ -363,8 +426,11 @@ def estimate_memory(
     for name, spec in specs(cfg).items():
         n = math.prod(spec.shape) * (cfg.n_layers if spec.stacked else 1)
         weights += n * per_weight[formats.get(name, params.FLOAT)]
-    seq = min(max_seq_len, cfg.context_length)
-    kernels = jax.default_backend() == "cpu" and dtype == "float32" and cpu_kernels.available()
+    seq = min(opts.max_seq_len, cfg.context_length)
+    kernels = jax.default_backend() == "cpu" if opts.kernels is None else opts.kernels
+    kernels = kernels and opts.mesh is None and dtype == "float32" and cpu_kernels.available()
     kv_width = 2 if kernels else width  # ModelRunner's "auto" KV cache: float16 under the CPU kernels
-    cache = 2 * cfg.n_layers * max_slots * seq * cfg.n_kv_heads * cfg.head_dim * kv_width
+    if opts.kv_dtype not in (None, "auto"):
+        kv_width = jnp.dtype(opts.kv_dtype).itemsize
+    cache = 2 * cfg.n_layers * opts.max_slots * seq * cfg.n_kv_heads * cfg.head_dim * kv_width
     return int(weights + cache)

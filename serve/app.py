@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
 
+from llama_jax import LlamaJaxError
 from serve.auth import KeyChecker, protected, reachable, warn_open
-from serve.errors import APIError, from_http, from_validation
+from serve.errors import APIError, from_http, from_library, from_validation
 from serve.handlers import (
     RequestRecord,
     chat,
@@ -157,7 +158,11 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     @app.errorhandler(APIError)
     async def _api_error(e: APIError):
-        return e.body(), e.status, e.headers
+        return e.response()
+
+    @app.errorhandler(LlamaJaxError)
+    async def _library_error(e: LlamaJaxError):
+        return from_library(e).response()
 
     @app.errorhandler(ValidationError)
     async def _validation_error(e: ValidationError):

@@ -1,8 +1,9 @@
 """Errors as the OpenAI API returns them: one exception type, one JSON shape, one mapping.
 
 Every failure leaves the server as `{"error": {"message", "type", "param", "code"}}` with a
-string or null `code` (what OpenAI's clients parse). Library exceptions
-(`llama_jax.errors`) are mapped here, and only here, to an HTTP status.
+string or null `code` (what OpenAI's clients parse). Library exceptions (`LlamaJaxError`
+and its subclasses) are mapped here, and only here, to an HTTP status: handlers let them
+rise, and the app's error handler (or, mid-stream, `serve/sse.py`) calls `from_library`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from llama_jax.errors import (
+from llama_jax import (
     ContextLengthError,
     EngineDeadError,
     InvalidRequestError,
@@ -47,6 +48,10 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> tuple[dict, int, dict[str, str]]:
+        """A Quart response: the error object, the status and the headers."""
+        return self.body(), self.status, self.headers
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

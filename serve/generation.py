@@ -8,10 +8,8 @@ import math
 import weakref
 from collections.abc import AsyncIterator, Sequence
 
-from llama_jax.engine import Delta, Request
-from llama_jax.generator import Generator
-from llama_jax.sampling import SamplingParams
-from serve.errors import APIError, bad_request, from_library
+from llama_jax import Delta, Generator, SamplingParams
+from serve.errors import APIError, bad_request
 from serve.schemas import SamplingFields
 
 DEFAULT_MAX_TOKENS = 256  # the seed's default
@@ -26,7 +24,8 @@ def sampling_params(
     max_tokens: int | None,
     top_logprobs: int = 0,
 ) -> SamplingParams:
-    """The engine's sampling values for a request; library validation errors become 400s.
+    """The engine's sampling values for a request (a value the library refuses raises its
+    `InvalidRequestError`: a 400).
 
     Without an explicit `max_tokens` the completion may use the default or what is left of
     the context, whichever is smaller; an explicit value beyond the context is an error."""
@@ -53,34 +52,31 @@ def sampling_params(
     top_p = 1.0 if req.top_p is None else req.top_p
     if top_p == 0.0:  # only the most likely token survives: greedy
         temperature, top_p = 0.0, 1.0
-    try:
-        return SamplingParams(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
-            seed=req.seed,
-            max_tokens=max_tokens,
-            stop=tuple(req.stop_list()),
-            ignore_eos=req.ignore_eos,
-            top_logprobs=top_logprobs,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0,
-            logit_bias=bias,
-        )
-    except Exception as e:
-        raise from_library(e) from e
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        max_tokens=max_tokens,
+        stop=tuple(req.stop_list()),
+        ignore_eos=req.ignore_eos,
+        top_logprobs=top_logprobs,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        logit_bias=bias,
+    )
 
 
 class Samples:
     """`n` samples of each prompt, run concurrently, read as one stream of `(index, delta)`.
 
     Choice `index` is `prompt * n + sample`. Submitting raises the library's errors at once
-    (queue full, context too long), before any response is sent. Leaving the iteration early
-    (a client that went away) cancels every request still running. `client` (a key, an
-    address) is held to its share of the queue: more requests than the share are a 400, more
-    than is left of it a 503."""
+    (queue full, context too long), before any response is sent; one that ends a sample later
+    is raised by the iteration. Leaving the iteration early (a client that went away) cancels
+    every request still running. `client` (a key, an address) is held to its share of the
+    queue: more requests than the share are a 400, more than is left of it a 503."""
 
     def __init__(
         self,
@@ -90,10 +86,10 @@ class Samples:
         n: int,
         client: str | None = None,
     ):
-        self._loop = gen.loop
+        self._gen = gen
         self._queue: asyncio.Queue = asyncio.Queue()
-        self.requests: list[Request] = []
-        most = min(gen.engine.max_queue, gen.engine.max_queue_per_client)
+        self.requests: list = []  # the generator's requests (`Generator.submit_group`)
+        most = gen.client_queue
         if len(prompts) * n > most:
             raise bad_request(
                 f"{len(prompts)} prompts x n={n} is more than this server queues for one client ({most})",
@@ -102,21 +98,21 @@ class Samples:
         aloop = asyncio.get_running_loop()
         # A response whose body never starts (the client left while its headers were being
         # sent) drops this object unread: its requests are cancelled then, not left running.
-        weakref.finalize(self, _cancel_all, self._loop, self.requests)
+        weakref.finalize(self, _cancel_all, gen, self.requests)
         try:
             for p, ids in enumerate(prompts):
                 sinks = [_sink(aloop, self._queue, p * n + j) for j in range(n)]
-                self.requests += self._loop.submit_group(ids, params, sinks, client=client)
-        except Exception as e:
+                self.requests += gen.submit_group(ids, params, sinks, client=client)
+        except BaseException:
             self.cancel()
-            raise from_library(e) from e
+            raise
 
     @property
     def generated(self) -> int:
         return sum(len(r.output_ids) for r in self.requests)
 
     def cancel(self) -> None:
-        _cancel_all(self._loop, self.requests)
+        _cancel_all(self._gen, self.requests)
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Delta]]:
         left = len(self.requests)
@@ -124,7 +120,7 @@ class Samples:
             while left:
                 index, item = await self._queue.get()
                 if isinstance(item, BaseException):
-                    raise from_library(item) from item
+                    raise item
                 if item.finish_reason is not None:
                     left -= 1
                 yield index, item
@@ -140,9 +136,9 @@ def _sink(aloop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
     return put
 
 
-def _cancel_all(loop, requests: list[Request]) -> None:
+def _cancel_all(gen: Generator, requests: list) -> None:
     for r in requests:
-        loop.cancel(r)
+        gen.cancel(r)
 
 
 def finite(x: float) -> float:

@@ -4,8 +4,7 @@ Responses API shape these pieces in their own wire formats."""
 
 from __future__ import annotations
 
-from llama_jax.generator import PreparedChat
-from llama_jax.tools import ToolCall
+from llama_jax import PreparedChat, ToolCall
 
 
 class OutputReader:

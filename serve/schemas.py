@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llama_jax.stopping import MAX_STOP_CHARS
+from llama_jax import MAX_STOP_CHARS
 
 MAX_STOP = 16
 MAX_N = 16

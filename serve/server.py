@@ -14,8 +14,7 @@ import sys
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from llama_jax.errors import LlamaJaxError
-from llama_jax.weights import resolve_model_path
+from llama_jax import LlamaJaxError, resolve_model_path
 from serve.app import OPEN_WARNED, create_app
 from serve.auth import reachable, warn_open
 from serve.settings import Settings

@@ -37,22 +37,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llama_jax import WARMUP_MODES, LoadOptions
+
 PREFIX = "LLAMA_JAX_"
 REASONING_FORMATS = ("auto", "deepseek", "none")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(LoadOptions):
+    """One served model: its load options (`llama_jax.LoadOptions`: dtype, quantize, slots,
+    sequence length, mesh, ...) and how the server offers it."""
+
     model: str | None = None  # alias, GGUF file, Hugging Face folder or model id; None: the default
-    revision: str | None = None  # of a Hugging Face model id: branch, tag or commit (None: main)
     aliases: tuple[str, ...] = ()  # extra names the model answers to
-    max_slots: int = 8
-    max_seq_len: int = 2048
-    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU/TPU
-    quantize: str | None = "auto"  # keep the file's precision (weights.plan_formats)
     max_queue: int = 256
-    chat_template: str | None = None
-    mesh: str | None = None  # "data=D,model=M": tensor-parallel over devices; None: one device
     lazy: bool = False  # load on the first request instead of at start
     idle_unload_s: float = 0.0  # unload after this many idle seconds (0: never)
 
@@ -65,17 +63,18 @@ class RateLimit:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    # The single-model case (and the defaults of a config file's [[models]]).
+    # The single-model case (and the defaults of a config file's [[models]]): `ModelSpec`'s
+    # fields, with its defaults.
     model: str | None = None
-    revision: str | None = None
+    revision: str | None = LoadOptions.revision
     aliases: tuple[str, ...] = ()
-    max_slots: int = 8
-    max_seq_len: int = 2048
-    dtype: str = "auto"
-    quantize: str | None = "auto"  # keep the file's precision (weights.plan_formats)
-    max_queue: int = 256
-    chat_template: str | None = None
-    mesh: str | None = None
+    max_slots: int = LoadOptions.max_slots
+    max_seq_len: int = LoadOptions.max_seq_len
+    dtype: str = LoadOptions.dtype
+    quantize: str | None = LoadOptions.quantize
+    max_queue: int = ModelSpec.max_queue
+    chat_template: str | None = LoadOptions.chat_template
+    mesh: str | None = LoadOptions.mesh
     # Several models: when set, these replace the single model above.
     models: tuple[ModelSpec, ...] = ()
     host: str = "127.0.0.1"
@@ -228,7 +227,7 @@ def _assign_aliases(specs: list[ModelSpec], aliases: tuple[str, ...]) -> list[Mo
             targeted.setdefault(0, []).append(a)
             continue
         if ids is None:
-            from serve.state import model_id  # loads the library: only for this form
+            from serve.state import model_id  # serve.state imports this module
 
             ids = [model_id(s.model) for s in specs]
         if name not in ids:
@@ -263,7 +262,7 @@ def warmup_mode(value: str | bool) -> str:
     if isinstance(value, bool):
         return "full" if value else "none"
     v = str(value).lower()
-    if v in ("first", "full", "none"):  # llama_jax.compiler.WARMUP_MODES, without loading JAX here
+    if v in WARMUP_MODES:
         return v
     if v in ("1", "true", "yes", "on"):
         return "full"

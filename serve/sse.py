@@ -1,7 +1,7 @@
 """Server-sent events as OpenAI streams them: `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`.
 
-A stream that fails midway ends with `data: {"error": {...}}` (the official client raises it)
-and no `[DONE]`. The response has no server-side timeout: a long generation is never cut.
+A stream that fails midway ends with `data: {"error": {...}}` (the official client raises it;
+a library error mapped as the app's error handler maps it) and no `[DONE]`. The response has no server-side timeout: a long generation is never cut.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable
 
 from quart import Response
 
-from serve.errors import APIError
+from llama_jax import LlamaJaxError
+from serve.errors import APIError, from_library
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,9 @@ def sse_response(
             async for chunk in events:
                 yield chunk
             outcome = "ok"
-        except APIError as e:
+        except (APIError, LlamaJaxError) as e:
             outcome = "error"
-            yield event(e.body())
+            yield event(from_library(e).body())
         except Exception as e:  # noqa: BLE001 - a fault mid-stream still reaches the client as an error
             log.exception("stream %s failed", request_id)
             outcome = "error"

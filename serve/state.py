@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llama_jax.generator import Generator
-from llama_jax.weights import DEFAULT_MODEL, estimate_memory
+from llama_jax import DEFAULT_MODEL, Generator, estimate_memory
 from serve.errors import APIError, model_not_found, unavailable
 from serve.settings import ModelSpec, Settings
 
@@ -35,16 +34,7 @@ FAILURE_DRAIN_S = 10.0  # ... then for other models' running requests to finish
 def open_generator(spec: ModelSpec, compilation_cache: str | None) -> Generator:
     """Load the model a spec names, with its engine sized and placed as the spec says."""
     return Generator.from_pretrained(
-        spec.model,
-        revision=spec.revision,
-        dtype=spec.dtype,
-        quantize=spec.quantize,
-        max_seq_len=spec.max_seq_len,
-        max_slots=spec.max_slots,
-        max_queue=spec.max_queue,
-        chat_template=spec.chat_template,
-        compilation_cache=compilation_cache,
-        mesh=spec.mesh,
+        spec.model, spec, max_queue=spec.max_queue, compilation_cache=compilation_cache
     )
 
 
@@ -103,26 +93,23 @@ class ModelEntry:
     @property
     def healthy(self) -> bool:
         gen = self.generator
-        return self.status == "ok" and gen is not None and gen.loop.error is None and gen.loop.running
+        return self.status == "ok" and gen is not None and gen.healthy
 
     def stalled_for(self) -> float:
         """Seconds the engine has had work without finishing a step (0: it is keeping up)."""
         gen = self.generator
-        return gen.loop.stalled_for() if gen is not None and gen.loop.running else 0.0
+        return gen.stalled_for() if gen is not None else 0.0
 
     def estimate(self) -> int:
         """Bytes of weights and KV cache this model holds when loaded."""
         if self._estimate is None:
-            s = self.spec
-            self._estimate = estimate_memory(
-                s.model, s.dtype, s.quantize, s.max_slots, s.max_seq_len, revision=s.revision
-            )
+            self._estimate = estimate_memory(self.spec.model, self.spec)
         return self._estimate
 
     @property
     def busy(self) -> bool:
         gen = self.generator
-        return gen is not None and bool(gen.engine.live_slots or gen.engine.waiting or gen.loop.backlog)
+        return gen is not None and gen.busy
 
     def unload(self) -> None:
         gen, self.generator = self.generator, None
@@ -246,10 +233,10 @@ class ServerState:
                 gen = entry.generator
                 # The error, not a stopped thread: a loop stopped on purpose (unload, close, a
                 # follower process of a multi-host mesh) is no failure.
-                if entry.status == "ok" and gen is not None and gen.loop.error is not None:
+                if entry.status == "ok" and gen is not None and gen.failure is not None:
                     if self.draining:  # a normal shutdown stops the engines itself
                         return
-                    self.failed = f"{entry.id}: {gen.loop.error!r}"
+                    self.failed = f"{entry.id}: {gen.failure!r}"
                     break
         log.critical("the inference engine of %s stopped; exiting for a restart", self.failed)
         await asyncio.sleep(FAILURE_GRACE_S)

@@ -6,19 +6,15 @@ field it came from, so a bad one is a 400 naming it."""
 
 from __future__ import annotations
 
-from llama_jax.constrain import Grammar
-from llama_jax.errors import InvalidRequestError
-from serve.errors import bad_request, from_library
+from llama_jax import Grammar, InvalidRequestError
+from serve.errors import bad_request
 from serve.schemas import SamplingFields
 
 
 def requested_grammar(body: SamplingFields) -> Grammar | None:
     """The grammar the request's fields ask for, or None; a 400 for two of them or a malformed one.
     (Compiling it, which also checks its cost, is `Generator.check_grammar`.)"""
-    try:
-        found = _grammars(body)
-    except InvalidRequestError as e:
-        raise from_library(e) from e
+    found = _grammars(body)
     if len(found) > 1:
         names = " and ".join(g.param for g in found if g.param)
         raise bad_request(f"{names} both constrain the output: give one", found[1].param)

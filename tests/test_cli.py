@@ -61,10 +61,10 @@ def test_version_and_grouped_help_with_llama_cpp_and_vllm_spellings():
 def test_llama_cpp_and_vllm_spellings_reach_the_same_settings():
     import argparse
 
-    from llama_jax.cli import _serve_arguments, serve_settings
+    from serve.cli import add_arguments, serve_settings
 
     parser = argparse.ArgumentParser()
-    _serve_arguments(parser)
+    add_arguments(parser)
     llama_cpp = serve_settings(parser.parse_args(["-hf", "m.gguf", "-c", "4096", "-np", "4", "-a", "mock"]))
     vllm = serve_settings(
         parser.parse_args(
@@ -78,3 +78,17 @@ def test_llama_cpp_and_vllm_spellings_reach_the_same_settings():
     )
     assert llama_cpp == vllm == ours
     assert (ours.model, ours.max_seq_len, ours.max_slots, ours.aliases) == ("m.gguf", 4096, 4, ("mock",))
+
+
+def test_load_flags_are_made_from_the_load_options_fields():
+    import argparse
+
+    from llama_jax.cli import load_flags, load_options
+
+    every = argparse.ArgumentParser()
+    load_flags(every, ("dtype", "max_seq_len"))
+    assert load_options(every.parse_args(["-c", "64"])) == {"dtype": "auto", "max_seq_len": 64}
+    given = argparse.ArgumentParser()
+    load_flags(given, ("dtype", "max_seq_len"), given_only=True)  # the server's: only what is given
+    assert load_options(given.parse_args(["--max-model-len", "64"])) == {"max_seq_len": 64}
+    assert "(default: 2048)" in given.format_help()

@@ -80,7 +80,7 @@ def test_a_template_naming_other_markers_uses_them():
 
 
 def test_reasoning_format_is_taken_from_flags_over_variables_over_the_file(tmp_path, monkeypatch):
-    from llama_jax.cli import _serve_arguments, serve_settings
+    from serve.cli import add_arguments, serve_settings
     from serve.settings import Settings, load
 
     config = tmp_path / "serve.toml"
@@ -92,7 +92,7 @@ def test_reasoning_format_is_taken_from_flags_over_variables_over_the_file(tmp_p
         load(environ={"LLAMA_JAX_REASONING_FORMAT": "hidden"})
 
     parser = argparse.ArgumentParser()
-    _serve_arguments(parser)
+    add_arguments(parser)
     monkeypatch.setenv("LLAMA_JAX_REASONING_FORMAT", "none")
     assert serve_settings(parser.parse_args(["--config", str(config)])).reasoning_format == "none"
     flagged = parser.parse_args(["--config", str(config), "--reasoning-format", "auto"])

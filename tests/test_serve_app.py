@@ -73,7 +73,7 @@ def tiny_server(tmp_path_factory):
 
 
 def test_warmup_modes_from_flags_variables_and_older_yes_no_values():
-    from llama_jax.cli import serve_settings
+    from serve.cli import serve_settings
 
     assert Settings().warmup == "first"
     assert Settings.from_env({"LLAMA_JAX_WARMUP": "full"}).warmup == "full"
@@ -87,10 +87,10 @@ def test_warmup_modes_from_flags_variables_and_older_yes_no_values():
 def serve_parser():
     import argparse
 
-    from llama_jax.cli import _serve_arguments
+    from serve.cli import add_arguments
 
     p = argparse.ArgumentParser()
-    _serve_arguments(p)
+    add_arguments(p)
     return p
 
 

@@ -363,3 +363,17 @@ def test_generator_config_and_eos_come_from_the_file(generator, cfg):
     assert generator.config == cfg
     assert TINY_VOCAB.eos_id in generator.tokenizer.eos_ids
     assert generator.max_seq_len == 128
+
+
+def test_load_options_are_taken_as_one_object_or_as_keywords_over_it(files):
+    from llama_jax.weights import LoadOptions, estimate_memory
+
+    base = LoadOptions(quantize="int8", max_slots=2)
+    assert LoadOptions.of(base, max_slots=4) == LoadOptions(quantize="int8", max_slots=4)
+    with pytest.raises(TypeError, match="max_queue"):
+        LoadOptions.of(max_queue=3)
+    path = files["gguf"]
+    assert estimate_memory(path, base) == estimate_memory(path, quantize="int8", max_slots=2)
+    assert estimate_memory(path, base, max_slots=4) > estimate_memory(path, base)
+    loaded = load_model(path, LoadOptions(quantize="none", kernels=False), dtype="float16")
+    assert loaded.model.dtype.__name__ == "float16"

@@ -18,7 +18,7 @@ from serve.errors import from_validation
 from serve.state import ModelEntry, ServerState
 
 if TYPE_CHECKING:
-    from llama_jax.generator import Generator
+    from llama_jax import Generator
     from serve.limits import RateLimiter
     from serve.metrics import ServerMetrics
 
@@ -110,13 +110,6 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
-
-
-def usage(prompt: int, completion: int, cached: int | None = None) -> dict:
-    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    if cached is not None:
-        out["prompt_tokens_details"] = {"cached_tokens": cached}
-    return out
 
 
 async def serving(name: str | None) -> tuple[ModelEntry, Generator]:

@@ -10,22 +10,12 @@ import functools
 
 from quart import Blueprint, g
 
-from serve.errors import from_library
 from serve.generation import Samples, chat_logprobs, sampling_params
-from serve.handlers import (
-    new_id,
-    note_tokens,
-    now,
-    parse_body,
-    record,
-    serving,
-    state,
-    stream_finisher,
-    usage,
-)
+from serve.handlers import parse_body, record, serving, state, stream_finisher
 from serve.output import OutputReader, splits_reasoning
+from serve.reply import Reply, choice
 from serve.schemas import ChatCompletionRequest
-from serve.sse import DONE, event, sse_response
+from serve.sse import sse_response
 from serve.structured import requested_grammar
 
 bp = Blueprint("chat", __name__)
@@ -37,21 +27,19 @@ async def chat_completions():
     entry, gen = await serving(body.model)
     messages = [m.for_template() for m in body.messages]
     grammar = requested_grammar(body)
-    try:  # rendering, tokenizing and compiling a grammar must not stall the event loop
-        prep = await asyncio.to_thread(
-            functools.partial(
-                gen.prepare_chat,
-                messages,
-                tools=body.tools,
-                tool_choice=body.tool_choice,
-                response_format=body.response_format,
-                parallel_tool_calls=body.parallel_tool_calls,
-                grammar=grammar,
-                template_kwargs=body.chat_template_kwargs,
-            )
+    # Rendering, tokenizing and compiling a grammar must not stall the event loop.
+    prep = await asyncio.to_thread(
+        functools.partial(
+            gen.prepare_chat,
+            messages,
+            tools=body.tools,
+            tool_choice=body.tool_choice,
+            response_format=body.response_format,
+            parallel_tool_calls=body.parallel_tool_calls,
+            grammar=grammar,
+            template_kwargs=body.chat_template_kwargs,
         )
-    except Exception as e:
-        raise from_library(e) from e
+    )
     ids = prep.prompt_ids
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else 0
@@ -59,54 +47,32 @@ async def chat_completions():
     record().reserve(len(ids) + body.n * params.max_tokens)
     samples = Samples(gen, [ids], params, body.n, client=record().client)
     record().count = lambda: (len(ids), samples.generated)
-    skip = gen.engine.eos_ids | frozenset(params.stop_token_ids)
-    cid, created = new_id("chatcmpl"), now()
-    base = {
-        "id": cid,
-        "created": created,
-        "model": entry.answer_name(body.model),
-        "system_fingerprint": entry.fingerprint,
-    }
+    skip = gen.eos_ids | frozenset(params.stop_token_ids)
+    reply = Reply("chat", entry, body.model, len(ids), body.n, body.stream_options)
     split = splits_reasoning(body.reasoning_format, state().settings.reasoning_format)
     readers = [OutputReader(prep, split) for _ in range(body.n)]
+
+    def logprobs(entries: list[dict]) -> dict:
+        return {"content": entries, "refusal": None}
 
     if not body.stream:
         texts = [""] * body.n
         reasons: list[str | None] = [None] * body.n
         lps: list[list[dict]] = [[] for _ in range(body.n)]
-        lead = None
-        completion = 0
         async for i, d in samples:
             texts[i] += d.text
             if body.logprobs:
                 lps[i] += chat_logprobs(gen, d, skip)
             if d.finish_reason is not None:
                 reasons[i] = d.finish_reason
-                completion += d.usage.completion_tokens
-                if i == 0:
-                    lead = d.usage
-        note_tokens(len(ids), completion)
-        return {
-            **base,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": i,
-                    **_message(texts[i], reasons[i], readers[i]),
-                    "logprobs": {"content": lps[i], "refusal": None} if body.logprobs else None,
-                }
-                for i in range(body.n)
-            ],
-            "usage": usage(len(ids), completion, lead.cached_tokens if lead else 0),
-        }
-
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    counts = {"completion": 0, "cached": 0}
-
-    def chunk(choices: list[dict], use: dict | None = None) -> bytes:
-        # OpenAI sends `usage` (null but on the last chunk) only when it was asked for.
-        extra = {"usage": use} if include_usage else {}
-        return event({**base, "object": "chat.completion.chunk", "choices": choices, **extra})
+                reply.finished(i, d)
+        choices = []
+        for i, reader in enumerate(readers):
+            message, reason = _message(texts[i], reasons[i], reader)
+            choices.append(
+                choice(i, {"message": message}, logprobs(lps[i]) if body.logprobs else None, reason)
+            )
+        return reply.body(choices)
 
     def pieces(i: int, text: str, entries: list, finish: bool = False) -> list[dict]:
         """Choice deltas for new text: reasoning, content, or tool-call deltas for calls."""
@@ -116,45 +82,25 @@ async def chat_completions():
                 delta = {"tool_calls": [{"index": piece[1], **piece[2]}]}
             else:
                 delta = {"reasoning_content" if piece[0] == "reasoning" else "content": piece[1]}
-            out.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": None})
+            out.append(choice(i, {"delta": delta}))
         if out and body.logprobs:
-            out[0]["logprobs"] = {"content": entries, "refusal": None}
+            out[0]["logprobs"] = logprobs(entries)
         elif entries:  # logprobs of tokens whose text is held back (a possible call) still go out
-            out.append(
-                {
-                    "index": i,
-                    "delta": {},
-                    "logprobs": {"content": entries, "refusal": None},
-                    "finish_reason": None,
-                }
-            )
+            out.append(choice(i, {"delta": {}}, logprobs(entries)))
         return out
 
     async def events():
         for i in range(body.n):
-            yield chunk(
-                [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ]
-            )
+            yield reply.chunk([choice(i, {"delta": {"role": "assistant", "content": ""}})])
         async for i, d in samples:
             entries = chat_logprobs(gen, d, skip) if body.logprobs else []
-            for choice in pieces(i, d.text, entries, finish=d.finish_reason is not None):
-                yield chunk([choice])
+            for c in pieces(i, d.text, entries, finish=d.finish_reason is not None):
+                yield reply.chunk([c])
             if d.finish_reason is not None:
-                counts["completion"] += d.usage.completion_tokens
-                if i == 0:
-                    counts["cached"] = d.usage.cached_tokens
-                reason = _reason(d.finish_reason, readers[i])
-                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
-        if include_usage:
-            yield chunk([], usage(len(ids), counts["completion"], counts["cached"]))
-        yield DONE
+                reply.finished(i, d)
+                yield reply.finish_chunk(i, _reason(d.finish_reason, readers[i]))
+        for e in reply.end():
+            yield e
 
     return sse_response(events(), g.request_id, stream_finisher(lambda: (len(ids), samples.generated)))
 
@@ -164,7 +110,7 @@ def _reason(reason: str | None, reader: OutputReader) -> str | None:
     return "tool_calls" if reason == "stop" and reader.calls else reason
 
 
-def _message(text: str, reason: str | None, reader: OutputReader) -> dict:
+def _message(text: str, reason: str | None, reader: OutputReader) -> tuple[dict, str | None]:
     """A choice's message and finish reason: the reasoning block as `reasoning_content`, calls
     found in the text as `tool_calls`."""
     reader.feed(text, finish=True)
@@ -174,4 +120,4 @@ def _message(text: str, reason: str | None, reader: OutputReader) -> dict:
     if reader.calls:
         message["content"] = reader.content or None
         message["tool_calls"] = [c.to_openai() for c in reader.calls]
-    return {"message": message, "finish_reason": _reason(reason, reader)}
+    return message, _reason(reason, reader)

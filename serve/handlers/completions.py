@@ -8,20 +8,13 @@ import dataclasses
 
 from quart import Blueprint, g
 
-from serve.errors import APIError, bad_request, from_library
+from llama_jax import ContextLengthError
+from serve.errors import bad_request
 from serve.generation import CompletionLogprobs, Samples, sampling_params
-from serve.handlers import (
-    new_id,
-    note_tokens,
-    now,
-    parse_body,
-    record,
-    serving,
-    stream_finisher,
-    usage,
-)
+from serve.handlers import parse_body, record, serving, stream_finisher
+from serve.reply import Reply, choice
 from serve.schemas import CompletionRequest
-from serve.sse import DONE, event, sse_response
+from serve.sse import sse_response
 from serve.structured import requested_grammar
 
 bp = Blueprint("completions", __name__)
@@ -39,11 +32,8 @@ async def completions():
         raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
     prompts = _prompts(body.prompt)
     grammar = requested_grammar(body)
-    if grammar is not None:
-        try:  # compiling a grammar must not stall the event loop
-            await asyncio.to_thread(gen.check_grammar, grammar)
-        except Exception as e:
-            raise from_library(e) from e
+    if grammar is not None:  # compiled on a thread: it must not stall the event loop
+        await asyncio.to_thread(gen.check_grammar, grammar)
     # Tokenized on a worker thread: a long prompt must not stall every other request.
     ids = await asyncio.to_thread(
         lambda: [gen.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
@@ -57,80 +47,46 @@ async def completions():
     record().reserve(sum(map(len, ids)) + len(ids) * body.n * params.max_tokens)
     try:
         samples = Samples(gen, ids, params, body.n, client=record().client)
-    except APIError as e:
-        if e.code == "context_length_exceeded":
-            e.param = "prompt"
+    except ContextLengthError as e:
+        e.param = "prompt"
         raise
     record().count = lambda: (sum(map(len, ids)), samples.generated)
     n_choices = len(ids) * body.n
     echoes = [(p if isinstance(p, str) else gen.tokenizer.decode(p)) if body.echo else "" for p in prompts]
-    skip = gen.engine.eos_ids | frozenset(params.stop_token_ids)
+    skip = gen.eos_ids | frozenset(params.stop_token_ids)
     logprobs = [CompletionLogprobs(len(echoes[i // body.n])) for i in range(n_choices)]
-    prompt_tokens = sum(map(len, ids))
-    base = {
-        "id": new_id("cmpl"),
-        "created": now(),
-        "model": entry.answer_name(body.model),
-        "system_fingerprint": entry.fingerprint,
-    }
+    reply = Reply("text", entry, body.model, sum(map(len, ids)), body.n, body.stream_options)
 
     if not body.stream:
         texts = [echoes[i // body.n] for i in range(n_choices)]
         reasons: list[str | None] = [None] * n_choices
-        completion = cached = 0
         async for i, d in samples:
             texts[i] += d.text
             if body.logprobs is not None:
                 logprobs[i].add(gen, d, skip)
             if d.finish_reason is not None:
                 reasons[i] = d.finish_reason
-                completion += d.usage.completion_tokens
-                if i % body.n == 0:
-                    cached += d.usage.cached_tokens
-        note_tokens(prompt_tokens, completion)
-        return {
-            **base,
-            "object": "text_completion",
-            "choices": [
-                {
-                    "index": i,
-                    "text": texts[i],
-                    "logprobs": logprobs[i].data if body.logprobs is not None else None,
-                    "finish_reason": reasons[i],
-                }
-                for i in range(n_choices)
-            ],
-            "usage": usage(prompt_tokens, completion, cached),
-        }
-
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    counts = {"completion": 0, "cached": 0}
-
-    def chunk(choices: list[dict], use: dict | None = None) -> bytes:
-        # OpenAI sends `usage` (null but on the last chunk) only when it was asked for.
-        extra = {"usage": use} if include_usage else {}
-        return event({**base, "object": "text_completion", "choices": choices, **extra})
+                reply.finished(i, d)
+        lps = [lp.data if body.logprobs is not None else None for lp in logprobs]
+        return reply.body([choice(i, {"text": texts[i]}, lps[i], reasons[i]) for i in range(n_choices)])
 
     async def events():
         for i in range(n_choices):
             if echoes[i // body.n]:
-                yield chunk(
-                    [{"index": i, "text": echoes[i // body.n], "logprobs": None, "finish_reason": None}]
-                )
+                yield reply.chunk([choice(i, {"text": echoes[i // body.n]})])
         async for i, d in samples:
             lp = logprobs[i].add(gen, d, skip) if body.logprobs is not None else None
             if d.text or (lp and lp["tokens"]):
-                yield chunk([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": None}])
+                yield reply.chunk([choice(i, {"text": d.text}, lp)])
             if d.finish_reason is not None:
-                counts["completion"] += d.usage.completion_tokens
-                if i % body.n == 0:
-                    counts["cached"] += d.usage.cached_tokens
-                yield chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": d.finish_reason}])
-        if include_usage:
-            yield chunk([], usage(prompt_tokens, counts["completion"], counts["cached"]))
-        yield DONE
+                reply.finished(i, d)
+                yield reply.finish_chunk(i, d.finish_reason)
+        for e in reply.end():
+            yield e
 
-    return sse_response(events(), g.request_id, stream_finisher(lambda: (prompt_tokens, samples.generated)))
+    return sse_response(
+        events(), g.request_id, stream_finisher(lambda: (reply.prompt_tokens, samples.generated))
+    )
 
 
 def _prompts(prompt: str | list) -> list[str | list[int]]:

@@ -12,7 +12,7 @@ import base64
 import numpy as np
 from quart import Blueprint
 
-from serve.errors import bad_request, from_library
+from serve.errors import bad_request
 from serve.handlers import note_tokens, parse_body, record, serving
 from serve.schemas import MAX_EMBEDDING_INPUTS, EmbeddingRequest
 
@@ -33,20 +33,14 @@ async def embeddings():
             f"this model's embeddings have {gen.config.dim} dimensions; dimensions cannot change it",
             "dimensions",
         )
-    try:
-        rows = await asyncio.to_thread(gen.embedding_rows, inputs)
-    except Exception as e:
-        raise from_library(e) from e
+    rows = await asyncio.to_thread(gen.embedding_rows, inputs)
     tokens = sum(map(len, rows))
     if tokens > MAX_EMBEDDING_TOKENS:
         raise bad_request(
             f"the inputs hold {tokens} tokens; at most {MAX_EMBEDDING_TOKENS} per request", "input"
         )
     record().reserve(tokens)
-    try:  # a client that leaves cancels this task, and with it the rest of the work
-        vectors = await gen.aembed(rows)
-    except Exception as e:
-        raise from_library(e) from e
+    vectors = await gen.aembed(rows)  # a client that leaves cancels this task, and the rest of the work
     note_tokens(tokens)
     vectors = np.asarray(vectors, dtype="<f4")
     if body.encoding_format == "base64":

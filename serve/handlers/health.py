@@ -81,15 +81,15 @@ async def slots():
     gen = await st.generator(request.args.get("model"))
     shared = bool(st.settings.api_keys)
     out = []
-    for i, req in enumerate(list(gen.engine.slots)):
+    for i, busy in enumerate(gen.slots()):
         out.append(
             {
                 "id": i,
                 "n_ctx": gen.max_seq_len,
-                "is_processing": req is not None,
-                "id_task": None if req is None or shared else req.id,
-                "n_prompt_tokens": 0 if req is None else len(req.prompt_ids),
-                "n_decoded": 0 if req is None else len(req.output_ids),
+                "is_processing": busy is not None,
+                "id_task": None if busy is None or shared else busy.request_id,
+                "n_prompt_tokens": 0 if busy is None else busy.prompt_tokens,
+                "n_decoded": 0 if busy is None else busy.generated_tokens,
             }
         )
     counts = gen.compile_status()  # a header: the body is llama.cpp's list of slots

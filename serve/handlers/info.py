@@ -38,7 +38,7 @@ async def props():
                 "repeat_penalty": d.repetition_penalty,
             },
         },
-        "total_slots": gen.runner.max_slots,
+        "total_slots": gen.max_slots,
         "model_alias": entry.id,
         "model_path": str(gen.loaded.path),
         "chat_template": gen.template.source,

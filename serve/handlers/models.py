@@ -27,7 +27,7 @@ def _card(name: str, entry: ModelEntry) -> dict:
             "n_vocab": gen.config.vocab_size,
             "n_embd": gen.config.dim,
             "n_params": gen.config.num_params(),
-            "n_slots": gen.runner.max_slots,
+            "n_slots": gen.max_slots,
         }
     card["meta"] = meta
     return card

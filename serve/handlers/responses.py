@@ -20,8 +20,7 @@ from typing import Any
 
 from quart import Blueprint, g
 
-from llama_jax.engine import Delta
-from llama_jax.sampling import SamplingParams
+from llama_jax import Delta, LlamaJaxError, SamplingParams
 from serve.errors import APIError, bad_request, from_library
 from serve.generation import Samples, sampling_params
 from serve.handlers import note_tokens, now, parse_body, record, serving, state, stream_finisher
@@ -40,6 +39,12 @@ from serve.sse import dumps, sse_response
 bp = Blueprint("responses", __name__)
 
 
+@bp.errorhandler(LlamaJaxError)
+async def _library_error(e: LlamaJaxError):
+    """The app's mapping of library errors (`serve/errors.py`), naming this API's fields."""
+    return _renamed(from_library(e)).response()
+
+
 @bp.post("/v1/responses")
 async def create_response():
     body = await parse_body(ResponsesRequest)
@@ -56,20 +61,18 @@ async def create_response():
     if isinstance(choice, ToolChoiceFunction):
         choice = {"type": "function", "function": {"name": choice.name}}
     fmt = body.text.format if body.text is not None else None
-    try:  # rendering, tokenizing and compiling a grammar must not stall the event loop
-        prep = await asyncio.to_thread(
-            functools.partial(
-                gen.prepare_chat,
-                messages,
-                tools=tools or None,
-                tool_choice=choice if tools else None,
-                response_format=fmt.response_format() if fmt is not None else None,
-                parallel_tool_calls=body.parallel_tool_calls,
-                template_kwargs=body.chat_template_kwargs,
-            )
+    # Rendering, tokenizing and compiling a grammar must not stall the event loop.
+    prep = await asyncio.to_thread(
+        functools.partial(
+            gen.prepare_chat,
+            messages,
+            tools=tools or None,
+            tool_choice=choice if tools else None,
+            response_format=fmt.response_format() if fmt is not None else None,
+            parallel_tool_calls=body.parallel_tool_calls,
+            template_kwargs=body.chat_template_kwargs,
         )
-    except Exception as e:
-        raise _renamed(from_library(e)) from e
+    )
     ids = prep.prompt_ids
     fields = SamplingFields.model_construct(
         model=body.model, temperature=body.temperature, top_p=body.top_p, seed=body.seed, top_k=body.top_k
@@ -81,10 +84,7 @@ async def create_response():
             e.param = "max_output_tokens"
         raise
     record().reserve(len(ids) + params.max_tokens)
-    try:
-        samples = Samples(gen, [ids], params, 1, client=record().client)
-    except APIError as e:
-        raise _renamed(e) from e
+    samples = Samples(gen, [ids], params, 1, client=record().client)
     record().count = lambda: (len(ids), samples.generated)
     split = splits_reasoning(None, state().settings.reasoning_format)
     out = _Output(_response(body, params, entry.answer_name(body.model)), OutputReader(prep, split))

@@ -15,7 +15,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from quart import Blueprint, Response, current_app, request
 
-from serve.errors import bad_request, from_library, from_validation
+from serve.errors import bad_request, from_validation
 from serve.handlers import serving
 from serve.schemas import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
 
@@ -61,10 +61,7 @@ async def tokenize():
             ids = tok.encode(body.prompt, add_bos=bos, parse_special=body.parse_special)
         else:
             messages = [m.for_template() for m in body.messages or ()]
-            try:  # the template writes BOS where the model wants one
-                text = gen.render_chat(messages, body.add_generation_prompt)
-            except Exception as e:
-                raise from_library(e) from e
+            text = gen.render_chat(messages, body.add_generation_prompt)  # BOS where the model wants one
             ids = tok.encode(text, add_bos=bool(body.add_special_tokens))
         return {"tokens": ids, "count": len(ids), "max_model_len": gen.max_seq_len}
 
@@ -91,13 +88,8 @@ async def apply_template():
     _, gen = await serving(body.model)
 
     def work() -> dict:
-        try:
-            return {
-                "prompt": gen.render_chat(
-                    [m.for_template() for m in body.messages], body.add_generation_prompt
-                )
-            }
-        except Exception as e:
-            raise from_library(e) from e
+        return {
+            "prompt": gen.render_chat([m.for_template() for m in body.messages], body.add_generation_prompt)
+        }
 
     return await _off_loop(work)
