@@ -37,8 +37,8 @@ from jax.sharding import Mesh
 
 from llama_jax import cache as kv
 from llama_jax import sharding
-from llama_jax.cache import DecodeState
 from llama_jax.compiler import Shape, StepCompiler
+from llama_jax.decode_state import DecodeState, init_state
 from llama_jax.model import Llama
 from llama_jax.sampling import (
     SamplingParams,
@@ -185,7 +185,7 @@ class ModelRunner:
         return logits if self._shard is None else self._shard.whole_rows(logits)
 
     def _new_state(self) -> DecodeState:
-        return kv.init_state(self.cfg, self.max_slots, self.max_seq_len, self.kv_dtype)
+        return init_state(self.cfg, self.max_slots, self.max_seq_len, self.kv_dtype)
 
     def init_state(self) -> DecodeState:
         if self._shard is None:
