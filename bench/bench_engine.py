@@ -115,9 +115,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for n in levels:
         for params in [sampling, constrained] if args.constrained else [sampling]:
-            before = gen.engine.metrics.snapshot()
+            before = gen.scheduler.metrics.snapshot()
             r = asyncio.run(level(gen, n, params, args.unique))
-            after = gen.engine.metrics.snapshot()
+            after = gen.scheduler.metrics.snapshot()
             masked = after["constrained_tokens"] - before["constrained_tokens"]
             mask_us = (after["grammar_mask_seconds"] - before["grammar_mask_seconds"]) / max(masked, 1) * 1e6
             print(

@@ -6,7 +6,6 @@ from llama_jax import Generator, SamplingParams
 from importlib.metadata import PackageNotFoundError, version
 
 from llama_jax.constrain import Grammar
-from llama_jax.engine import Delta, Usage
 from llama_jax.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -18,6 +17,7 @@ from llama_jax.errors import (
 )
 from llama_jax.generator import Completion, Generator
 from llama_jax.sampling import SamplingParams
+from llama_jax.scheduler import Delta, Usage
 from llama_jax.tools import ToolCall
 
 try:

@@ -186,7 +186,7 @@ def _follow(settings) -> None:
     specs = settings.model_specs()
     if len(specs) != 1 or specs[0].lazy:
         raise LlamaJaxError("a multi-host server serves exactly one model, loaded at start")
-    lockstep.follow(open_generator(specs[0], settings.compilation_cache).engine)
+    lockstep.follow(open_generator(specs[0], settings.compilation_cache).scheduler)
 
 
 def serve_settings(args):

@@ -4,8 +4,8 @@
     gen = Generator.from_pretrained()                 # the default model
     gen.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0)).text
 
-It owns one loaded model, its tokenizer and chat template, and one `Engine` run by an
-`EngineLoop` thread; every call (sync or async, from any thread) goes through it, so
+It owns one loaded model, its tokenizer and chat template, and one `Scheduler` run by a
+`SchedulerLoop` thread; every call (sync or async, from any thread) goes through it, so
 concurrent calls and batch generation share the slots by continuous batching.
 """
 
@@ -28,12 +28,12 @@ from llama_jax import lockstep
 from llama_jax.chat_template import ChatTemplate
 from llama_jax.compiler import WARMUP_MODES
 from llama_jax.constrain import Grammar
-from llama_jax.engine import Delta, Engine, Request, Usage
-from llama_jax.engine_loop import EngineLoop
 from llama_jax.errors import ContextLengthError, InvalidRequestError
 from llama_jax.reasoning import Markers, ReasoningStream, opens_in_prompt, template_markers
 from llama_jax.runner import ModelRunner
 from llama_jax.sampling import SamplingParams
+from llama_jax.scheduler import Delta, Request, Scheduler, Usage
+from llama_jax.scheduler_loop import SchedulerLoop
 from llama_jax.sharding import describe, make_mesh
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.tools import (
@@ -64,7 +64,7 @@ class Completion:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedChat:
-    """A chat request made ready for the engine: its prompt ids, the grammar its output must
+    """A chat request made ready for the scheduler: its prompt ids, the grammar its output must
     follow (from a forced tool choice, `response_format` or a grammar of the caller's), and
     how to read calls and reasoning out of it."""
 
@@ -114,18 +114,18 @@ class Generator:
                 kv_dtype=kv_dtype,
             )
         )
-        self.engine = Engine(self.runner, tokenizer, eos_ids=loaded.config.eos_ids, max_queue=max_queue)
-        self._loop: EngineLoop | None = None
+        self.scheduler = Scheduler(self.runner, tokenizer, eos_ids=loaded.config.eos_ids, max_queue=max_queue)
+        self._loop: SchedulerLoop | None = None
 
     @property
-    def loop(self) -> EngineLoop:
-        """The engine thread, started on first use."""
+    def loop(self) -> SchedulerLoop:
+        """The scheduler thread, started on first use."""
         if self._loop is None:
-            self._loop = EngineLoop(self.engine).start()
+            self._loop = SchedulerLoop(self.scheduler).start()
         return self._loop
 
     def close(self) -> None:
-        """Stop the engine thread (requests still running are cancelled)."""
+        """Stop the scheduler thread (requests still running are cancelled)."""
         self.runner.compiler.close()
         if self._loop is not None:
             self._loop.close()
@@ -200,7 +200,7 @@ class Generator:
             raise ValueError(f"warm-up mode must be one of {', '.join(WARMUP_MODES)}, got {mode!r}")
         show = sys.stderr.isatty() if progress is None else progress
         if mode == "full" or (mode == "first" and jax.process_count() > 1):
-            self.loop.call(lambda: self.engine.warmup(progress=show))
+            self.loop.call(lambda: self.scheduler.warmup(progress=show))
         elif mode == "first":
             self.runner.compiler.compile_all(self.runner.first_shapes(), progress=show)
             self.runner.compiler.plan(self.runner.warmup_shapes())
@@ -276,7 +276,7 @@ class Generator:
                 )
             grammar = tool_grammar(allowed, parallel_tool_calls)
         if grammar is not None:
-            self.engine.grammars.matcher(grammar)  # an invalid schema fails here, before any work
+            self.scheduler.grammars.matcher(grammar)  # an invalid schema fails here, before any work
         # "none" keeps the tools in view, as OpenAI does; the template writes BOS itself.
         prompt = self.render_chat(messages, tools=checked, template_kwargs=template_kwargs)
         ids = self.tokenizer.encode(prompt, add_bos=False)
@@ -287,7 +287,7 @@ class Generator:
     def check_grammar(self, grammar: Grammar) -> None:
         """Compile `grammar` (cached for the request that follows): an invalid or too costly one
         is an `InvalidRequestError` here, before any device work. Slow: call it off the event loop."""
-        self.engine.grammars.matcher(grammar)
+        self.scheduler.grammars.matcher(grammar)
 
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -309,7 +309,7 @@ class Generator:
         prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
         sampling: SamplingParams | None = None,
     ) -> list[Completion]:
-        """Complete each prompt (text, or token ids); all are batched over the engine's slots."""
+        """Complete each prompt (text, or token ids); all are batched over the scheduler's slots."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         sampling = sampling or SamplingParams()

@@ -2,10 +2,10 @@
 
 Under `jax.distributed` a mesh spans the devices of every process, and each jitted step is one
 SPMD program that every process must launch, with the same shapes, in the same order. Only
-process 0 runs HTTP and the engine; its `ModelRunner` is wrapped in a `LeaderRunner` that,
+process 0 runs HTTP and the scheduler; its `ModelRunner` is wrapped in a `LeaderRunner` that,
 before each device call (prefill, decode, copy_slot, embed, warmup), broadcasts the call and
 its host arguments (token ids, slot, sampling rows, masks: the step's schedule, small numpy
-values) to the other processes. They run `follow(engine)`: receive a call, replay it on their
+values) to the other processes. They run `follow(scheduler)`: receive a call, replay it on their
 own runner and decode state, repeat. The device state itself is never sent: each process
 holds its shards of the weights and KV cache, and the steps' collectives keep them consistent.
 
@@ -83,17 +83,17 @@ def _host(values):
 
 
 def for_process(runner):
-    """The runner this process's engine should use: a `LeaderRunner` on process 0 of several,
+    """The runner this process's scheduler should use: a `LeaderRunner` on process 0 of several,
     the runner itself otherwise."""
     if jax.process_count() > 1 and jax.process_index() == 0:
         return LeaderRunner(runner)
     return runner
 
 
-def follow(engine) -> None:
-    """Replay process 0's device calls on this process's `engine` (its runner and decode
+def follow(scheduler) -> None:
+    """Replay process 0's device calls on this process's `scheduler` (its runner and decode
     state), for as long as the process runs (it is stopped with process 0's service)."""
-    runner = engine.runner
+    runner = scheduler.runner
     log.info("process %d follows process 0's schedule", jax.process_index())
     while True:
         name, args, kwargs = _receive()
@@ -102,6 +102,6 @@ def follow(engine) -> None:
         if name == "embed":
             runner.embed(*args, **kwargs)
         elif name in ("copy_slot", "warmup"):
-            engine.state = getattr(runner, name)(engine.state, *args, **kwargs)
+            scheduler.state = getattr(runner, name)(scheduler.state, *args, **kwargs)
         else:
-            engine.state, _ = getattr(runner, name)(engine.state, *args, **kwargs)
+            scheduler.state, _ = getattr(runner, name)(scheduler.state, *args, **kwargs)

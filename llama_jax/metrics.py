@@ -31,7 +31,7 @@ class Histogram:
 
 
 @dataclasses.dataclass
-class EngineMetrics:
+class SchedulerMetrics:
     requests_submitted: int = 0
     requests_finished: dict[str, int] = dataclasses.field(default_factory=dict)  # by finish reason
     prompt_tokens: int = 0

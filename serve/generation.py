@@ -8,9 +8,9 @@ import math
 import weakref
 from collections.abc import AsyncIterator, Sequence
 
-from llama_jax.engine import Delta, Request
 from llama_jax.generator import Generator
 from llama_jax.sampling import SamplingParams
+from llama_jax.scheduler import Delta, Request
 from serve.errors import APIError, bad_request, from_library
 from serve.schemas import SamplingFields
 
@@ -93,7 +93,7 @@ class Samples:
         self._loop = gen.loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self.requests: list[Request] = []
-        most = min(gen.engine.max_queue, gen.engine.max_queue_per_client)
+        most = min(gen.scheduler.max_queue, gen.scheduler.max_queue_per_client)
         if len(prompts) * n > most:
             raise bad_request(
                 f"{len(prompts)} prompts x n={n} is more than this server queues for one client ({most})",

@@ -3,7 +3,7 @@
 HTTP-side metrics (requests by route, status and model; end-to-end latency; rate-limit
 rejections) are recorded by the app; engine-side ones (tokens, time to first token,
 inter-token latency, queue, slots, KV cache use, prefix-cache hits) are read from each model's
-`EngineMetrics` at scrape time, so the engine thread never touches Prometheus objects.
+`SchedulerMetrics` at scrape time, so the engine thread never touches Prometheus objects.
 """
 
 from __future__ import annotations
@@ -107,12 +107,12 @@ class _EngineCollector:
             gen = entry.generator
             if gen is None:
                 continue
-            snap = gen.engine.metrics.snapshot()
+            snap = gen.scheduler.metrics.snapshot()
             for k, fam in families.items():
                 fam.add_metric([entry.id], snap[k])
             for reason, n in snap["requests_finished"].items():
                 finished.add_metric([entry.id, reason], n)
-            g = gen.engine.gauges()
+            g = gen.scheduler.gauges()
             g["queue_length"] += gen.loop.backlog
             for k, fam in gauges.items():
                 fam.add_metric([entry.id], g[k])

@@ -122,7 +122,7 @@ class ModelEntry:
     @property
     def busy(self) -> bool:
         gen = self.generator
-        return gen is not None and bool(gen.engine.live_slots or gen.engine.waiting or gen.loop.backlog)
+        return gen is not None and bool(gen.scheduler.live_slots or gen.scheduler.waiting or gen.loop.backlog)
 
     def unload(self) -> None:
         gen, self.generator = self.generator, None

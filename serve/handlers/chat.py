@@ -59,7 +59,7 @@ async def chat_completions():
     record().reserve(len(ids) + body.n * params.max_tokens)
     samples = Samples(gen, [ids], params, body.n, client=record().client)
     record().count = lambda: (len(ids), samples.generated)
-    skip = gen.engine.eos_ids | frozenset(params.stop_token_ids)
+    skip = gen.scheduler.eos_ids | frozenset(params.stop_token_ids)
     cid, created = new_id("chatcmpl"), now()
     base = {
         "id": cid,

@@ -64,7 +64,7 @@ async def completions():
     record().count = lambda: (sum(map(len, ids)), samples.generated)
     n_choices = len(ids) * body.n
     echoes = [(p if isinstance(p, str) else gen.tokenizer.decode(p)) if body.echo else "" for p in prompts]
-    skip = gen.engine.eos_ids | frozenset(params.stop_token_ids)
+    skip = gen.scheduler.eos_ids | frozenset(params.stop_token_ids)
     logprobs = [CompletionLogprobs(len(echoes[i // body.n])) for i in range(n_choices)]
     prompt_tokens = sum(map(len, ids))
     base = {

@@ -81,7 +81,7 @@ async def slots():
     gen = await st.generator(request.args.get("model"))
     shared = bool(st.settings.api_keys)
     out = []
-    for i, req in enumerate(list(gen.engine.slots)):
+    for i, req in enumerate(list(gen.scheduler.slots)):
         out.append(
             {
                 "id": i,

@@ -20,8 +20,8 @@ from typing import Any
 
 from quart import Blueprint, g
 
-from llama_jax.engine import Delta
 from llama_jax.sampling import SamplingParams
+from llama_jax.scheduler import Delta
 from serve.errors import APIError, bad_request, from_library
 from serve.generation import Samples, sampling_params
 from serve.handlers import note_tokens, now, parse_body, record, serving, state, stream_finisher

@@ -1,4 +1,4 @@
-"""The engine: continuous batching of requests over the slots of one `ModelRunner`.
+"""The scheduler: continuous batching of requests over the slots of one `ModelRunner`.
 
 A request's life, one `step()` at a time:
 
@@ -26,7 +26,7 @@ A request's life, one `step()` at a time:
 
 Embeddings (`make_embedding`) share the same steps: each step embeds at most one bounded chunk
 of rows (`embed_budget` tokens, shortest rows first), and while anything generates, embedding
-takes at most `embed_share` of the engine's time, so a flood of documents slows streams by a
+takes at most `embed_share` of the scheduler's time, so a flood of documents slows streams by a
 bounded factor instead of stopping them, and a cancelled embedding request stops after its
 current chunk.
 
@@ -35,7 +35,7 @@ allowed-token bitmask and consumes each sampled token. Its next mask depends on 
 sampled, so while such a request decodes, a step processes the previous step's tokens before
 dispatching (no overlap; on CPU the host work is a few percent of a step).
 
-The engine itself is single-threaded and synchronous; `engine_loop.EngineLoop` runs it on
+The scheduler itself is single-threaded and synchronous; `scheduler_loop.SchedulerLoop` runs it on
 the one thread that owns the device and bridges requests to threads and asyncio.
 """
 
@@ -53,7 +53,7 @@ import numpy as np
 
 from llama_jax.constrain import GrammarCompiler, Matcher
 from llama_jax.errors import ContextLengthError, InvalidRequestError, OverloadedError
-from llama_jax.metrics import EngineMetrics
+from llama_jax.metrics import SchedulerMetrics
 from llama_jax.runner import ModelRunner, unpack, unpack_top
 from llama_jax.sampling import SamplingParams, SlotSampling
 from llama_jax.stopping import StopMatcher
@@ -153,7 +153,7 @@ class EmbedJob:
         return self.cancelled or self.done == len(self.rows)
 
 
-class Engine:
+class Scheduler:
     def __init__(
         self,
         runner: ModelRunner,
@@ -180,16 +180,16 @@ class Engine:
         # What each idle slot's cache holds (token ids of its valid positions), for reuse.
         self.prefix_cache = prefix_cache
         self.slot_tokens: list[list[int]] = [[] for _ in range(runner.max_slots)]
-        self.metrics = EngineMetrics()
+        self.metrics = SchedulerMetrics()
         # Prompt tokens prefilled per step (default: one full chunk).
         self.prefill_budget = prefill_budget or runner.max_prefill_chunk
         # Embedding tokens per step (a row longer than this is one chunk of its own), and the
-        # share of engine time embeddings may take while requests generate.
+        # share of scheduler time embeddings may take while requests generate.
         self.embed_budget = embed_budget or self.prefill_budget
         self.embed_share = embed_share
         self.embeddings: collections.deque[EmbedJob] = collections.deque()
         self._embed_debt = 0.0  # seconds of other work owed before the next embedding chunk
-        # Called in the middle of a step whenever requests have new deltas (`EngineLoop` sets
+        # Called in the middle of a step whenever requests have new deltas (`SchedulerLoop` sets
         # it to hand them to their callers); the end of each step is the caller's to handle.
         self.deliver: Callable[[], None] | None = None
         self._admissions = itertools.count()
@@ -211,7 +211,7 @@ class Engine:
         request_id: str | None = None,
         client: str | None = None,
     ) -> Request:
-        """Validate and queue a request (single-threaded use; `EngineLoop` has its own submit)."""
+        """Validate and queue a request (single-threaded use; `SchedulerLoop` has its own submit)."""
         req = self.make_request(prompt_ids, params, request_id, client)
         self.check_room(1, req.client)
         self.enqueue(req)
@@ -231,7 +231,7 @@ class Engine:
             )
 
     def enqueue(self, req: Request) -> None:
-        """Queue a request made by `make_request` (engine thread only)."""
+        """Queue a request made by `make_request` (scheduler thread only)."""
         self.metrics.requests_submitted += 1
         self.waiting.append(req)
         if req.client is not None:
@@ -251,7 +251,7 @@ class Engine:
         request_id: str | None = None,
         client: str | None = None,
     ) -> Request:
-        """A validated request, not yet queued. Touches no engine state: safe from any thread."""
+        """A validated request, not yet queued. Touches no scheduler state: safe from any thread."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -296,12 +296,12 @@ class Engine:
         return EmbedJob(rows, np.zeros((len(rows), self.runner.cfg.dim), np.float32), order)
 
     def enqueue_embedding(self, job: EmbedJob) -> None:
-        """Queue an embeddings request (engine thread only); `job.finished` tells when it is done."""
+        """Queue an embeddings request (scheduler thread only); `job.finished` tells when it is done."""
         if not job.finished:
             self.embeddings.append(job)
 
     def cancel_embedding(self, job: EmbedJob) -> None:
-        """Drop what is left of an embeddings request (engine thread only)."""
+        """Drop what is left of an embeddings request (scheduler thread only)."""
         job.cancelled = True
         if job in self.embeddings:
             self.embeddings.remove(job)
