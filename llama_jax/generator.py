@@ -2,7 +2,7 @@
 
     from llama_jax import Generator, SamplingParams
     gen = Generator.from_pretrained()                 # the default model
-    gen.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0)).text
+    gen.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0), max_tokens=64).text
 
 It owns one loaded model, its tokenizer and chat template, and one `Scheduler` run by a
 `SchedulerLoop` thread; every call (sync or async, from any thread) goes through it, so
@@ -35,6 +35,7 @@ from llama_jax.sampling import SamplingParams
 from llama_jax.scheduler import Delta, Request, Scheduler, Usage
 from llama_jax.scheduler_loop import SchedulerLoop
 from llama_jax.sharding import describe, make_mesh
+from llama_jax.stopping import DEFAULT_MAX_TOKENS, StopRules
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.tools import (
     ToolCall,
@@ -74,9 +75,6 @@ class PreparedChat:
     tool_names: frozenset[str]  # the tools the output may call
     markers: Markers = ("<think>", "</think>")  # the template's reasoning markers
     thinking: bool = False  # the prompt ends inside a reasoning block
-
-    def sampling(self, sampling: SamplingParams) -> SamplingParams:
-        return sampling if self.grammar is None else dataclasses.replace(sampling, grammar=self.grammar)
 
     def tool_stream(self) -> ToolCallStream | None:
         """A parser of calls in the output; None when calls are off."""
@@ -304,15 +302,27 @@ class Generator:
             list(r.output_logprobs),
         )
 
+    # Every generation call takes the request's sampling (`SamplingParams`, default: its fields'
+    # defaults), when it stops (`StopRules`' fields as keywords: at most `max_tokens` tokens,
+    # `stop` strings left out of the text, `stop_token_ids`, `ignore_eos`) and a `grammar` its
+    # output must match.
+
     def generate(
         self,
         prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
         sampling: SamplingParams | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
     ) -> list[Completion]:
         """Complete each prompt (text, or token ids); all are batched over the scheduler's slots."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         sampling = sampling or SamplingParams()
+        rules = StopRules(max_tokens, stop, stop_token_ids, ignore_eos)
         done = [threading.Event() for _ in prompts]
         errors: list[BaseException] = []
         requests: list[Request] = []
@@ -329,7 +339,7 @@ class Generator:
 
         try:
             for i, p in enumerate(prompts):
-                requests.append(self.loop.submit(self._ids(p), sampling, sink(i)))
+                requests.append(self.loop.submit(self._ids(p), sampling, rules, sink(i), grammar=grammar))
             for event in done[: len(requests)]:
                 event.wait()
         finally:
@@ -339,28 +349,68 @@ class Generator:
             raise errors[0]
         return [self._completion(r) for r in requests]
 
-    def stream(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        sampling: SamplingParams | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
+    ) -> Iterator[str]:
         """Yield the completion's text as it is generated (never half a UTF-8 character)."""
-        for delta in self.loop.stream(self._ids(prompt), sampling or SamplingParams()):
+        rules = StopRules(max_tokens, stop, stop_token_ids, ignore_eos)
+        for delta in self.loop.stream(
+            self._ids(prompt), sampling or SamplingParams(), rules, grammar=grammar
+        ):
             if delta.text:
                 yield delta.text
 
     async def astream(
-        self, prompt: str | Sequence[int], sampling: SamplingParams | None = None
+        self,
+        prompt: str | Sequence[int],
+        sampling: SamplingParams | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[Delta]:
         """Deltas (text, token ids, logprobs; the last has finish_reason and usage) as generated.
         Closing the iterator, or cancelling the task consuming it, cancels the request."""
-        async for delta in self.loop.astream(self._ids(prompt), sampling or SamplingParams()):
+        rules = StopRules(max_tokens, stop, stop_token_ids, ignore_eos)
+        ids = self._ids(prompt)
+        async for delta in self.loop.astream(ids, sampling or SamplingParams(), rules, grammar=grammar):
             yield delta
 
     async def agenerate(
-        self, prompts: Sequence[str | Sequence[int]], sampling: SamplingParams | None = None
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        sampling: SamplingParams | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
     ) -> list[Completion]:
         """Complete several prompts concurrently from asyncio code."""
+        StopRules(max_tokens, stop, stop_token_ids, ignore_eos)  # a bad value fails before any prompt runs
 
         async def one(p) -> Completion:
             parts, ids, lps, last = [], [], [], None
-            async for d in self.astream(p, sampling):
+            async for d in self.astream(
+                p,
+                sampling,
+                max_tokens=max_tokens,
+                stop=stop,
+                stop_token_ids=stop_token_ids,
+                ignore_eos=ignore_eos,
+                grammar=grammar,
+            ):
                 parts.append(d.text)
                 ids += d.token_ids
                 lps += d.logprobs
@@ -378,18 +428,32 @@ class Generator:
         tool_choice: str | Mapping[str, Any] | None = None,
         response_format: Mapping[str, Any] | None = None,
         parallel_tool_calls: bool = True,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
     ) -> Completion:
         """One assistant turn. With `tools`, calls the model makes are in `tool_calls` (and
-        `finish_reason` is "tool_calls"); `response_format` constrains the text (OpenAI's
-        json_object / json_schema)."""
+        `finish_reason` is "tool_calls"); `response_format` (OpenAI's json_object /
+        json_schema) or `grammar` constrains the text."""
         prep = self.prepare_chat(
             messages,
             tools=tools,
             tool_choice=tool_choice,
             response_format=response_format,
             parallel_tool_calls=parallel_tool_calls,
+            grammar=grammar,
         )
-        out = self.generate([prep.prompt_ids], prep.sampling(sampling or SamplingParams()))[0]
+        out = self.generate(
+            [prep.prompt_ids],
+            sampling,
+            max_tokens=max_tokens,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            grammar=prep.grammar,
+        )[0]
         parser = prep.tool_stream()
         if parser is None:
             return out
@@ -401,9 +465,25 @@ class Generator:
         return dataclasses.replace(out, text=parser.content, finish_reason=reason, tool_calls=parser.calls)
 
     def chat_stream(
-        self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        sampling: SamplingParams | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
     ) -> Iterator[str]:
-        return self.stream(self.encode_chat(messages), sampling)
+        return self.stream(
+            self.encode_chat(messages),
+            sampling,
+            max_tokens=max_tokens,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            grammar=grammar,
+        )
 
     def embed(self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]]) -> np.ndarray:
         """Mean-pooled final hidden states, L2-normalized: float32 [len(inputs), D].

@@ -1,10 +1,10 @@
 """`SchedulerLoop`: the one thread that owns the device, and the bridge to callers.
 
     loop = SchedulerLoop(scheduler).start()
-    async for delta in loop.astream(prompt_ids, SamplingParams()): ...   # asyncio (the server)
-    for delta in loop.stream(prompt_ids, SamplingParams()): ...          # threads, notebooks
-    vectors = loop.embed(rows)                                           # embeddings
-    loop.call(lambda: scheduler.warmup())                                 # any device work
+    async for delta in loop.astream(prompt_ids, SamplingParams(), StopRules()): ...  # asyncio
+    for delta in loop.stream(prompt_ids, SamplingParams(), StopRules()): ...         # threads
+    vectors = loop.embed(rows)                                                       # embeddings
+    loop.call(lambda: scheduler.warmup())                                            # device work
 
 Callers never touch the scheduler: `submit` validates on the caller's thread (so a bad request
 fails at once, before any device work) and posts the request to an inbox; the scheduler thread
@@ -37,9 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from llama_jax.constrain import Grammar
 from llama_jax.errors import EngineDeadError
 from llama_jax.sampling import SamplingParams
 from llama_jax.scheduler import Delta, EmbedJob, Request, Scheduler
+from llama_jax.stopping import StopRules
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +102,19 @@ class SchedulerLoop:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        rules: StopRules,
         sink: Sink,
+        *,
+        grammar: Grammar | None = None,
         request_id: str | None = None,
         client: str | None = None,
     ) -> Request:
         """Validate and post a request; `sink` receives its deltas on the scheduler thread.
         `client` (a key, an address) is held to its share of the queue."""
         self._check_alive()
-        req = self.scheduler.make_request(prompt_ids, params, request_id, client)
+        req = self.scheduler.make_request(
+            prompt_ids, params, rules, grammar=grammar, request_id=request_id, client=client
+        )
         self._post([req], [sink])
         return req
 
@@ -115,13 +122,18 @@ class SchedulerLoop:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        rules: StopRules,
         sinks: Sequence[Sink],
+        *,
+        grammar: Grammar | None = None,
         request_id: str | None = None,
         client: str | None = None,
     ) -> list[Request]:
         """`len(sinks)` samples of one prompt sharing one prefill (OpenAI's `n`), posted together."""
         self._check_alive()
-        group = self.scheduler.make_group(prompt_ids, params, len(sinks), request_id, client)
+        group = self.scheduler.make_group(
+            prompt_ids, params, rules, len(sinks), grammar=grammar, request_id=request_id, client=client
+        )
         self._post(group, sinks)
         return group
 
@@ -182,7 +194,13 @@ class SchedulerLoop:
         return fut
 
     async def astream(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        rules: StopRules,
+        *,
+        grammar: Grammar | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[Delta]:
         """Deltas of one request; closing the generator (or cancelling its task) cancels it."""
         loop = asyncio.get_running_loop()
@@ -192,7 +210,7 @@ class SchedulerLoop:
             if not loop.is_closed():  # a closed loop means the consumer is gone; its cancel is posted
                 loop.call_soon_threadsafe(q.put_nowait, item)
 
-        req = self.submit(prompt_ids, params, sink, request_id)
+        req = self.submit(prompt_ids, params, rules, sink, grammar=grammar, request_id=request_id)
         try:
             while True:
                 item = await q.get()
@@ -204,10 +222,17 @@ class SchedulerLoop:
         finally:
             self.cancel(req)
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Delta]:
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        rules: StopRules,
+        *,
+        grammar: Grammar | None = None,
+    ) -> Iterator[Delta]:
         """Blocking counterpart of `astream` for threads and notebooks."""
         q: queue.SimpleQueue = queue.SimpleQueue()
-        req = self.submit(prompt_ids, params, q.put)
+        req = self.submit(prompt_ids, params, rules, q.put, grammar=grammar)
         try:
             while True:
                 item = q.get()

@@ -13,11 +13,12 @@ from tiny import gguf_metadata, random_tensors, tiny_config
 from llama_jax.runner import ModelRunner
 from llama_jax.sampling import SamplingParams
 from llama_jax.scheduler import Scheduler
+from llama_jax.stopping import StopRules
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.weights import build_model, pack_tensors
 from llama_jax.xla_cache import CompileCounter
 
-GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0), StopRules(max_tokens=40, ignore_eos=True)
 
 
 def fresh_scheduler(max_seq_len: int = 128) -> tuple[Scheduler, list[tuple[tuple, str]]]:
@@ -42,11 +43,13 @@ def test_a_new_prompt_waits_for_its_compile_while_a_running_stream_decodes():
     runner = scheduler.runner
     runner.compiler.compile_all(runner.first_shapes())
     # The first shapes: a 16-token chunk, batch 1.
-    short = scheduler.submit([5, 6, 7], SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))
+    short = scheduler.submit(
+        [5, 6, 7], SamplingParams(temperature=0), StopRules(max_tokens=120, ignore_eos=True)
+    )
     for _ in range(3):
         scheduler.step()
     assert short.output_ids and {s for s, _ in compiled} == set(runner.first_shapes())
-    longer = scheduler.submit(list(range(3, 43)), GREEDY)  # 40 tokens: a 64-token chunk, batch 4
+    longer = scheduler.submit(list(range(3, 43)), *GREEDY)  # 40 tokens: a 64-token chunk, batch 4
     wanted = {runner.prefill_shape(40, 0), runner.decode_shape(2, 100)}
     assert not wanted & set(runner.first_shapes())
     with runner.compiler._compile_lock:  # the worker cannot compile yet: the steps must not wait for it
@@ -79,11 +82,11 @@ def test_a_background_plan_compiles_every_shape_and_then_nothing_compiles():
     assert runner.compiler.status() == {"compiled": len(compiled), "pending": 0, "compiling": None}
     rng = np.random.default_rng(0)
     with CompileCounter() as c:
-        reqs = [scheduler.submit(rng.integers(3, 250, n).tolist(), GREEDY) for n in (3, 20, 70, 80)]
+        reqs = [scheduler.submit(rng.integers(3, 250, n).tolist(), *GREEDY) for n in (3, 20, 70, 80)]
         while not all(r.finished for r in reqs):
             scheduler.step()
         turn2 = reqs[0].prompt_ids + reqs[0].output_ids + [9, 9]  # continues a cached prefix
-        r = scheduler.submit(turn2, GREEDY)
+        r = scheduler.submit(turn2, *GREEDY)
         while not r.finished:
             scheduler.step()
     assert r.cached_tokens and c.traces == 0 and c.compiles == 0

@@ -16,6 +16,7 @@ from llama_jax.errors import InvalidRequestError
 from llama_jax.runner import ModelRunner
 from llama_jax.sampling import SamplingParams, SlotSampling, apply_mask, mask_words, sample
 from llama_jax.scheduler import Scheduler
+from llama_jax.stopping import StopRules
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.weights import build_model, pack_tensors
 
@@ -182,7 +183,10 @@ def test_constrained_output_matches_its_regex_at_any_temperature(scheduler):
 
     reqs = [
         scheduler.submit(
-            [5, 6, 7, 8], SamplingParams(temperature=t, seed=i, max_tokens=40, grammar=Grammar.regex(PATTERN))
+            [5, 6, 7, 8],
+            SamplingParams(temperature=t, seed=i),
+            StopRules(max_tokens=40),
+            grammar=Grammar.regex(PATTERN),
         )
         for i, t in enumerate([0.0, 1.0, 1.0, 2.0])
     ]
@@ -198,7 +202,9 @@ def test_output_is_one_of_the_choices_or_follows_the_gbnf(scheduler):
     choices = ["red", "green", "blue", "dark blue"]
     gbnf = 'root ::= ("yes" | "no") ", " [a-z]{2,6} "!"'
     reqs = [
-        scheduler.submit([5, 6, 7], SamplingParams(temperature=1.5, seed=i, max_tokens=40, grammar=g))
+        scheduler.submit(
+            [5, 6, 7], SamplingParams(temperature=1.5, seed=i), StopRules(max_tokens=40), grammar=g
+        )
         for i, g in enumerate([Grammar.choice(choices)] * 4 + [Grammar.gbnf(gbnf)] * 4)
     ]
     run(scheduler, reqs)
@@ -208,14 +214,19 @@ def test_output_is_one_of_the_choices_or_follows_the_gbnf(scheduler):
 
 def test_unconstrained_neighbours_are_unaffected(scheduler, parts):
     prompt = [9, 10, 11, 12, 13]
-    params = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
-    alone = run(scheduler, [scheduler.submit(prompt, params)])[0].output_ids
+    params = SamplingParams(temperature=0.8, seed=3), StopRules(max_tokens=24, ignore_eos=True)
+    alone = run(scheduler, [scheduler.submit(prompt, *params)])[0].output_ids
     fresh = Scheduler(parts[0], parts[1], eos_ids=(2,), max_queue=16)
     reqs = [
-        fresh.submit([20, 21], SamplingParams(temperature=1.0, max_tokens=30, grammar=Grammar.json_object())),
-        fresh.submit(prompt, params),
         fresh.submit(
-            [22, 23], SamplingParams(temperature=1.0, max_tokens=30, grammar=Grammar.regex("[0-9]+"))
+            [20, 21], SamplingParams(temperature=1.0), StopRules(max_tokens=30), grammar=Grammar.json_object()
+        ),
+        fresh.submit(prompt, *params),
+        fresh.submit(
+            [22, 23],
+            SamplingParams(temperature=1.0),
+            StopRules(max_tokens=30),
+            grammar=Grammar.regex("[0-9]+"),
         ),
     ]
     run(fresh, reqs)
@@ -233,21 +244,23 @@ def test_json_is_completed_within_max_tokens(scheduler):
         },
         "required": ["name", "tags", "kind"],
     }
-    reqs = []
+    reqs, kinds = [], []
     for i, grammar in enumerate([Grammar.json_object(), Grammar.json_schema(schema)]):
         shortest = scheduler.grammars.matcher(grammar).closing_path(200, scheduler.grammars.closers)
         for j, extra in enumerate([1, 4, 12, 30]):
-            params = SamplingParams(
-                temperature=1.5, seed=j, max_tokens=len(shortest) + extra, grammar=grammar
+            params, rules = (
+                SamplingParams(temperature=1.5, seed=j),
+                StopRules(max_tokens=len(shortest) + extra),
             )
-            reqs.append(scheduler.submit([30 + i, 31 + j], params))
+            reqs.append(scheduler.submit([30 + i, 31 + j], params, rules, grammar=grammar))
+            kinds.append(grammar.kind)
     run(scheduler, reqs[:4])
     run(scheduler, reqs[4:])
-    for r in reqs:
-        assert len(r.output_ids) <= r.params.max_tokens
+    for r, kind in zip(reqs, kinds, strict=True):
+        assert len(r.output_ids) <= r.rules.max_tokens
         value = json.loads(r.text)
         assert isinstance(value, dict)
-        if r.params.grammar.kind == "json_schema":
+        if kind == "json_schema":
             assert set(value) == {"name", "tags", "kind"} and value["kind"] in ("a", "b") and value["tags"]
 
 
@@ -261,7 +274,9 @@ def test_json_closes_in_time_against_a_model_that_keeps_opening_keys(scheduler, 
         '{"a": {"s": "cat"}' + "".join(f', "{k}": {{"s": "cat"}}' for k in "bcdefghijklmnop")
     )
     for max_tokens in (12, 20, 33, 47):
-        req = scheduler.submit([5, 6], SamplingParams(max_tokens=max_tokens, grammar=Grammar.json_object()))
+        req = scheduler.submit(
+            [5, 6], SamplingParams(), StopRules(max_tokens=max_tokens), grammar=Grammar.json_object()
+        )
         for step in range(max_tokens):
             mask = req.matcher.mask()
             scheduler._close_in_time(req, mask)
@@ -279,8 +294,10 @@ def test_json_closes_in_time_against_a_model_that_keeps_opening_keys(scheduler, 
 def test_samples_of_a_group_each_follow_the_grammar(scheduler):
     group = scheduler.make_group(
         [40, 41, 42],
-        SamplingParams(temperature=1.0, seed=5, max_tokens=30, grammar=Grammar.regex(PATTERN)),
+        SamplingParams(temperature=1.0, seed=5),
+        StopRules(max_tokens=30),
         3,
+        grammar=Grammar.regex(PATTERN),
     )
     for r in group:
         scheduler.enqueue(r)

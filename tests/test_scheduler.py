@@ -12,11 +12,12 @@ from llama_jax.errors import ContextLengthError, InvalidRequestError, Overloaded
 from llama_jax.runner import ModelRunner
 from llama_jax.sampling import SamplingParams
 from llama_jax.scheduler import Scheduler
+from llama_jax.stopping import StopRules
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.weights import build_model, pack_tensors
 from llama_jax.xla_cache import CompileCounter
 
-GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0), StopRules(max_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +49,18 @@ def prompt(rng, n):
 
 def test_more_requests_than_slots_all_finish_with_the_same_tokens_as_alone(scheduler, rng):
     prompts = [prompt(rng, n) for n in (5, 40, 9, 70, 3, 17, 33)]  # 40 and 70 need chunked prefill
-    reqs = run(scheduler, [scheduler.submit(p, GREEDY) for p in prompts])
+    reqs = run(scheduler, [scheduler.submit(p, *GREEDY) for p in prompts])
     for p, r in zip(prompts, reqs, strict=True):
         assert r.finish_reason == "length" and len(r.output_ids) == 12
-        (alone,) = run(scheduler, [scheduler.submit(p, GREEDY)])
+        (alone,) = run(scheduler, [scheduler.submit(p, *GREEDY)])
         assert alone.output_ids == r.output_ids
     assert scheduler.live_slots == 0
 
 
 def test_deltas_add_up_to_the_text_and_carry_every_token(scheduler, rng):
     (r,) = run(
-        scheduler, [scheduler.submit(prompt(rng, 8), SamplingParams(temperature=0.9, seed=3, max_tokens=20))]
+        scheduler,
+        [scheduler.submit(prompt(rng, 8), SamplingParams(temperature=0.9, seed=3), StopRules(max_tokens=20))],
     )
     deltas = list(r.deltas)
     assert "".join(d.text for d in deltas) == r.text
@@ -70,13 +72,18 @@ def test_deltas_add_up_to_the_text_and_carry_every_token(scheduler, rng):
 def test_stop_string_ends_generation_and_is_excluded(scheduler, rng):
     p = prompt(rng, 6)
     (free,) = run(
-        scheduler, [scheduler.submit(p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))]
+        scheduler,
+        [scheduler.submit(p, SamplingParams(temperature=0), StopRules(max_tokens=30, ignore_eos=True))],
     )
     assert len(free.text) > 6
     stop = free.text[3:5]
     (r,) = run(
         scheduler,
-        [scheduler.submit(p, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))],
+        [
+            scheduler.submit(
+                p, SamplingParams(temperature=0), StopRules(max_tokens=30, ignore_eos=True, stop=[stop])
+            )
+        ],
     )
     assert r.finish_reason == "stop"
     assert r.text == free.text[: free.text.index(stop)]
@@ -84,40 +91,45 @@ def test_stop_string_ends_generation_and_is_excluded(scheduler, rng):
 
 def test_stop_token_and_eos(scheduler, rng):
     p = prompt(rng, 6)
-    (free,) = run(scheduler, [scheduler.submit(p, GREEDY)])
+    (free,) = run(scheduler, [scheduler.submit(p, *GREEDY)])
     target = free.output_ids[4]
     (r,) = run(
         scheduler,
-        [scheduler.submit(p, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[target]))],
+        [
+            scheduler.submit(
+                p, SamplingParams(temperature=0), StopRules(max_tokens=12, stop_token_ids=[target])
+            )
+        ],
     )
     assert r.finish_reason == "stop" and r.output_ids == free.output_ids[: free.output_ids.index(target) + 1]
     scheduler.eos_ids = frozenset({target})
-    (r,) = run(scheduler, [scheduler.submit(p, SamplingParams(temperature=0, max_tokens=12))])
+    (r,) = run(scheduler, [scheduler.submit(p, SamplingParams(temperature=0), StopRules(max_tokens=12))])
     assert r.finish_reason == "stop" and r.output_ids[-1] == target
-    (r,) = run(scheduler, [scheduler.submit(p, GREEDY)])  # ignore_eos
+    (r,) = run(scheduler, [scheduler.submit(p, *GREEDY)])  # ignore_eos
     assert r.output_ids == free.output_ids
 
 
 def test_context_length_and_bad_prompts_fail_before_any_device_work(scheduler):
     with pytest.raises(ContextLengthError, match="maximum context length is 128"):
-        scheduler.submit(list(range(3, 103)), SamplingParams(max_tokens=29))
-    scheduler.submit(list(range(3, 103)), SamplingParams(max_tokens=28))  # exactly fits
+        scheduler.submit(list(range(3, 103)), SamplingParams(), StopRules(max_tokens=29))
+    scheduler.submit(list(range(3, 103)), SamplingParams(), StopRules(max_tokens=28))  # exactly fits
     with pytest.raises(InvalidRequestError):
-        scheduler.submit([], SamplingParams())
+        scheduler.submit([], SamplingParams(), StopRules())
     with pytest.raises(InvalidRequestError):
-        scheduler.submit([5, 10**6], SamplingParams())
+        scheduler.submit([5, 10**6], SamplingParams(), StopRules())
 
 
 def test_full_queue_raises_overloaded(scheduler):
     for _ in range(8):
-        scheduler.submit([5, 6, 7], SamplingParams(max_tokens=4))
+        scheduler.submit([5, 6, 7], SamplingParams(), StopRules(max_tokens=4))
     with pytest.raises(OverloadedError):
-        scheduler.submit([5, 6, 7], SamplingParams(max_tokens=4))
+        scheduler.submit([5, 6, 7], SamplingParams(), StopRules(max_tokens=4))
 
 
 def test_cancel_frees_the_slot_and_service_continues(scheduler, rng):
     long = [
-        scheduler.submit(prompt(rng, 10), SamplingParams(max_tokens=100, ignore_eos=True)) for _ in range(3)
+        scheduler.submit(prompt(rng, 10), SamplingParams(), StopRules(max_tokens=100, ignore_eos=True))
+        for _ in range(3)
     ]
     for _ in range(5):
         scheduler.step()
@@ -125,44 +137,45 @@ def test_cancel_frees_the_slot_and_service_continues(scheduler, rng):
     for r in long:
         scheduler.cancel(r)
     assert scheduler.live_slots == 0 and all(r.finish_reason == "cancelled" for r in long)
-    (r,) = run(scheduler, [scheduler.submit(prompt(rng, 4), GREEDY)])
+    (r,) = run(scheduler, [scheduler.submit(prompt(rng, 4), *GREEDY)])
     assert len(r.output_ids) == 12
 
 
 def test_steady_state_has_no_compiles(scheduler, rng):
     scheduler.warmup()
-    params = []
+    requests = []
     for i in range(30):
-        params.append(
-            SamplingParams(
-                temperature=float(rng.choice([0.0, 0.5, 1.0, 1.7])),
-                top_p=float(rng.uniform(0.1, 1.0)),
-                top_k=int(rng.choice([0, 1, 5, 200])),
-                min_p=float(rng.choice([0.0, 0.1])),
-                seed=int(rng.integers(0, 2**40)),
-                max_tokens=int(rng.integers(1, 20)),
-                stop=["ab"] if i % 3 == 0 else (),
-                top_logprobs=int(rng.choice([0, 0, 3, 20])),
-                presence_penalty=float(rng.choice([0.0, 0.5])),
-                repetition_penalty=float(rng.choice([1.0, 1.2])),
-                logit_bias={int(rng.integers(3, 250)): 5.0} if i % 4 == 0 else {},
-                ignore_eos=bool(i % 2),
-                grammar=[None, Grammar.regex("[a-z ]{1,30}"), Grammar.json_object()][i % 3 if i % 2 else 0],
-            )
+        v = dict(
+            temperature=float(rng.choice([0.0, 0.5, 1.0, 1.7])),
+            top_p=float(rng.uniform(0.1, 1.0)),
+            top_k=int(rng.choice([0, 1, 5, 200])),
+            min_p=float(rng.choice([0.0, 0.1])),
+            seed=int(rng.integers(0, 2**40)),
+            max_tokens=int(rng.integers(1, 20)),
+            stop=["ab"] if i % 3 == 0 else (),
+            top_logprobs=int(rng.choice([0, 0, 3, 20])),
+            presence_penalty=float(rng.choice([0.0, 0.5])),
+            repetition_penalty=float(rng.choice([1.0, 1.2])),
+            logit_bias={int(rng.integers(3, 250)): 5.0} if i % 4 == 0 else {},
+            ignore_eos=bool(i % 2),
         )
+        rules = StopRules(**{k: v.pop(k) for k in ("max_tokens", "stop", "ignore_eos")})
+        grammar = [None, Grammar.regex("[a-z ]{1,30}"), Grammar.json_object()][i % 3 if i % 2 else 0]
+        requests.append((SamplingParams(**v), rules, grammar))
     with CompileCounter() as c:
         done = []
-        for lo in range(0, len(params), 8):  # the queue holds 8
+        for lo in range(0, len(requests), 8):  # the queue holds 8
             batch = []
-            for p in params[lo : lo + 8]:
+            for params, rules, grammar in requests[lo : lo + 8]:
                 if done and rng.random() < 0.5:  # a follow-up turn: reuses a prefix, starts anywhere
                     prev = done[int(rng.integers(len(done)))]
                     ids = (prev.prompt_ids + prev.output_ids)[:90] + prompt(rng, int(rng.integers(1, 9)))
                 else:
                     ids = prompt(rng, int(rng.integers(1, 100)))
-                batch.append(scheduler.submit(ids, p))
+                batch.append(scheduler.submit(ids, params, rules, grammar=grammar))
             done += run(scheduler, batch)
-        group = scheduler.make_group(prompt(rng, 40), params[0], 3)
+        params, rules, grammar = requests[0]
+        group = scheduler.make_group(prompt(rng, 40), params, rules, 3, grammar=grammar)
         for r in group:
             scheduler.enqueue(r)
         run(scheduler, group)
@@ -180,32 +193,32 @@ def test_compile_counter_sees_a_new_compile():
 
 def test_second_turn_reuses_the_first_turns_cache(scheduler, parts, rng):
     turn1 = prompt(rng, 40)
-    (a,) = run(scheduler, [scheduler.submit(turn1, GREEDY)])
+    (a,) = run(scheduler, [scheduler.submit(turn1, *GREEDY)])
     assert a.cached_tokens == 0
     turn2 = turn1 + a.output_ids + prompt(rng, 10)
-    (b,) = run(scheduler, [scheduler.submit(turn2, GREEDY)])
+    (b,) = run(scheduler, [scheduler.submit(turn2, *GREEDY)])
     # Everything written by turn 1 (its prompt and all but its last, never-decoded token).
     assert b.cached_tokens == len(turn1) + len(a.output_ids) - 1
     assert b.deltas[-1].usage.cached_tokens == b.cached_tokens
     runner, tokenizer = parts
     fresh = Scheduler(runner, tokenizer, prefix_cache=False)
-    (c,) = run(fresh, [fresh.submit(turn2, GREEDY)])
+    (c,) = run(fresh, [fresh.submit(turn2, *GREEDY)])
     assert c.cached_tokens == 0 and c.output_ids == b.output_ids
 
 
 def test_repeated_prompt_prefills_only_its_last_token(scheduler, rng):
     p = prompt(rng, 25)
-    (a,) = run(scheduler, [scheduler.submit(p, GREEDY)])
-    (b,) = run(scheduler, [scheduler.submit(p, GREEDY)])
+    (a,) = run(scheduler, [scheduler.submit(p, *GREEDY)])
+    (b,) = run(scheduler, [scheduler.submit(p, *GREEDY)])
     assert b.cached_tokens == len(p) - 1 and b.output_ids == a.output_ids
     assert scheduler.metrics.prefix_cache_hits >= 1
 
 
 def test_a_different_prompt_does_not_reuse_a_stale_cache(scheduler, rng):
     p = prompt(rng, 20)
-    run(scheduler, [scheduler.submit(p, GREEDY)])
+    run(scheduler, [scheduler.submit(p, *GREEDY)])
     other = [p[0] + 1 if p[0] < 250 else 3] + p[1:]
-    (b,) = run(scheduler, [scheduler.submit(other, GREEDY)])
+    (b,) = run(scheduler, [scheduler.submit(other, *GREEDY)])
     assert b.cached_tokens == 0
 
 
@@ -214,11 +227,11 @@ def test_metrics_count_what_happened(scheduler, rng):
     reqs = run(
         scheduler,
         [
-            scheduler.submit(p, GREEDY),
-            scheduler.submit(prompt(rng, 7), SamplingParams(max_tokens=3, ignore_eos=True)),
+            scheduler.submit(p, *GREEDY),
+            scheduler.submit(prompt(rng, 7), SamplingParams(), StopRules(max_tokens=3, ignore_eos=True)),
         ],
     )
-    (again,) = run(scheduler, [scheduler.submit(p, GREEDY)])
+    (again,) = run(scheduler, [scheduler.submit(p, *GREEDY)])
     m = scheduler.metrics
     assert m.requests_submitted == 3 and m.requests_finished == {"length": 3}
     assert m.prompt_tokens == 10 + 7 + 10 and m.cached_prompt_tokens == again.cached_tokens == 9
@@ -233,9 +246,13 @@ def test_top_logprobs_are_the_most_likely_tokens_in_order(scheduler, parts, rng)
     p = prompt(rng, 9)
     (r,) = run(
         scheduler,
-        [scheduler.submit(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, top_logprobs=5))],
+        [
+            scheduler.submit(
+                p, SamplingParams(temperature=0, top_logprobs=5), StopRules(max_tokens=6, ignore_eos=True)
+            )
+        ],
     )
-    (plain,) = run(scheduler, [scheduler.submit(p, GREEDY)])
+    (plain,) = run(scheduler, [scheduler.submit(p, *GREEDY)])
     tokens = [d for d in r.deltas if d.token_ids]
     assert all(len(d.top_logprobs) == 1 and len(d.top_logprobs[0]) == 5 for d in tokens)
     assert all(d.top_logprobs == () for d in plain.deltas)
@@ -257,10 +274,8 @@ def test_top_logprobs_are_the_most_likely_tokens_in_order(scheduler, parts, rng)
 @pytest.mark.parametrize(
     "params",
     [
-        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.8),
-        SamplingParams(
-            temperature=0, max_tokens=6, ignore_eos=True, presence_penalty=1.5, frequency_penalty=1.0
-        ),
+        SamplingParams(temperature=0, repetition_penalty=1.8),
+        SamplingParams(temperature=0, presence_penalty=1.5, frequency_penalty=1.0),
     ],
 )
 def test_penalties_see_the_prompt_and_every_generated_token(scheduler, parts, rng, params):
@@ -270,7 +285,7 @@ def test_penalties_see_the_prompt_and_every_generated_token(scheduler, parts, rn
     from test_sampling import reference_adjust
 
     p = rng.integers(3, 30, 12).tolist()  # a small alphabet: the prompt repeats itself
-    (r,) = run(scheduler, [scheduler.submit(p, params)])
+    (r,) = run(scheduler, [scheduler.submit(p, params, StopRules(max_tokens=6, ignore_eos=True))])
     runner, _ = parts
     model = runner._model(runner._leaves)
     seq = p + r.output_ids
@@ -284,13 +299,15 @@ def test_penalties_see_the_prompt_and_every_generated_token(scheduler, parts, rn
 
 def test_logit_bias_bans_a_token_through_the_engine(scheduler, rng):
     p = prompt(rng, 8)
-    (free,) = run(scheduler, [scheduler.submit(p, GREEDY)])
+    (free,) = run(scheduler, [scheduler.submit(p, *GREEDY)])
     banned = free.output_ids[0]
     (r,) = run(
         scheduler,
         [
             scheduler.submit(
-                p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={banned: -100.0})
+                p,
+                SamplingParams(temperature=0, logit_bias={banned: -100.0}),
+                StopRules(max_tokens=12, ignore_eos=True),
             )
         ],
     )
@@ -299,8 +316,8 @@ def test_logit_bias_bans_a_token_through_the_engine(scheduler, rng):
 
 def test_n_samples_share_one_prefill_and_match_separate_requests(scheduler, parts, rng):
     p = prompt(rng, 50)  # two chunks for the leader; the others copy its cache
-    params = SamplingParams(temperature=1.0, seed=11, max_tokens=8, ignore_eos=True)
-    group = scheduler.make_group(p, params, 3)
+    params = SamplingParams(temperature=1.0, seed=11), StopRules(max_tokens=8, ignore_eos=True)
+    group = scheduler.make_group(p, *params, 3)
     for r in group:
         scheduler.enqueue(r)
     run(scheduler, group)
@@ -311,13 +328,17 @@ def test_n_samples_share_one_prefill_and_match_separate_requests(scheduler, part
         fresh = Scheduler(runner, tokenizer, prefix_cache=False)
         (alone,) = run(
             fresh,
-            [fresh.submit(p, SamplingParams(temperature=1.0, seed=11 + i, max_tokens=8, ignore_eos=True))],
+            [
+                fresh.submit(
+                    p, SamplingParams(temperature=1.0, seed=11 + i), StopRules(max_tokens=8, ignore_eos=True)
+                )
+            ],
         )
         assert alone.output_ids == r.output_ids
 
 
 def test_a_group_larger_than_the_slots_still_completes(scheduler, rng):
-    group = scheduler.make_group(prompt(rng, 20), GREEDY, 5)  # 3 slots
+    group = scheduler.make_group(prompt(rng, 20), *GREEDY, 5)  # 3 slots
     for r in group:
         scheduler.enqueue(r)
     run(scheduler, group)
@@ -328,11 +349,13 @@ def test_a_group_larger_than_the_slots_still_completes(scheduler, rng):
 def test_prefill_budget_keeps_streams_flowing_and_serves_the_oldest_first(scheduler, rng):
     """Budget = one 32-token chunk per step: a running stream gains a token every step while
     two 70-token prompts are admitted, and the older prompt gets its first token first."""
-    a = scheduler.submit(prompt(rng, 5), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    a = scheduler.submit(
+        prompt(rng, 5), SamplingParams(temperature=0), StopRules(max_tokens=40, ignore_eos=True)
+    )
     while len(a.output_ids) < 2:
         scheduler.step()
-    b = scheduler.submit(prompt(rng, 70), GREEDY)
-    c = scheduler.submit(prompt(rng, 70), GREEDY)
+    b = scheduler.submit(prompt(rng, 70), *GREEDY)
+    c = scheduler.submit(prompt(rng, 70), *GREEDY)
     first = {}
     for step in range(12):
         before = len(a.output_ids)
@@ -348,11 +371,13 @@ def test_prefill_budget_keeps_streams_flowing_and_serves_the_oldest_first(schedu
 def test_tokens_reach_callers_mid_step_as_soon_as_they_exist(scheduler, rng, monkeypatch):
     """With prefills in a step, the previous decode step's token is handed out before the host
     waits on the first prefill, and each prompt's first token right after its own prefill."""
-    a = scheduler.submit(prompt(rng, 5), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    a = scheduler.submit(
+        prompt(rng, 5), SamplingParams(temperature=0), StopRules(max_tokens=40, ignore_eos=True)
+    )
     while len(a.output_ids) < 2:
         scheduler.step()
-    b = scheduler.submit(prompt(rng, 6), GREEDY)
-    c = scheduler.submit(prompt(rng, 7), GREEDY)
+    b = scheduler.submit(prompt(rng, 6), *GREEDY)
+    c = scheduler.submit(prompt(rng, 7), *GREEDY)
     events = []
     prefill = scheduler.runner.prefill
 
@@ -392,7 +417,7 @@ def test_requests_sharing_a_prefix_prefill_it_once(scheduler, parts, rng, monkey
         return prefill(state, chunk, *args)
 
     monkeypatch.setattr(scheduler.runner, "prefill", counting_prefill)
-    reqs = run(scheduler, [scheduler.submit(p, GREEDY) for p in prompts])
+    reqs = run(scheduler, [scheduler.submit(p, *GREEDY) for p in prompts])
     assert [r.cached_tokens for r in reqs] == [0, 30, 30]
     assert sum(prefilled) == 35 + 5 + 5
     assert reqs[1].deltas[-1].usage.cached_tokens == 30
@@ -401,7 +426,7 @@ def test_requests_sharing_a_prefix_prefill_it_once(scheduler, parts, rng, monkey
     runner, tokenizer = parts
     for p, r in zip(prompts, reqs, strict=True):
         fresh = Scheduler(runner, tokenizer, prefix_cache=False)
-        (alone,) = run(fresh, [fresh.submit(p, GREEDY)])
+        (alone,) = run(fresh, [fresh.submit(p, *GREEDY)])
         assert alone.output_ids == r.output_ids
 
 
@@ -409,8 +434,8 @@ def test_a_request_whose_prefix_source_is_cancelled_prefills_it_itself(scheduler
     """The source of a shared prefix goes away before it has prefilled that prefix: the
     request prefills everything itself, with the same answer."""
     p = prompt(rng, 70)  # three 32-token chunks
-    a = scheduler.submit(p, GREEDY)
-    b = scheduler.submit(p[:60] + prompt(rng, 4), GREEDY)
+    a = scheduler.submit(p, *GREEDY)
+    b = scheduler.submit(p[:60] + prompt(rng, 4), *GREEDY)
     scheduler.step()  # a's first chunk only (the budget is one chunk)
     assert b.shared is not None and a.prefilled == 32
     scheduler.cancel(a)
@@ -418,20 +443,20 @@ def test_a_request_whose_prefix_source_is_cancelled_prefills_it_itself(scheduler
     assert b.cached_tokens == 0 and b.finish_reason == "length"
     runner, tokenizer = parts
     fresh = Scheduler(runner, tokenizer, prefix_cache=False)
-    (alone,) = run(fresh, [fresh.submit(b.prompt_ids, GREEDY)])
+    (alone,) = run(fresh, [fresh.submit(b.prompt_ids, *GREEDY)])
     assert alone.output_ids == b.output_ids
 
 
 def test_one_client_holds_at_most_its_share_of_the_queue(parts, rng):
     runner, tokenizer = parts
     scheduler = Scheduler(runner, tokenizer, eos_ids=(2,), max_queue=8)  # a share of 8 // 4 = 2
-    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    first = [scheduler.submit(prompt(rng, 5), params, client="a") for _ in range(2)]
+    params = SamplingParams(temperature=0), StopRules(max_tokens=4, ignore_eos=True)
+    first = [scheduler.submit(prompt(rng, 5), *params, client="a") for _ in range(2)]
     with pytest.raises(OverloadedError, match="per client"):
-        scheduler.submit(prompt(rng, 5), params, client="a")
-    other = scheduler.submit(prompt(rng, 5), params, client="b")  # another client still gets in
+        scheduler.submit(prompt(rng, 5), *params, client="a")
+    other = scheduler.submit(prompt(rng, 5), *params, client="b")  # another client still gets in
     scheduler.step()  # admitted to slots: no longer waiting, so "a" has room again
-    late = scheduler.submit(prompt(rng, 5), params, client="a")
+    late = scheduler.submit(prompt(rng, 5), *params, client="a")
     run(scheduler, [*first, other, late])
     assert not scheduler.queued_by_client  # nothing counted once nothing waits
 
@@ -440,7 +465,7 @@ def test_embeddings_run_a_bounded_chunk_per_step_between_decode_steps(parts, rng
     runner, tokenizer = parts
     scheduler = Scheduler(runner, tokenizer, eos_ids=(2,), embed_budget=64)
     rows = [prompt(rng, int(n)) for n in rng.integers(5, 32, 30)]
-    stream = scheduler.submit(prompt(rng, 8), GREEDY)
+    stream = scheduler.submit(prompt(rng, 8), *GREEDY)
     job = scheduler.make_embedding(rows)
     scheduler.enqueue_embedding(job)
     done, tokens = [0], [0]

@@ -17,10 +17,11 @@ from llama_jax.runner import ModelRunner
 from llama_jax.sampling import SamplingParams
 from llama_jax.scheduler import Scheduler
 from llama_jax.scheduler_loop import SchedulerLoop
+from llama_jax.stopping import StopRules
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.weights import build_model, pack_tensors
 
-GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0), StopRules(max_tokens=10, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def reference(parts, prompt, params=GREEDY):
     """The same request on a fresh scheduler driven synchronously."""
     runner, tokenizer = parts
     scheduler = Scheduler(runner, tokenizer)
-    req = scheduler.submit(prompt, params)
+    req = scheduler.submit(prompt, *params)
     while not req.finished:
         scheduler.step()
     return req.output_ids
@@ -57,7 +58,7 @@ def reference(parts, prompt, params=GREEDY):
 
 async def collect(loop, prompt, params=GREEDY):
     ids, text, last = [], [], None
-    async for d in loop.astream(prompt, params):
+    async for d in loop.astream(prompt, *params):
         ids += d.token_ids
         text.append(d.text)
         last = d
@@ -83,7 +84,7 @@ def test_blocking_stream_from_several_threads(loop, parts):
     out: dict[int, list[int]] = {}
 
     def worker(i):
-        out[i] = [t for d in loop.stream(ps[i], GREEDY) for t in d.token_ids]
+        out[i] = [t for d in loop.stream(ps[i], *GREEDY) for t in d.token_ids]
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(ps))]
     for t in threads:
@@ -94,10 +95,10 @@ def test_blocking_stream_from_several_threads(loop, parts):
 
 
 def test_hundred_cancelled_streams_leave_every_slot_free(loop, parts):
-    long = SamplingParams(temperature=0.8, max_tokens=60, ignore_eos=True)
+    long = SamplingParams(temperature=0.8), StopRules(max_tokens=60, ignore_eos=True)
 
     async def cancel_after_first(p):
-        gen = loop.astream(p, long)
+        gen = loop.astream(p, *long)
         await gen.__anext__()
         await gen.aclose()  # what a disconnecting HTTP client does
 
@@ -122,7 +123,7 @@ def test_hundred_cancelled_streams_leave_every_slot_free(loop, parts):
 
 def test_bad_requests_fail_on_the_callers_thread(loop):
     with pytest.raises(ContextLengthError):
-        loop.submit(list(range(3, 120)), SamplingParams(max_tokens=20), lambda _: None)
+        loop.submit(list(range(3, 120)), SamplingParams(), StopRules(max_tokens=20), lambda _: None)
 
 
 def test_full_queue_is_refused_at_once(parts):
@@ -130,9 +131,9 @@ def test_full_queue_is_refused_at_once(parts):
     lp = SchedulerLoop(Scheduler(runner, tokenizer, max_queue=3))  # not started: nothing drains the inbox
     lp._thread.is_alive = lambda: True  # submits are accepted, then count against the queue
     for _ in range(3):
-        lp.submit([5, 6], GREEDY, lambda _: None)
+        lp.submit([5, 6], *GREEDY, lambda _: None)
     with pytest.raises(OverloadedError):
-        lp.submit([5, 6], GREEDY, lambda _: None)
+        lp.submit([5, 6], *GREEDY, lambda _: None)
 
 
 def test_engine_failure_reaches_every_waiting_caller_and_later_submits(parts):
@@ -152,16 +153,19 @@ def test_engine_failure_reaches_every_waiting_caller_and_later_submits(parts):
 
     async def main():
         return await asyncio.gather(
-            *(collect(lp, p, SamplingParams(max_tokens=50, ignore_eos=True)) for p in prompts(6, seed=4)),
+            *(
+                collect(lp, p, (SamplingParams(), StopRules(max_tokens=50, ignore_eos=True)))
+                for p in prompts(6, seed=4)
+            ),
             return_exceptions=True,
         )
 
     results = asyncio.run(asyncio.wait_for(main(), 60))
     assert all(isinstance(r, EngineDeadError) and "injected device fault" in str(r) for r in results)
     with pytest.raises(EngineDeadError):
-        lp.submit([5, 6], GREEDY, lambda _: None)
+        lp.submit([5, 6], *GREEDY, lambda _: None)
     with pytest.raises(EngineDeadError):
-        list(lp.stream([5, 6], GREEDY))
+        list(lp.stream([5, 6], *GREEDY))
 
 
 def test_device_calls_run_on_the_engine_thread(loop):
@@ -176,9 +180,9 @@ def test_a_broken_consumer_loses_its_request_not_the_engine(loop, parts):
     def broken(_):
         raise RuntimeError("consumer gone")
 
-    req = loop.submit([5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True), broken)
+    req = loop.submit([5, 6, 7], SamplingParams(), StopRules(max_tokens=50, ignore_eos=True), broken)
     p = prompts(1, seed=5)[0]
-    assert [t for d in loop.stream(p, GREEDY) for t in d.token_ids] == reference(parts, p)
+    assert [t for d in loop.stream(p, *GREEDY) for t in d.token_ids] == reference(parts, p)
     assert req.finish_reason == "cancelled" and loop.running
 
 
@@ -186,13 +190,13 @@ def test_streams_from_a_finished_event_loop_do_not_hurt_the_engine(loop, parts):
     """A consumer whose event loop closed before its cancel reached the scheduler thread."""
 
     async def first_delta_only(p):
-        gen = loop.astream(p, SamplingParams(max_tokens=40, ignore_eos=True))
+        gen = loop.astream(p, SamplingParams(), StopRules(max_tokens=40, ignore_eos=True))
         await gen.__anext__()  # never closed: the loop ends with the request still running
 
     for seed in range(5):
         asyncio.run(first_delta_only(prompts(1, seed=seed)[0]))
     p = prompts(1, seed=9)[0]
-    assert [t for d in loop.stream(p, GREEDY) for t in d.token_ids] == reference(parts, p)
+    assert [t for d in loop.stream(p, *GREEDY) for t in d.token_ids] == reference(parts, p)
     assert loop.running
 
 
@@ -210,7 +214,8 @@ def test_group_of_samples_streams_to_each_sink(loop):
 
     group = loop.submit_group(
         [5, 6, 7, 8],
-        SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=3),
+        StopRules(max_tokens=6, ignore_eos=True),
         [sink(0), sink(1)],
     )
     assert all(e.wait(60) for e in done)
@@ -245,7 +250,7 @@ def test_first_tokens_are_delivered_one_prefill_apart(loop, parts):
     runner.prefill = counting_prefill
     try:
         for i, p in enumerate(prompts(3, seed=5)):
-            loop.submit(p[:8], GREEDY, sink_for(i))
+            loop.submit(p[:8], *GREEDY, sink_for(i))
         release.set()
         blocked.result(timeout=60)
         assert done.wait(timeout=120)

@@ -11,7 +11,7 @@ import functools
 from quart import Blueprint, g
 
 from serve.errors import from_library
-from serve.generation import Samples, chat_logprobs, sampling_params
+from serve.generation import Samples, chat_logprobs, request_params
 from serve.handlers import (
     new_id,
     note_tokens,
@@ -55,11 +55,11 @@ async def chat_completions():
     ids = prep.prompt_ids
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else 0
-    params = prep.sampling(sampling_params(body, gen, len(ids), max_tokens, top_logprobs=top))
-    record().reserve(len(ids) + body.n * params.max_tokens)
-    samples = Samples(gen, [ids], params, body.n, client=record().client)
+    params, rules = request_params(body, gen, len(ids), max_tokens, top_logprobs=top)
+    record().reserve(len(ids) + body.n * rules.max_tokens)
+    samples = Samples(gen, [ids], params, rules, body.n, prep.grammar, client=record().client)
     record().count = lambda: (len(ids), samples.generated)
-    skip = gen.scheduler.eos_ids | frozenset(params.stop_token_ids)
+    skip = gen.scheduler.eos_ids | frozenset(rules.stop_token_ids)
     cid, created = new_id("chatcmpl"), now()
     base = {
         "id": cid,

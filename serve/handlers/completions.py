@@ -4,12 +4,11 @@ structured output through the fields of `serve/structured.py`)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 from quart import Blueprint, g
 
 from serve.errors import APIError, bad_request, from_library
-from serve.generation import CompletionLogprobs, Samples, sampling_params
+from serve.generation import CompletionLogprobs, Samples, request_params
 from serve.handlers import (
     new_id,
     note_tokens,
@@ -51,12 +50,10 @@ async def completions():
     if any(not p for p in ids):
         raise bad_request("prompt must not be empty", "prompt")
     top = body.logprobs or 0
-    params = sampling_params(body, gen, max(map(len, ids)), body.max_tokens, top_logprobs=top)
-    if grammar is not None:
-        params = dataclasses.replace(params, grammar=grammar)
-    record().reserve(sum(map(len, ids)) + len(ids) * body.n * params.max_tokens)
+    params, rules = request_params(body, gen, max(map(len, ids)), body.max_tokens, top_logprobs=top)
+    record().reserve(sum(map(len, ids)) + len(ids) * body.n * rules.max_tokens)
     try:
-        samples = Samples(gen, ids, params, body.n, client=record().client)
+        samples = Samples(gen, ids, params, rules, body.n, grammar, client=record().client)
     except APIError as e:
         if e.code == "context_length_exceeded":
             e.param = "prompt"
@@ -64,7 +61,7 @@ async def completions():
     record().count = lambda: (sum(map(len, ids)), samples.generated)
     n_choices = len(ids) * body.n
     echoes = [(p if isinstance(p, str) else gen.tokenizer.decode(p)) if body.echo else "" for p in prompts]
-    skip = gen.scheduler.eos_ids | frozenset(params.stop_token_ids)
+    skip = gen.scheduler.eos_ids | frozenset(rules.stop_token_ids)
     logprobs = [CompletionLogprobs(len(echoes[i // body.n])) for i in range(n_choices)]
     prompt_tokens = sum(map(len, ids))
     base = {
