@@ -1,4 +1,5 @@
-"""The scheduler: continuous batching of requests over the slots of one `ModelRunner`.
+"""The scheduler: continuous batching of requests over the slots of one `Runner`
+(`runner.py`'s protocol: a `ModelRunner` on a model, or a fake in the tests).
 
 A request's life, one `step()` at a time:
 
@@ -54,7 +55,7 @@ import numpy as np
 from llama_jax.constrain import Grammar, GrammarCompiler, Matcher
 from llama_jax.errors import ContextLengthError, InvalidRequestError, OverloadedError
 from llama_jax.metrics import SchedulerMetrics
-from llama_jax.runner import ModelRunner, unpack, unpack_top
+from llama_jax.runner import Runner, unpack, unpack_top
 from llama_jax.sampling import SamplingParams, SlotSampling
 from llama_jax.stopping import StopMatcher, StopRules
 from llama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -66,7 +67,7 @@ CLOSE_MARGIN = 5  # ...and takes it when the tokens left exceed its length by no
 # (a free token may lengthen the way to finish by up to the margin + 1 and still leave room: `, "`
 # opens a key that needs `": ""}`; a request that has lengthened it more gets a wider margin)
 CLOSE_RETRY = 4  # tokens before looking again when no way to finish in time was found (doubling)
-EMBED_MAX_BATCH = 16  # rows per embedding chunk (`ModelRunner.embed`'s largest batch)
+EMBED_MAX_BATCH = 16  # rows per embedding chunk (`Runner.embed`'s largest batch)
 CLIENT_SHARE = 4  # by default one client may hold at most 1/CLIENT_SHARE of the waiting queue
 
 
@@ -158,7 +159,7 @@ class EmbedJob:
 class Scheduler:
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: Runner,
         tokenizer: Tokenizer,
         eos_ids: Sequence[int] = (),
         max_queue: int = 256,
