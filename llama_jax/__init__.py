@@ -18,6 +18,7 @@ from llama_jax.errors import (
 from llama_jax.generator import Completion, Generator
 from llama_jax.sampling import SamplingParams
 from llama_jax.scheduler import Delta, Usage
+from llama_jax.stopping import StopRules
 from llama_jax.tools import ToolCall
 
 try:
@@ -37,6 +38,7 @@ __all__ = [
     "ModelLoadError",
     "OverloadedError",
     "SamplingParams",
+    "StopRules",
     "TemplateError",
     "ToolCall",
     "Usage",
