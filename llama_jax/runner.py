@@ -31,7 +31,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,7 @@ def unpack_top(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out[..., 2 : 2 + k], np.ascontiguousarray(out[..., 2 + k :]).view(np.float32)
 
 
+@runtime_checkable
 class Runner(Protocol):
     """What the scheduler asks of the device. The state (`init_state`) is opaque to it: each
     call takes the current one and returns the next (a `ModelRunner` donates it). A step's

@@ -11,6 +11,8 @@ from tiny import gguf_metadata, tiny_config
 
 from llama_jax.constrain import Grammar
 from llama_jax.errors import ContextLengthError, OverloadedError
+from llama_jax.lockstep import LeaderRunner
+from llama_jax.runner import Runner
 from llama_jax.sampling import SamplingParams
 from llama_jax.scheduler import Scheduler
 from llama_jax.stopping import StopRules
@@ -185,3 +187,9 @@ def test_a_grammar_skips_the_tokens_it_does_not_allow():
         [scheduler.submit(ids("a"), GREEDY, StopRules(max_tokens=10), grammar=Grammar.choice(["bd"]))],
     )
     assert r.text == "bd" and r.finish_reason == "stop"
+
+
+def test_the_fake_and_the_lockstep_leader_are_runners():
+    fake = FakeRunner(CFG)
+    assert isinstance(fake, Runner) and isinstance(LeaderRunner(fake), Runner)
+    assert not hasattr(LeaderRunner, "__getattr__")  # nothing reaches the wrapped runner unlisted
