@@ -31,22 +31,22 @@ PROMPTS = [
 ]
 
 
-async def one(gen, prompt, sampling):
+async def one(gen, prompt, sampling, **request):
     t0 = time.perf_counter()
     stamps = []
-    async for d in gen.astream(prompt, sampling):
+    async for d in gen.astream(prompt, sampling, **request):
         if d.token_ids:
             stamps.append(time.perf_counter())
     return t0, stamps
 
 
-async def level(gen, n, sampling, unique=False):
+async def level(gen, n, sampling, request, unique=False):
     def message(i):
         return (f"Request {i}: " if unique else "") + PROMPTS[i % len(PROMPTS)]
 
     prompts = [gen.encode_chat([{"role": "user", "content": message(i)}]) for i in range(n)]
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(one(gen, p, sampling) for p in prompts))
+    results = await asyncio.gather(*(one(gen, p, sampling, **request) for p in prompts))
     wall = time.perf_counter() - t0
     ttft = [s[0] - t for t, s in results]
     itl = [b - a for _, s in results for a, b in zip(s, s[1:], strict=False)]
@@ -72,8 +72,6 @@ SCHEMA = {
 
 
 def main() -> None:
-    import dataclasses
-
     from llama_jax import Generator, SamplingParams
     from llama_jax.constrain import Grammar
 
@@ -104,24 +102,25 @@ def main() -> None:
         f"model={gen.loaded.name} quantize={args.quantize} kernels={gen.loaded.model.kernels}"
         f" slots={max(levels)} warmup={time.perf_counter() - t:.1f}s"
     )
-    sampling = SamplingParams(temperature=0.7, max_tokens=args.tokens, ignore_eos=True, seed=0)
+    sampling = SamplingParams(temperature=0.7, seed=0)
     # First-call effects, on a message of its own: the measured prompts are not in the cache.
     warm = gen.encode_chat([{"role": "user", "content": "Say hello."}])
-    asyncio.run(one(gen, warm, SamplingParams(max_tokens=8, ignore_eos=True)))
-    constrained = dataclasses.replace(sampling, grammar=Grammar.json_schema(SCHEMA))
+    asyncio.run(one(gen, warm, SamplingParams(), max_tokens=8, ignore_eos=True))
+    grammars = [None, Grammar.json_schema(SCHEMA)] if args.constrained else [None]
     print(
         "| streams | grammar | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | mask us/token |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for n in levels:
-        for params in [sampling, constrained] if args.constrained else [sampling]:
+        for grammar in grammars:
+            request = {"max_tokens": args.tokens, "ignore_eos": True, "grammar": grammar}
             before = gen.metrics()
-            r = asyncio.run(level(gen, n, params, args.unique))
+            r = asyncio.run(level(gen, n, sampling, request, args.unique))
             after = gen.metrics()
             masked = after["constrained_tokens"] - before["constrained_tokens"]
             mask_us = (after["grammar_mask_seconds"] - before["grammar_mask_seconds"]) / max(masked, 1) * 1e6
             print(
-                f"| {n} | {'json_schema' if params.grammar else '-'} | {r['tok_s']:.1f} | "
+                f"| {n} | {'json_schema' if grammar else '-'} | {r['tok_s']:.1f} | "
                 f"{r['ttft_p50'] * 1e3:.0f} | {r['ttft_p99'] * 1e3:.0f} | "
                 f"{r['itl_p50'] * 1e3:.0f} | {r['itl_p99'] * 1e3:.0f} | {mask_us:.0f} |"
             )

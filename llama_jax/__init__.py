@@ -10,7 +10,6 @@ from importlib.metadata import PackageNotFoundError, version
 
 from llama_jax.compiler import WARMUP_MODES
 from llama_jax.constrain import Grammar
-from llama_jax.engine import Delta, Usage
 from llama_jax.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -21,9 +20,11 @@ from llama_jax.errors import (
     TemplateError,
 )
 from llama_jax.generator import Completion, Generator, PreparedChat, SlotInfo
+from llama_jax.sampling import FIELDS as SAMPLING_FIELDS
 from llama_jax.sampling import SamplingParams
+from llama_jax.scheduler import Delta, Usage
 from llama_jax.sharding import initialize_distributed
-from llama_jax.stopping import MAX_STOP_CHARS
+from llama_jax.stopping import DEFAULT_MAX_TOKENS, MAX_STOP_CHARS, StopRules
 from llama_jax.tools import ToolCall
 from llama_jax.weights import DEFAULT_MODEL, LoadOptions, estimate_memory, resolve_model_path
 
@@ -33,8 +34,10 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
     __version__ = "0+unknown"
 
 __all__ = [
+    "DEFAULT_MAX_TOKENS",
     "DEFAULT_MODEL",
     "MAX_STOP_CHARS",
+    "SAMPLING_FIELDS",
     "WARMUP_MODES",
     "Completion",
     "ContextLengthError",
@@ -50,6 +53,7 @@ __all__ = [
     "PreparedChat",
     "SamplingParams",
     "SlotInfo",
+    "StopRules",
     "TemplateError",
     "ToolCall",
     "Usage",

@@ -1,50 +1,17 @@
-"""The decode state: KV cache, per-slot lengths, last tokens and sampling rows.
+"""The KV cache's layout and the helpers that read and write it inside the jitted steps.
 
 Private layout (only this module and the jitted steps in `runner.py` know it):
-`k, v: [L, B, S, K, H]` (float32, or 16-bit: `ModelRunner`'s `kv_dtype`) for L layers, B slots, S = max_seq_len positions, K KV heads, H head
-dim; `lengths[b]` is the number of valid positions of slot b, which is also where its next
-token is written. Entries at or past `lengths[b]` are garbage and always masked, so a slot
-is reused without clearing it.
+`k, v: [L, B, S, K, H]` (float32, or 16-bit: `ModelRunner`'s `kv_dtype`) for L layers, B
+slots, S = max_seq_len positions, K KV heads, H head dim; a slot's length
+(`decode_state.DecodeState.lengths[b]`) is the number of its valid positions, which is also
+where its next token is written. Entries at or past it are garbage and always masked, so a
+slot is reused without clearing it. The rest of the decode state lives in `decode_state.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-
-from llama_jax.config import LlamaConfig
-from llama_jax.sampling import SlotSampling
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
-    lengths: jax.Array  # int32 [B]
-    tokens: jax.Array  # int32 [B]: last sampled token, the next decode step's input
-    history: jax.Array  # int32 [B, S]: the token id at each position (for penalties)
-    prompt_len: jax.Array  # int32 [B]: where each slot's generated tokens start
-    sampling: SlotSampling
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.k.shape[2]
-
-
-def init_state(cfg: LlamaConfig, max_slots: int, max_seq_len: int, dtype=jnp.float32) -> DecodeState:
-    shape = (cfg.n_layers, max_slots, max_seq_len, cfg.n_kv_heads, cfg.head_dim)
-    return DecodeState(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
-        lengths=jnp.zeros((max_slots,), jnp.int32),
-        tokens=jnp.zeros((max_slots,), jnp.int32),
-        history=jnp.zeros((max_slots, max_seq_len), jnp.int32),
-        prompt_len=jnp.zeros((max_slots,), jnp.int32),
-        sampling=SlotSampling.zeros(max_slots),
-    )
 
 
 def slot_context(cache: jax.Array, slot: jax.Array, context: int) -> jax.Array:

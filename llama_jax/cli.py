@@ -63,27 +63,34 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "-hf", "--model", "--hf-repo", default=None, help=MODEL_HELP)
     load_flags(p, ("revision", "dtype", "quantize", "mesh", "max_seq_len"))
     p.add_argument("-t", "--threads", type=int, metavar="N", default=None, help=THREADS_HELP)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=256)
+    _sampling_flags(p)
     p.add_argument("--system", default=None, help="system message (chat)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
-def _sampling(args):
-    from llama_jax.sampling import SamplingParams
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    """A flag per sampling field (`sampling.FIELDS`: its default, range and help), and --max-tokens."""
+    from llama_jax.sampling import FIELDS
+    from llama_jax.stopping import DEFAULT_MAX_TOKENS
 
-    return SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-    )
+    for name, knob in FIELDS.items():
+        if knob.flag:
+            shown = "none" if knob.default is None else knob.default
+            p.add_argument(
+                "--" + name.replace("_", "-"),
+                type=knob.type,
+                default=knob.default,
+                help=f"{knob.description} Range {knob.range_text()}; default {shown}.".replace("%", "%%"),
+            )
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="the most tokens to generate")
+
+
+def _sampling(args):
+    """(SamplingParams, StopRules keywords) from the parsed flags."""
+    from llama_jax.sampling import FIELDS, SamplingParams
+
+    params = SamplingParams(**{n: getattr(args, n) for n, knob in FIELDS.items() if knob.flag})
+    return params, {"max_tokens": args.max_tokens}
 
 
 def _load(args):
@@ -101,10 +108,10 @@ def _print_stream(chunks) -> None:
 
 def cmd_chat(args) -> None:
     gen = _load(args)
-    sampling = _sampling(args)
+    sampling, stop = _sampling(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt:
-        _print_stream(gen.chat_stream(history + [{"role": "user", "content": args.prompt}], sampling))
+        _print_stream(gen.chat_stream(history + [{"role": "user", "content": args.prompt}], sampling, **stop))
         return
     print(
         f"Chatting with {gen.loaded.name}. /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr
@@ -126,7 +133,7 @@ def cmd_chat(args) -> None:
         history.append({"role": "user", "content": line})
         pieces = []
         try:
-            for piece in gen.chat_stream(history, sampling):
+            for piece in gen.chat_stream(history, sampling, **stop):
                 pieces.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -142,7 +149,8 @@ def cmd_chat(args) -> None:
 
 def cmd_generate(args) -> None:
     gen = _load(args)
-    _print_stream(gen.stream(args.prompt, _sampling(args)))
+    sampling, stop = _sampling(args)
+    _print_stream(gen.stream(args.prompt, sampling, **stop))
 
 
 def use_threads(n: int) -> None:

@@ -2,12 +2,12 @@
 
     from llama_jax import Generator, SamplingParams
     gen = Generator.from_pretrained()                 # the default model
-    gen.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0)).text
+    gen.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0), max_tokens=64).text
 
-It owns one loaded model, its tokenizer and chat template, and one `Engine` run by an
-`EngineLoop` thread; every call (sync or async, from any thread) goes through it, so
+It owns one loaded model, its tokenizer and chat template, and one `Scheduler` run by a
+`SchedulerLoop` thread; every call (sync or async, from any thread) goes through it, so
 concurrent calls and batch generation share the slots by continuous batching. It is the
-only door of the HTTP server (`serve/`): what a server needs of the engine (n-sample
+only door of the HTTP server (`serve/`): what a server needs of the scheduler (n-sample
 groups, cancelling, health, gauges) is a member here, so nothing reaches under it.
 """
 
@@ -29,13 +29,14 @@ from llama_jax import lockstep
 from llama_jax.chat_template import ChatTemplate
 from llama_jax.compiler import WARMUP_MODES
 from llama_jax.constrain import Grammar
-from llama_jax.engine import Delta, Engine, Request, Usage
-from llama_jax.engine_loop import EngineLoop
 from llama_jax.errors import ContextLengthError, InvalidRequestError
 from llama_jax.reasoning import Markers, ReasoningStream, opens_in_prompt, template_markers
 from llama_jax.runner import ModelRunner
 from llama_jax.sampling import SamplingParams
+from llama_jax.scheduler import Delta, Request, Scheduler, Usage
+from llama_jax.scheduler_loop import SchedulerLoop
 from llama_jax.sharding import describe, make_mesh
+from llama_jax.stopping import DEFAULT_MAX_TOKENS, StopRules
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.tools import (
     ToolCall,
@@ -65,7 +66,7 @@ class Completion:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedChat:
-    """A chat request made ready for the engine: its prompt ids, the grammar its output must
+    """A chat request made ready for the scheduler: its prompt ids, the grammar its output must
     follow (from a forced tool choice, `response_format` or a grammar of the caller's), and
     how to read calls and reasoning out of it."""
 
@@ -75,9 +76,6 @@ class PreparedChat:
     tool_names: frozenset[str]  # the tools the output may call
     markers: Markers = ("<think>", "</think>")  # the template's reasoning markers
     thinking: bool = False  # the prompt ends inside a reasoning block
-
-    def sampling(self, sampling: SamplingParams) -> SamplingParams:
-        return sampling if self.grammar is None else dataclasses.replace(sampling, grammar=self.grammar)
 
     def tool_stream(self) -> ToolCallStream | None:
         """A parser of calls in the output; None when calls are off."""
@@ -124,18 +122,18 @@ class Generator:
                 kv_dtype=kv_dtype,
             )
         )
-        self.engine = Engine(self.runner, tokenizer, eos_ids=loaded.config.eos_ids, max_queue=max_queue)
-        self._loop: EngineLoop | None = None
+        self.scheduler = Scheduler(self.runner, tokenizer, eos_ids=loaded.config.eos_ids, max_queue=max_queue)
+        self._loop: SchedulerLoop | None = None
 
     @property
-    def loop(self) -> EngineLoop:
-        """The engine thread, started on first use."""
+    def loop(self) -> SchedulerLoop:
+        """The scheduler thread, started on first use."""
         if self._loop is None:
-            self._loop = EngineLoop(self.engine).start()
+            self._loop = SchedulerLoop(self.scheduler).start()
         return self._loop
 
     def close(self) -> None:
-        """Stop the engine thread (requests still running are cancelled)."""
+        """Stop the scheduler thread (requests still running are cancelled)."""
         self.runner.compiler.close()
         if self._loop is not None:
             self._loop.close()
@@ -205,7 +203,7 @@ class Generator:
             raise ValueError(f"warm-up mode must be one of {', '.join(WARMUP_MODES)}, got {mode!r}")
         show = sys.stderr.isatty() if progress is None else progress
         if mode == "full" or (mode == "first" and jax.process_count() > 1):
-            self.loop.call(lambda: self.engine.warmup(progress=show))
+            self.loop.call(lambda: self.scheduler.warmup(progress=show))
         elif mode == "first":
             self.runner.compiler.compile_all(self.runner.first_shapes(), progress=show)
             self.runner.compiler.plan(self.runner.warmup_shapes())
@@ -215,12 +213,12 @@ class Generator:
         by a "first" warm-up, or waited for by a request), and the one compiling now."""
         return self.runner.compiler.status()
 
-    # -- for a server: the engine's limits, requests, health and gauges ----------------------
+    # -- for a server: the scheduler's limits, requests, health and gauges ----------------------
 
     @property
     def eos_ids(self) -> frozenset[int]:
         """The token ids that end a turn (the model's and the tokenizer's)."""
-        return self.engine.eos_ids
+        return self.scheduler.eos_ids
 
     @property
     def max_slots(self) -> int:
@@ -230,20 +228,23 @@ class Generator:
     @property
     def client_queue(self) -> int:
         """The most requests one client may have waiting."""
-        return min(self.engine.max_queue, self.engine.max_queue_per_client)
+        return min(self.scheduler.max_queue, self.scheduler.max_queue_per_client)
 
     def submit_group(
         self,
         prompt_ids: Sequence[int],
         sampling: SamplingParams,
+        rules: StopRules,
         sinks: Sequence[Callable[[Delta | BaseException], None]],
+        *,
+        grammar: Grammar | None = None,
         client: str | None = None,
     ) -> list[Request]:
         """`len(sinks)` samples of one prompt sharing one prefill (OpenAI's `n`). Each sink
-        receives its sample's deltas, or the exception that ended it, on the engine thread.
+        receives its sample's deltas, or the exception that ended it, on the scheduler thread.
         A bad request or a full queue raises here, before any device work; `client` (a key, an
         address) is held to its share of the queue. Cancel what is not read to its end."""
-        return self.loop.submit_group(prompt_ids, sampling, sinks, client=client)
+        return self.loop.submit_group(prompt_ids, sampling, rules, sinks, grammar=grammar, client=client)
 
     def cancel(self, request: Request) -> None:
         """Stop a request of `submit_group` and free its slot (no-op once it has finished)."""
@@ -251,31 +252,31 @@ class Generator:
 
     @property
     def healthy(self) -> bool:
-        """The engine thread runs (started here if it was not) and has not failed."""
+        """The scheduler thread runs (started here if it was not) and has not failed."""
         return self.loop.error is None and self.loop.running
 
     @property
     def failure(self) -> BaseException | None:
-        """What stopped the engine thread; None while it runs or after a stop on purpose."""
+        """What stopped the scheduler thread; None while it runs or after a stop on purpose."""
         return self.loop.error
 
     def stalled_for(self) -> float:
-        """Seconds the engine has had work without finishing a step (0: it is keeping up)."""
+        """Seconds the scheduler has had work without finishing a step (0: it is keeping up)."""
         return self.loop.stalled_for()
 
     @property
     def busy(self) -> bool:
         """Requests are running or waiting."""
-        return bool(self.engine.live_slots or self.engine.waiting or self.loop.backlog)
+        return bool(self.scheduler.live_slots or self.scheduler.waiting or self.loop.backlog)
 
     def metrics(self) -> dict:
-        """The engine's counters and latency histograms (`EngineMetrics.snapshot`)."""
-        return self.engine.metrics.snapshot()
+        """The scheduler's counters and latency histograms (`SchedulerMetrics.snapshot`)."""
+        return self.scheduler.metrics.snapshot()
 
     def gauges(self) -> dict:
         """{"queue_length", "live_slots", "max_slots", "kv_cache_usage"} now; the queue counts
-        requests posted to the engine thread and not yet taken."""
-        g = self.engine.gauges()
+        requests posted to the scheduler thread and not yet taken."""
+        g = self.scheduler.gauges()
         g["queue_length"] += self.loop.backlog
         return g
 
@@ -283,13 +284,13 @@ class Generator:
         """What each slot holds now (None: free)."""
         return [
             None if r is None else SlotInfo(r.id, len(r.prompt_ids), len(r.output_ids))
-            for r in list(self.engine.slots)
+            for r in list(self.scheduler.slots)
         ]
 
     def follow(self) -> None:
         """On a process other than 0 of a multi-process mesh: replay process 0's device steps
         for as long as the process runs (`lockstep.follow`)."""
-        lockstep.follow(self.engine)
+        lockstep.follow(self.scheduler)
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -357,7 +358,7 @@ class Generator:
                 )
             grammar = tool_grammar(allowed, parallel_tool_calls)
         if grammar is not None:
-            self.engine.grammars.matcher(grammar)  # an invalid schema fails here, before any work
+            self.scheduler.grammars.matcher(grammar)  # an invalid schema fails here, before any work
         # "none" keeps the tools in view, as OpenAI does; the template writes BOS itself.
         prompt = self.render_chat(messages, tools=checked, template_kwargs=template_kwargs)
         ids = self.tokenizer.encode(prompt, add_bos=False)
@@ -368,7 +369,7 @@ class Generator:
     def check_grammar(self, grammar: Grammar) -> None:
         """Compile `grammar` (cached for the request that follows): an invalid or too costly one
         is an `InvalidRequestError` here, before any device work. Slow: call it off the event loop."""
-        self.engine.grammars.matcher(grammar)
+        self.scheduler.grammars.matcher(grammar)
 
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -385,15 +386,27 @@ class Generator:
             list(r.output_logprobs),
         )
 
+    # Every generation call takes the request's sampling (`SamplingParams`, default: its fields'
+    # defaults), when it stops (`StopRules`' fields as keywords: at most `max_tokens` tokens,
+    # `stop` strings left out of the text, `stop_token_ids`, `ignore_eos`) and a `grammar` its
+    # output must match.
+
     def generate(
         self,
         prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
         sampling: SamplingParams | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
     ) -> list[Completion]:
-        """Complete each prompt (text, or token ids); all are batched over the engine's slots."""
+        """Complete each prompt (text, or token ids); all are batched over the scheduler's slots."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         sampling = sampling or SamplingParams()
+        rules = StopRules(max_tokens, stop, stop_token_ids, ignore_eos)
         done = [threading.Event() for _ in prompts]
         errors: list[BaseException] = []
         requests: list[Request] = []
@@ -410,7 +423,7 @@ class Generator:
 
         try:
             for i, p in enumerate(prompts):
-                requests.append(self.loop.submit(self._ids(p), sampling, sink(i)))
+                requests.append(self.loop.submit(self._ids(p), sampling, rules, sink(i), grammar=grammar))
             for event in done[: len(requests)]:
                 event.wait()
         finally:
@@ -420,28 +433,68 @@ class Generator:
             raise errors[0]
         return [self._completion(r) for r in requests]
 
-    def stream(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        sampling: SamplingParams | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
+    ) -> Iterator[str]:
         """Yield the completion's text as it is generated (never half a UTF-8 character)."""
-        for delta in self.loop.stream(self._ids(prompt), sampling or SamplingParams()):
+        rules = StopRules(max_tokens, stop, stop_token_ids, ignore_eos)
+        for delta in self.loop.stream(
+            self._ids(prompt), sampling or SamplingParams(), rules, grammar=grammar
+        ):
             if delta.text:
                 yield delta.text
 
     async def astream(
-        self, prompt: str | Sequence[int], sampling: SamplingParams | None = None
+        self,
+        prompt: str | Sequence[int],
+        sampling: SamplingParams | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[Delta]:
         """Deltas (text, token ids, logprobs; the last has finish_reason and usage) as generated.
         Closing the iterator, or cancelling the task consuming it, cancels the request."""
-        async for delta in self.loop.astream(self._ids(prompt), sampling or SamplingParams()):
+        rules = StopRules(max_tokens, stop, stop_token_ids, ignore_eos)
+        ids = self._ids(prompt)
+        async for delta in self.loop.astream(ids, sampling or SamplingParams(), rules, grammar=grammar):
             yield delta
 
     async def agenerate(
-        self, prompts: Sequence[str | Sequence[int]], sampling: SamplingParams | None = None
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        sampling: SamplingParams | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
     ) -> list[Completion]:
         """Complete several prompts concurrently from asyncio code."""
+        StopRules(max_tokens, stop, stop_token_ids, ignore_eos)  # a bad value fails before any prompt runs
 
         async def one(p) -> Completion:
             parts, ids, lps, last = [], [], [], None
-            async for d in self.astream(p, sampling):
+            async for d in self.astream(
+                p,
+                sampling,
+                max_tokens=max_tokens,
+                stop=stop,
+                stop_token_ids=stop_token_ids,
+                ignore_eos=ignore_eos,
+                grammar=grammar,
+            ):
                 parts.append(d.text)
                 ids += d.token_ids
                 lps += d.logprobs
@@ -459,18 +512,32 @@ class Generator:
         tool_choice: str | Mapping[str, Any] | None = None,
         response_format: Mapping[str, Any] | None = None,
         parallel_tool_calls: bool = True,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
     ) -> Completion:
         """One assistant turn. With `tools`, calls the model makes are in `tool_calls` (and
-        `finish_reason` is "tool_calls"); `response_format` constrains the text (OpenAI's
-        json_object / json_schema)."""
+        `finish_reason` is "tool_calls"); `response_format` (OpenAI's json_object /
+        json_schema) or `grammar` constrains the text."""
         prep = self.prepare_chat(
             messages,
             tools=tools,
             tool_choice=tool_choice,
             response_format=response_format,
             parallel_tool_calls=parallel_tool_calls,
+            grammar=grammar,
         )
-        out = self.generate([prep.prompt_ids], prep.sampling(sampling or SamplingParams()))[0]
+        out = self.generate(
+            [prep.prompt_ids],
+            sampling,
+            max_tokens=max_tokens,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            grammar=prep.grammar,
+        )[0]
         parser = prep.tool_stream()
         if parser is None:
             return out
@@ -482,9 +549,25 @@ class Generator:
         return dataclasses.replace(out, text=parser.content, finish_reason=reason, tool_calls=parser.calls)
 
     def chat_stream(
-        self, messages: Sequence[Mapping[str, Any]], sampling: SamplingParams | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        sampling: SamplingParams | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        stop: str | Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        grammar: Grammar | None = None,
     ) -> Iterator[str]:
-        return self.stream(self.encode_chat(messages), sampling)
+        return self.stream(
+            self.encode_chat(messages),
+            sampling,
+            max_tokens=max_tokens,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            grammar=grammar,
+        )
 
     def embed(self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]]) -> np.ndarray:
         """Mean-pooled final hidden states, L2-normalized: float32 [len(inputs), D].

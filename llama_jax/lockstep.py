@@ -2,10 +2,10 @@
 
 Under `jax.distributed` a mesh spans the devices of every process, and each jitted step is one
 SPMD program that every process must launch, with the same shapes, in the same order. Only
-process 0 runs HTTP and the engine; its `ModelRunner` is wrapped in a `LeaderRunner` that,
+process 0 runs HTTP and the scheduler; its `ModelRunner` is wrapped in a `LeaderRunner` that,
 before each device call (prefill, decode, copy_slot, embed, warmup), broadcasts the call and
 its host arguments (token ids, slot, sampling rows, masks: the step's schedule, small numpy
-values) to the other processes. They run `follow(engine)`: receive a call, replay it on their
+values) to the other processes. They run `follow(scheduler)`: receive a call, replay it on their
 own runner and decode state, repeat. The device state itself is never sent: each process
 holds its shards of the weights and KV cache, and the steps' collectives keep them consistent.
 
@@ -20,6 +20,8 @@ import pickle
 import jax
 import numpy as np
 
+from llama_jax.compiler import Shape
+from llama_jax.runner import ModelRunner, Runner
 from llama_jax.sharding import broadcast_schedule
 
 log = logging.getLogger(__name__)
@@ -47,14 +49,34 @@ def _receive() -> object:
 
 
 class LeaderRunner:
-    """Process 0's runner: each device call is broadcast, then run. Every other attribute is
-    the wrapped `ModelRunner`'s."""
+    """Process 0's `Runner`: each device call is broadcast, then run by the wrapped
+    `ModelRunner`; sizes, shapes and the compiler are the wrapped runner's."""
 
-    def __init__(self, runner):
+    def __init__(self, runner: ModelRunner):
         self._runner = runner
+        self.cfg = runner.cfg
+        self.max_slots = runner.max_slots
+        self.max_seq_len = runner.max_seq_len
+        self.max_prefill_chunk = runner.max_prefill_chunk
+        self.compiler = runner.compiler
 
-    def __getattr__(self, name: str):
-        return getattr(self._runner, name)
+    def init_state(self):
+        return self._runner.init_state()  # zeros made on every process alike: nothing to send
+
+    def prefill_shape(self, n: int, start: int) -> Shape:
+        return self._runner.prefill_shape(n, start)
+
+    def decode_shape(self, rows: int, max_length: int) -> Shape:
+        return self._runner.decode_shape(rows, max_length)
+
+    def copy_shape(self, n: int) -> Shape:
+        return self._runner.copy_shape(n)
+
+    def first_shapes(self) -> list[Shape]:
+        return self._runner.first_shapes()
+
+    def warmup_shapes(self) -> list[Shape]:
+        return self._runner.warmup_shapes()
 
     def _call(self, name: str, state, *args, **kwargs):
         _send((name, _host(args), _host(kwargs)))
@@ -82,18 +104,18 @@ def _host(values):
     return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, values)
 
 
-def for_process(runner):
-    """The runner this process's engine should use: a `LeaderRunner` on process 0 of several,
+def for_process(runner: ModelRunner) -> Runner:
+    """The runner this process's scheduler should use: a `LeaderRunner` on process 0 of several,
     the runner itself otherwise."""
     if jax.process_count() > 1 and jax.process_index() == 0:
         return LeaderRunner(runner)
     return runner
 
 
-def follow(engine) -> None:
-    """Replay process 0's device calls on this process's `engine` (its runner and decode
+def follow(scheduler) -> None:
+    """Replay process 0's device calls on this process's `scheduler` (its runner and decode
     state), for as long as the process runs (it is stopped with process 0's service)."""
-    runner = engine.runner
+    runner = scheduler.runner
     log.info("process %d follows process 0's schedule", jax.process_index())
     while True:
         name, args, kwargs = _receive()
@@ -102,6 +124,6 @@ def follow(engine) -> None:
         if name == "embed":
             runner.embed(*args, **kwargs)
         elif name in ("copy_slot", "warmup"):
-            engine.state = getattr(runner, name)(engine.state, *args, **kwargs)
+            scheduler.state = getattr(runner, name)(scheduler.state, *args, **kwargs)
         else:
-            engine.state, _ = getattr(runner, name)(engine.state, *args, **kwargs)
+            scheduler.state, _ = getattr(runner, name)(scheduler.state, *args, **kwargs)

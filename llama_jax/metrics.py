@@ -1,4 +1,4 @@
-"""Engine metrics: counters, gauges and latency histograms, for the server to export.
+"""Scheduler metrics: counters, gauges and latency histograms, for the server to export.
 
 Plain Python, updated by the engine thread only; readers on other threads take `snapshot()`
 (a dict of numbers), which may be one step stale but is never torn in a harmful way.
@@ -31,7 +31,7 @@ class Histogram:
 
 
 @dataclasses.dataclass
-class EngineMetrics:
+class SchedulerMetrics:
     requests_submitted: int = 0
     requests_finished: dict[str, int] = dataclasses.field(default_factory=dict)  # by finish reason
     prompt_tokens: int = 0

@@ -1,6 +1,9 @@
 """The device side: jitted prefill, decode and embed over a flattened model state.
 
-`ModelRunner` is the engine's only door to the device (JetStream's Engine seam). Its jitted
+`Runner` is the scheduler's only door to the device (JetStream's Engine seam): the protocol the
+scheduler is written against, so it runs as well on a fake whose outputs are computed by hand
+(`tests/fake_runner.py`). `ModelRunner` implements it on a model; `lockstep.LeaderRunner`
+wraps one for several hosts. `ModelRunner`'s jitted
 functions are pure; what is static (and so compiled once per value) is only:
 
 - `T`, the padded chunk length of a prefill (`prefill_buckets`: 16, 64, 256, then the largest
@@ -28,6 +31,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +41,9 @@ from jax.sharding import Mesh
 
 from llama_jax import cache as kv
 from llama_jax import sharding
-from llama_jax.cache import DecodeState
 from llama_jax.compiler import Shape, StepCompiler
+from llama_jax.config import LlamaConfig
+from llama_jax.decode_state import DecodeState, init_state
 from llama_jax.model import Llama
 from llama_jax.sampling import (
     SamplingParams,
@@ -95,6 +100,60 @@ def unpack_top(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     out = np.asarray(out)
     k = (out.shape[-1] - 2) // 2
     return out[..., 2 : 2 + k], np.ascontiguousarray(out[..., 2 + k :]).view(np.float32)
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What the scheduler asks of the device. The state (`init_state`) is opaque to it: each
+    call takes the current one and returns the next (a `ModelRunner` donates it). A step's
+    output is `pack`'s layout, int32 [rows, 2 + 2K], read with `unpack` / `unpack_top` after
+    `copy_to_host_async()` started its transfer; prefill's has one row, decode's one per slot
+    up to the highest active one (or more)."""
+
+    cfg: LlamaConfig  # vocab_size and dim are what the scheduler reads
+    max_slots: int
+    max_seq_len: int
+    max_prefill_chunk: int  # the most prompt tokens one prefill call takes
+    compiler: StepCompiler  # ready(shape) / request(shapes): which steps can run without a compile
+
+    def init_state(self) -> Any: ...
+
+    def prefill(
+        self,
+        state: Any,
+        chunk: np.ndarray,
+        slot: int,
+        start: int,
+        row: SlotSampling,
+        mask: np.ndarray | None = None,
+    ) -> tuple[Any, Any]:
+        """Write `chunk` at positions start.. of `slot`; at a prompt's last chunk, take `row` as the
+        slot's sampling values and sample its first token (allowed by `mask` [1, W])."""
+        ...
+
+    def decode(
+        self, state: Any, active: np.ndarray, max_length: int, mask: np.ndarray | None = None
+    ) -> tuple[Any, Any]:
+        """One token for each `active` slot, whose sequences are at most `max_length` long."""
+        ...
+
+    def copy_slot(self, state: Any, src: int, dst: int, n: int) -> Any:
+        """Slot dst gets (at least) the first n positions of slot src."""
+        ...
+
+    def embed(self, rows: list[list[int]], max_batch: int = 16) -> np.ndarray: ...
+
+    def warmup(self, state: Any, progress: bool = False) -> Any: ...
+
+    def prefill_shape(self, n: int, start: int) -> Shape: ...
+
+    def decode_shape(self, rows: int, max_length: int) -> Shape: ...
+
+    def copy_shape(self, n: int) -> Shape: ...
+
+    def first_shapes(self) -> list[Shape]: ...
+
+    def warmup_shapes(self) -> list[Shape]: ...
 
 
 class ModelRunner:
@@ -185,7 +244,7 @@ class ModelRunner:
         return logits if self._shard is None else self._shard.whole_rows(logits)
 
     def _new_state(self) -> DecodeState:
-        return kv.init_state(self.cfg, self.max_slots, self.max_seq_len, self.kv_dtype)
+        return init_state(self.cfg, self.max_slots, self.max_seq_len, self.kv_dtype)
 
     def init_state(self) -> DecodeState:
         if self._shard is None:

@@ -1,6 +1,12 @@
 """Token sampling inside the jitted step: greedy, temperature, top-k, top-p, min-p, seeds.
 
-`SamplingParams` is the user-facing, validated description of one request's sampling.
+`SamplingParams` is the user-facing, validated description of one request's sampling. Each of
+its fields is defined once, with its default, valid range and description (a `Knob`, listed in
+`FIELDS`): `SamplingParams` validates against it, and the HTTP schema (`serve/schemas.py`) and
+the CLI's flags (`cli.py`) take their defaults, ranges and help from it. When a request stops
+(token limits, stop strings) is `stopping.StopRules`'s, and what its output must match is a
+`constrain.Grammar` on the request: neither is sampling.
+
 `SlotSampling` holds the same values as per-slot device arrays `[B]`, so changing them never
 recompiles. `sample()` is exact (no candidate truncation) yet avoids a full sort of the
 vocabulary, which costs ~25 ms per row on XLA:CPU:
@@ -17,17 +23,15 @@ a seed gets the same tokens whatever else shares the batch.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from llama_jax.constrain import Grammar
 
 CANDIDATES = 64  # logits examined for top-k / top-p before falling back to bisection
 BLOCK = 256  # tokens per block in the two-level inverse-CDF draw
@@ -38,59 +42,147 @@ _LOGPROB_FLOOR = -9999.0  # JSON has no -inf: OpenAI-style servers report this i
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens for one request. `temperature=0` is greedy."""
+class Knob:
+    """One sampling field: its default, valid range (pydantic's `ge`/`gt`/`le`/`lt`) and what it
+    does. For a mapping (`logit_bias`), the range is its values' and `entries` bounds its size."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    min_p: float = 0.0  # 0: off
-    seed: int | None = None
-    max_tokens: int = 256
-    stop: Sequence[str] = ()
-    stop_token_ids: Sequence[int] = ()
-    ignore_eos: bool = False
-    top_logprobs: int = 0  # alternatives reported per token, 0..20
-    presence_penalty: float = 0.0  # OpenAI: subtracted once from tokens already generated
-    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated text
-    repetition_penalty: float = 1.0  # HF/llama.cpp: divides (or multiplies) logits of prompt+output tokens
-    logit_bias: Mapping[int, float] = dataclasses.field(default_factory=dict)  # token id -> added bias
-    grammar: Grammar | None = None  # constrained decoding: what the output must match
+    type: type  # int or float: the value's (a mapping's values')
+    default: Any
+    description: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    entries: int | None = None  # a mapping of token ids to values, with at most this many entries
+    flag: bool = True  # also a flag of `llama-jax chat` and `generate`
+
+    def bounds(self) -> dict[str, float]:
+        """The valid range as pydantic `Field` keywords."""
+        return {k: v for k in ("ge", "gt", "le", "lt") if (v := getattr(self, k)) is not None}
+
+    def range_text(self) -> str:
+        lo = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else "(-inf"
+        hi = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else "inf)"
+        return f"{lo}, {hi}"
+
+    def contains(self, x: float) -> bool:
+        return (
+            (self.ge is None or x >= self.ge)
+            and (self.gt is None or x > self.gt)
+            and (self.le is None or x <= self.le)
+            and (self.lt is None or x < self.lt)
+        )
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise `InvalidRequestError` naming `name` unless `value` is of this field's type and range."""
+        if value is None and self.default is None:
+            return
+        if self.entries is not None:
+            self._check_mapping(name, value)
+            return
+        kind = numbers.Real if self.type is float else numbers.Integral
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise InvalidRequestError(
+                f"{name} must be {'a number' if self.type is float else 'an integer'}, got {value!r}",
+                param=name,
+            )
+        if not self.contains(value):
+            raise InvalidRequestError(f"{name} must be in {self.range_text()}, got {value}", param=name)
+
+    def _check_mapping(self, name: str, value: Any) -> None:
+        if not isinstance(value, Mapping):
+            raise InvalidRequestError(f"{name} must map token ids to numbers", param=name)
+        if len(value) > self.entries:
+            raise InvalidRequestError(f"{name} has at most {self.entries} entries", param=name)
+        for tok, x in value.items():
+            if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= tok < 2**31:
+                raise InvalidRequestError(
+                    f"{name} keys must be token ids (integers in [0, 2**31)), got {tok!r}", param=name
+                )
+            if isinstance(x, bool) or not isinstance(x, numbers.Real) or not self.contains(x):
+                raise InvalidRequestError(
+                    f"{name} values must be in {self.range_text()}, got {x!r}", param=name
+                )
+
+
+def _knob(default: Any, description: str, type: type = float, **range_: Any) -> Any:
+    knob = Knob(type, default, description, **range_)
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata={"knob": knob})
+    return dataclasses.field(default=default, metadata={"knob": knob})
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request: each field's default, range and meaning below (the
+    one definition of each; `FIELDS` lists them). `temperature=0` is greedy."""
+
+    temperature: float = _knob(
+        0.7, "Randomness: logits are divided by it before sampling; 0 is greedy.", ge=0.0, le=2.0
+    )
+    top_p: float = _knob(
+        1.0,
+        "Nucleus sampling: keep the most likely tokens whose probabilities add up to top_p "
+        "(1: all; 0: only the most likely, greedy).",
+        ge=0.0,
+        le=1.0,
+    )
+    top_k: int = _knob(0, "Keep only the top_k most likely tokens (0: off).", int, ge=0, lt=2**31)
+    min_p: float = _knob(
+        0.0, "Drop tokens less likely than min_p times the most likely one (0: off).", ge=0.0, le=1.0
+    )
+    seed: int | None = _knob(
+        None,
+        "Seed of the random draws: a request with a seed gets the same tokens whatever shares the "
+        "batch (none: random).",
+        int,
+        ge=-(2**63),
+        lt=2**64,
+    )
+    top_logprobs: int = _knob(
+        0,
+        "The most likely alternatives reported with each token, with their log-probabilities.",
+        int,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        flag=False,
+    )
+    presence_penalty: float = _knob(
+        0.0, "Subtracted once from the logits of tokens already generated (OpenAI's).", ge=-2.0, le=2.0
+    )
+    frequency_penalty: float = _knob(
+        0.0,
+        "Subtracted from a token's logit once per time it was generated (OpenAI's).",
+        ge=-2.0,
+        le=2.0,
+    )
+    repetition_penalty: float = _knob(
+        1.0,
+        "Divides the positive logits, and multiplies the negative ones, of tokens in the prompt or "
+        "output (Hugging Face's and llama.cpp's; 1: off).",
+        gt=0.0,
+        le=10.0,
+    )
+    logit_bias: Mapping[int, float] = _knob(
+        {},
+        f"Token id -> a bias added to its logit (at most {MAX_LOGIT_BIAS}; -100 bans a token, "
+        "100 forces it).",
+        ge=-100.0,
+        le=100.0,
+        entries=MAX_LOGIT_BIAS,
+        flag=False,
+    )
 
     def __post_init__(self):
-        def bad(param, msg):
-            raise InvalidRequestError(f"{param} {msg}", param=param)
+        for name, knob in FIELDS.items():
+            knob.check(name, getattr(self, name))
+        if self.top_p == 0:  # only the most likely token survives: greedy
+            object.__setattr__(self, "temperature", 0.0)
+            object.__setattr__(self, "top_p", 1.0)
 
-        if not 0.0 <= self.temperature <= 100.0:
-            bad("temperature", f"must be between 0 and 100, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.top_k < 2**31:
-            bad("top_k", f"must be between 0 and 2**31 - 1, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            bad("min_p", f"must be in [0, 1], got {self.min_p}")
-        if self.max_tokens < 1:
-            bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                bad(name, f"must be between -2 and 2, got {getattr(self, name)}")
-        if not 0.0 < self.repetition_penalty <= 10.0:
-            bad("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
-        if len(self.logit_bias) > MAX_LOGIT_BIAS:
-            bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
-        for tok, bias in self.logit_bias.items():
-            if not isinstance(tok, int) or tok < 0:
-                bad("logit_bias", f"keys must be token ids (non-negative integers), got {tok!r}")
-            if not -100.0 <= bias <= 100.0:
-                bad("logit_bias", f"values must be between -100 and 100, got {bias}")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            bad("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            bad("seed", "must fit in 64 bits")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop", "must be non-empty strings")
+
+# Every sampling field's definition, by name, in `SamplingParams`'s order.
+FIELDS: dict[str, Knob] = {f.name: f.metadata["knob"] for f in dataclasses.fields(SamplingParams)}
 
 
 @jax.tree_util.register_dataclass

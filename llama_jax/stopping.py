@@ -1,4 +1,8 @@
-"""Stop strings on a stream of text deltas.
+"""When a request stops: its `StopRules`, and stop strings matched on a stream of text deltas.
+
+`StopRules` is the validated description of one request's limits (sampling is
+`sampling.SamplingParams`'s): at most `max_tokens` tokens, stop strings (excluded from the
+output), stop token ids (included) and whether EOS ends it.
 
 Text that could be the start of a stop string is held back until it is known not to be one,
 so a stream never shows a stop string or part of one; the stop string itself is excluded
@@ -12,12 +16,43 @@ costs time linear in it, on the caller's thread, per request.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import numbers
 from collections.abc import Sequence
 
 from llama_jax.errors import InvalidRequestError
 
 MAX_STOP_CHARS = 4096  # all the stop strings of one request together
+DEFAULT_MAX_TOKENS = 256  # the seed's default
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRules:
+    """When one request's generation ends, besides the context filling up. `stop` may be one
+    string; `stop_token_ids` end it like EOS (the token is in the output, its text is not)."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False  # EOS does not end the output (benchmarks: a fixed length)
+
+    def __post_init__(self):
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, numbers.Integral):
+            raise InvalidRequestError(
+                f"max_tokens must be an integer, got {self.max_tokens!r}", param="max_tokens"
+            )
+        if self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}", param="max_tokens")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise InvalidRequestError("stop must be non-empty strings", param="stop")
+        check_stops(stop)
+        ids = tuple(self.stop_token_ids)
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in ids):
+            raise InvalidRequestError("stop_token_ids must be token ids", param="stop_token_ids")
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", ids)
 
 
 def check_stops(stops: Sequence[str]) -> None:

@@ -30,7 +30,7 @@ cells = [
     new_code_cell(
         'messages = [{"role": "system", "content": "You are a poet."},\n'
         '            {"role": "user", "content": "Write a haiku about the sea."}]\n'
-        "for piece in gen.chat_stream(messages, SamplingParams(temperature=0.7, seed=42, max_tokens=60)):\n"
+        "for piece in gen.chat_stream(messages, SamplingParams(temperature=0.7, seed=42), max_tokens=60):\n"
         '    print(piece, end="", flush=True)'
     ),
     new_markdown_cell(
@@ -38,7 +38,7 @@ cells = [
     ),
     new_code_cell(
         'prompts = ["Once upon a time", "The three primary colors are", "def fibonacci(n):"]\n'
-        "for c in gen.generate(prompts, SamplingParams(temperature=0, max_tokens=24)):\n"
+        "for c in gen.generate(prompts, SamplingParams(temperature=0), max_tokens=24):\n"
         "    print(repr(c.text), c.finish_reason)"
     ),
     new_markdown_cell(

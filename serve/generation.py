@@ -1,5 +1,5 @@
-"""From a validated request to engine requests and back: sampling values, `n` samples of
-several prompts merged into one asyncio stream, and logprobs in OpenAI's shapes."""
+"""From a validated request to scheduler requests and back: sampling values and stop rules,
+`n` samples of several prompts merged into one asyncio stream, and logprobs in OpenAI's shapes."""
 
 from __future__ import annotations
 
@@ -8,24 +8,31 @@ import math
 import weakref
 from collections.abc import AsyncIterator, Sequence
 
-from llama_jax import Delta, Generator, SamplingParams
+from llama_jax import (
+    DEFAULT_MAX_TOKENS,
+    SAMPLING_FIELDS,
+    Delta,
+    Generator,
+    Grammar,
+    SamplingParams,
+    StopRules,
+)
 from serve.errors import APIError, bad_request
 from serve.schemas import SamplingFields
 
-DEFAULT_MAX_TOKENS = 256  # the seed's default
-DEFAULT_TEMPERATURE = 0.7  # the seed's default
 LOGPROB_FLOOR = -9999.0  # OpenAI's value for "not finite"
 
 
-def sampling_params(
+def request_params(
     req: SamplingFields,
     gen: Generator,
     prompt_len: int,
     max_tokens: int | None,
     top_logprobs: int = 0,
-) -> SamplingParams:
-    """The engine's sampling values for a request (a value the library refuses raises its
-    `InvalidRequestError`: a 400).
+) -> tuple[SamplingParams, StopRules]:
+    """The library's sampling values and stop rules for a request; library validation errors
+    become 400s. Every sampling field (`llama_jax.sampling.FIELDS`) the body has and sets is
+    passed on; the ones it leaves out keep the library's defaults.
 
     Without an explicit `max_tokens` the completion may use the default or what is left of
     the context, whichever is smaller; an explicit value beyond the context is an error."""
@@ -48,24 +55,11 @@ def sampling_params(
         if not 0 <= tok < gen.config.vocab_size:
             raise bad_request(f"logit_bias token id {tok} is outside the vocabulary", "logit_bias")
         bias[tok] = value
-    temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
-    top_p = 1.0 if req.top_p is None else req.top_p
-    if top_p == 0.0:  # only the most likely token survives: greedy
-        temperature, top_p = 0.0, 1.0
-    return SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0,
-        seed=req.seed,
-        max_tokens=max_tokens,
-        stop=tuple(req.stop_list()),
-        ignore_eos=req.ignore_eos,
-        top_logprobs=top_logprobs,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=req.repetition_penalty or 1.0,
-        logit_bias=bias,
+    given = {name: getattr(req, name, None) for name in SAMPLING_FIELDS}
+    given.update(logit_bias=bias, top_logprobs=top_logprobs)
+    return (
+        SamplingParams(**{k: v for k, v in given.items() if v is not None}),
+        StopRules(max_tokens=max_tokens, stop=tuple(req.stop_list()), ignore_eos=req.ignore_eos),
     )
 
 
@@ -83,7 +77,9 @@ class Samples:
         gen: Generator,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams,
+        rules: StopRules,
         n: int,
+        grammar: Grammar | None = None,
         client: str | None = None,
     ):
         self._gen = gen
@@ -102,7 +98,7 @@ class Samples:
         try:
             for p, ids in enumerate(prompts):
                 sinks = [_sink(aloop, self._queue, p * n + j) for j in range(n)]
-                self.requests += gen.submit_group(ids, params, sinks, client=client)
+                self.requests += gen.submit_group(ids, params, rules, sinks, grammar=grammar, client=client)
         except BaseException:
             self.cancel()
             raise

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llama_jax import MAX_STOP_CHARS
+from llama_jax import MAX_STOP_CHARS, SAMPLING_FIELDS
 
 MAX_STOP = 16
 MAX_N = 16
@@ -80,7 +80,15 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+def sampling(name: str) -> Any:
+    """An optional request field for the library's sampling field `name`: its range and
+    description from `llama_jax.sampling.FIELDS`; absent or null, the library's default."""
+    knob = SAMPLING_FIELDS[name]
+    default = "none" if knob.default is None else knob.default
+    return Field(None, description=f"{knob.description} Default: {default}.", **knob.bounds())
+
+
+LogitBias = Annotated[float, Field(**SAMPLING_FIELDS["logit_bias"].bounds())]
 ReasoningFormat = Literal["auto", "deepseek", "none"]
 Choices = Annotated[list[str], Field(min_length=1, max_length=1024)]
 
@@ -102,19 +110,21 @@ class SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    temperature: float | None = sampling("temperature")
+    top_p: float | None = sampling("top_p")
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    seed: int | None = sampling("seed")
+    presence_penalty: float | None = sampling("presence_penalty")
+    frequency_penalty: float | None = sampling("frequency_penalty")
+    logit_bias: dict[str, LogitBias] | None = Field(
+        None, description=SAMPLING_FIELDS["logit_bias"].description
+    )
     user: str | None = None
     # Extensions (llama.cpp, vLLM)
-    top_k: Annotated[int, Field(ge=0)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    top_k: int | None = sampling("top_k")
+    min_p: float | None = sampling("min_p")
+    repetition_penalty: float | None = sampling("repetition_penalty")
     ignore_eos: bool = False
     # Structured output beyond `response_format` (serve/structured.py): at most one of these.
     structured_outputs: StructuredOutputs | None = None
@@ -145,7 +155,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: int | None = sampling("top_logprobs")
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
@@ -172,7 +182,7 @@ TokenIds = list[Annotated[int, Field(ge=0)]]
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: int | None = sampling("top_logprobs")
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
 
@@ -311,8 +321,8 @@ class ResponsesRequest(_Body):
     input: str | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    temperature: float | None = sampling("temperature")
+    top_p: float | None = sampling("top_p")
     stream: bool = False
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
@@ -325,6 +335,6 @@ class ResponsesRequest(_Body):
     metadata: dict[str, str] | None = None
     user: str | None = None
     # Extensions (vLLM)
-    seed: int | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    seed: int | None = sampling("seed")
+    top_k: int | None = sampling("top_k")
     chat_template_kwargs: dict[str, Any] | None = None

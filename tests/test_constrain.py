@@ -1,5 +1,5 @@
 """Constrained decoding: grammars from requests, the bitmask applied on device, matchers driven by
-the engine (tiny model), budget-aware completion, and output that always matches its grammar."""
+the scheduler (tiny model), budget-aware completion, and output that always matches its grammar."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pytest
 from tiny import gguf_metadata, random_tensors, tiny_config
 
 from llama_jax.constrain import Grammar, GrammarCompiler, closed_objects
-from llama_jax.engine import Engine
 from llama_jax.errors import InvalidRequestError
 from llama_jax.runner import ModelRunner
 from llama_jax.sampling import SamplingParams, SlotSampling, apply_mask, mask_words, sample
+from llama_jax.scheduler import Scheduler
+from llama_jax.stopping import StopRules
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.weights import build_model, pack_tensors
 
@@ -29,16 +30,16 @@ def parts():
 
 
 @pytest.fixture
-def engine(parts):
+def scheduler(parts):
     runner, tokenizer = parts
-    return Engine(runner, tokenizer, eos_ids=(2,), max_queue=16)
+    return Scheduler(runner, tokenizer, eos_ids=(2,), max_queue=16)
 
 
-def run(engine, reqs, max_steps=3000):
+def run(scheduler, reqs, max_steps=3000):
     for _ in range(max_steps):
         if all(r.finished for r in reqs):
             return reqs
-        engine.step()
+        scheduler.step()
     raise AssertionError("requests did not finish")
 
 
@@ -172,57 +173,67 @@ def test_objects_listing_properties_are_closed_unless_they_say_otherwise():
     assert closed_objects({"properties": {}, "additionalProperties": True})["additionalProperties"] is True
 
 
-# -- through the engine -----------------------------------------------------------------------
+# -- through the scheduler -----------------------------------------------------------------------
 
 PATTERN = "(yes|no), [a-z]{2,6}!"
 
 
-def test_constrained_output_matches_its_regex_at_any_temperature(engine):
+def test_constrained_output_matches_its_regex_at_any_temperature(scheduler):
     import re
 
     reqs = [
-        engine.submit(
-            [5, 6, 7, 8], SamplingParams(temperature=t, seed=i, max_tokens=40, grammar=Grammar.regex(PATTERN))
+        scheduler.submit(
+            [5, 6, 7, 8],
+            SamplingParams(temperature=t, seed=i),
+            StopRules(max_tokens=40),
+            grammar=Grammar.regex(PATTERN),
         )
         for i, t in enumerate([0.0, 1.0, 1.0, 2.0])
     ]
-    run(engine, reqs)
+    run(scheduler, reqs)
     for r in reqs:
         assert re.fullmatch(PATTERN, r.text), r.text
         assert r.finish_reason == "stop"
 
 
-def test_output_is_one_of_the_choices_or_follows_the_gbnf(engine):
+def test_output_is_one_of_the_choices_or_follows_the_gbnf(scheduler):
     import re
 
     choices = ["red", "green", "blue", "dark blue"]
     gbnf = 'root ::= ("yes" | "no") ", " [a-z]{2,6} "!"'
     reqs = [
-        engine.submit([5, 6, 7], SamplingParams(temperature=1.5, seed=i, max_tokens=40, grammar=g))
+        scheduler.submit(
+            [5, 6, 7], SamplingParams(temperature=1.5, seed=i), StopRules(max_tokens=40), grammar=g
+        )
         for i, g in enumerate([Grammar.choice(choices)] * 4 + [Grammar.gbnf(gbnf)] * 4)
     ]
-    run(engine, reqs)
+    run(scheduler, reqs)
     assert all(r.text in choices and r.finish_reason == "stop" for r in reqs[:4]), [r.text for r in reqs]
     assert all(re.fullmatch(PATTERN, r.text) for r in reqs[4:]), [r.text for r in reqs[4:]]
 
 
-def test_unconstrained_neighbours_are_unaffected(engine, parts):
+def test_unconstrained_neighbours_are_unaffected(scheduler, parts):
     prompt = [9, 10, 11, 12, 13]
-    params = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
-    alone = run(engine, [engine.submit(prompt, params)])[0].output_ids
-    fresh = Engine(parts[0], parts[1], eos_ids=(2,), max_queue=16)
+    params = SamplingParams(temperature=0.8, seed=3), StopRules(max_tokens=24, ignore_eos=True)
+    alone = run(scheduler, [scheduler.submit(prompt, *params)])[0].output_ids
+    fresh = Scheduler(parts[0], parts[1], eos_ids=(2,), max_queue=16)
     reqs = [
-        fresh.submit([20, 21], SamplingParams(temperature=1.0, max_tokens=30, grammar=Grammar.json_object())),
-        fresh.submit(prompt, params),
         fresh.submit(
-            [22, 23], SamplingParams(temperature=1.0, max_tokens=30, grammar=Grammar.regex("[0-9]+"))
+            [20, 21], SamplingParams(temperature=1.0), StopRules(max_tokens=30), grammar=Grammar.json_object()
+        ),
+        fresh.submit(prompt, *params),
+        fresh.submit(
+            [22, 23],
+            SamplingParams(temperature=1.0),
+            StopRules(max_tokens=30),
+            grammar=Grammar.regex("[0-9]+"),
         ),
     ]
     run(fresh, reqs)
     assert reqs[1].output_ids == alone
 
 
-def test_json_is_completed_within_max_tokens(engine):
+def test_json_is_completed_within_max_tokens(scheduler):
     """A random model rambles; the budget-aware completion still closes every object in time."""
     schema = {
         "type": "object",
@@ -233,25 +244,27 @@ def test_json_is_completed_within_max_tokens(engine):
         },
         "required": ["name", "tags", "kind"],
     }
-    reqs = []
+    reqs, kinds = [], []
     for i, grammar in enumerate([Grammar.json_object(), Grammar.json_schema(schema)]):
-        shortest = engine.grammars.matcher(grammar).closing_path(200, engine.grammars.closers)
+        shortest = scheduler.grammars.matcher(grammar).closing_path(200, scheduler.grammars.closers)
         for j, extra in enumerate([1, 4, 12, 30]):
-            params = SamplingParams(
-                temperature=1.5, seed=j, max_tokens=len(shortest) + extra, grammar=grammar
+            params, rules = (
+                SamplingParams(temperature=1.5, seed=j),
+                StopRules(max_tokens=len(shortest) + extra),
             )
-            reqs.append(engine.submit([30 + i, 31 + j], params))
-    run(engine, reqs[:4])
-    run(engine, reqs[4:])
-    for r in reqs:
-        assert len(r.output_ids) <= r.params.max_tokens
+            reqs.append(scheduler.submit([30 + i, 31 + j], params, rules, grammar=grammar))
+            kinds.append(grammar.kind)
+    run(scheduler, reqs[:4])
+    run(scheduler, reqs[4:])
+    for r, kind in zip(reqs, kinds, strict=True):
+        assert len(r.output_ids) <= r.rules.max_tokens
         value = json.loads(r.text)
         assert isinstance(value, dict)
-        if r.params.grammar.kind == "json_schema":
+        if kind == "json_schema":
             assert set(value) == {"name", "tags", "kind"} and value["kind"] in ("a", "b") and value["tags"]
 
 
-def test_json_closes_in_time_against_a_model_that_keeps_opening_keys(engine, parts):
+def test_json_closes_in_time_against_a_model_that_keeps_opening_keys(scheduler, parts):
     """The hardest case for budget-aware completion: whenever it is free to, the "model" writes
     one more key (`, "k": {"s": "cat"}`), whose first tokens lengthen the way to finish by
     several tokens at once. (The default model did this at temperature 0.7 and was cut off at
@@ -261,14 +274,16 @@ def test_json_closes_in_time_against_a_model_that_keeps_opening_keys(engine, par
         '{"a": {"s": "cat"}' + "".join(f', "{k}": {{"s": "cat"}}' for k in "bcdefghijklmnop")
     )
     for max_tokens in (12, 20, 33, 47):
-        req = engine.submit([5, 6], SamplingParams(max_tokens=max_tokens, grammar=Grammar.json_object()))
+        req = scheduler.submit(
+            [5, 6], SamplingParams(), StopRules(max_tokens=max_tokens), grammar=Grammar.json_object()
+        )
         for step in range(max_tokens):
             mask = req.matcher.mask()
-            engine._close_in_time(req, mask)
+            scheduler._close_in_time(req, mask)
             allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little"))
             want = script[step] if step < len(script) else None
             token = want if want in allowed else int(allowed[0])
-            if req.matcher.accepting and token in engine.eos_ids:
+            if req.matcher.accepting and token in scheduler.eos_ids:
                 break
             assert req.matcher.advance(token)
             req.output_ids.append(token)
@@ -276,15 +291,17 @@ def test_json_closes_in_time_against_a_model_that_keeps_opening_keys(engine, par
         assert isinstance(json.loads(text), dict), (max_tokens, text)
 
 
-def test_samples_of_a_group_each_follow_the_grammar(engine):
-    group = engine.make_group(
+def test_samples_of_a_group_each_follow_the_grammar(scheduler):
+    group = scheduler.make_group(
         [40, 41, 42],
-        SamplingParams(temperature=1.0, seed=5, max_tokens=30, grammar=Grammar.regex(PATTERN)),
+        SamplingParams(temperature=1.0, seed=5),
+        StopRules(max_tokens=30),
         3,
+        grammar=Grammar.regex(PATTERN),
     )
     for r in group:
-        engine.enqueue(r)
-    run(engine, group)
+        scheduler.enqueue(r)
+    run(scheduler, group)
     import re
 
     assert all(re.fullmatch(PATTERN, r.text) for r in group)

@@ -203,8 +203,8 @@ def test_default_model_with_and_without_kernels_agree(smollm2):
     plain = Generator.from_pretrained(max_seq_len=512, max_slots=4, kernels=False, quantize="none")
     assert not plain.loaded.model.kernels
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    params = SamplingParams(temperature=0, max_tokens=12)
-    a, b = smollm2.chat(msgs, params), plain.chat(msgs, params)
+    params = SamplingParams(temperature=0)
+    a, b = smollm2.chat(msgs, params, max_tokens=12), plain.chat(msgs, params, max_tokens=12)
     assert a.token_ids == b.token_ids and "Paris" in a.text
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-3)
 

@@ -45,7 +45,7 @@ def test_logits_match_reference(smollm2, i):
 @pytest.mark.parametrize("i", range(len(MESSAGES)))
 def test_greedy_tokens_match_reference(smollm2, i):
     prompt = GOLDEN[f"prompt_ids_{i}"].tolist()
-    out = smollm2.generate([prompt], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
+    out = smollm2.generate([prompt], SamplingParams(temperature=0), max_tokens=32, ignore_eos=True)[0]
     assert out.token_ids == GOLDEN[f"greedy_{i}"].tolist()
     assert out.finish_reason == "length"
 
@@ -62,10 +62,10 @@ def test_france_question_answers_paris(smollm2):
 
 def test_stream_concatenates_to_the_full_answer(smollm2):
     messages = [{"role": "user", "content": "Name three colors, with an emoji for each."}]
-    sampling = SamplingParams(temperature=0, max_tokens=40)
-    pieces = list(smollm2.chat_stream(messages, sampling))
+    sampling = SamplingParams(temperature=0)
+    pieces = list(smollm2.chat_stream(messages, sampling, max_tokens=40))
     assert len(pieces) > 5
-    assert "".join(pieces) == smollm2.chat(messages, sampling).text
+    assert "".join(pieces) == smollm2.chat(messages, sampling, max_tokens=40).text
 
 
 def test_batch_generation_equals_single_runs(smollm2):
@@ -76,17 +76,17 @@ def test_batch_generation_equals_single_runs(smollm2):
         "Paris is",
         "1, 2, 3,",
     ]
-    sampling = SamplingParams(temperature=0, max_tokens=16)
-    together = smollm2.generate(prompts, sampling)  # 5 prompts over 4 slots: one waits for a free slot
+    sampling = SamplingParams(temperature=0)
+    together = smollm2.generate(prompts, sampling, max_tokens=16)  # 5 prompts over 4 slots: one waits
     for p, t in zip(prompts, together, strict=True):
-        assert smollm2.generate(p, sampling)[0].token_ids == t.token_ids
+        assert smollm2.generate(p, sampling, max_tokens=16)[0].token_ids == t.token_ids
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(smollm2):
     messages = [{"role": "user", "content": "Tell me a short story."}]
-    a = smollm2.chat(messages, SamplingParams(temperature=1.0, seed=7, max_tokens=24))
-    b = smollm2.chat(messages, SamplingParams(temperature=1.0, seed=7, max_tokens=24))
-    c = smollm2.chat(messages, SamplingParams(temperature=1.0, seed=8, max_tokens=24))
+    a = smollm2.chat(messages, SamplingParams(temperature=1.0, seed=7), max_tokens=24)
+    b = smollm2.chat(messages, SamplingParams(temperature=1.0, seed=7), max_tokens=24)
+    c = smollm2.chat(messages, SamplingParams(temperature=1.0, seed=8), max_tokens=24)
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
 
@@ -102,11 +102,11 @@ def test_embeddings_rank_similar_sentences_closer(smollm2):
 
 
 def test_second_chat_turn_prefills_only_the_new_message(smollm2):
-    greedy = SamplingParams(temperature=0, max_tokens=40)
+    greedy = SamplingParams(temperature=0)
     history = [{"role": "user", "content": "What is the capital of France?"}]
-    first = smollm2.chat(history, greedy)
+    first = smollm2.chat(history, greedy, max_tokens=40)
     history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Italy?"}]
-    second = smollm2.chat(history, greedy)
+    second = smollm2.chat(history, greedy, max_tokens=40)
     prompt2 = smollm2.encode_chat(history)
     assert second.usage.cached_tokens >= first.usage.prompt_tokens + len(first.token_ids) - 2
     assert second.usage.cached_tokens < len(prompt2)

@@ -45,7 +45,7 @@ def test_a_model_id_loads_its_cached_folder_and_generates(offline):
     try:
         assert gen.loaded.name == CHAT
         assert gen.loaded.path.parent.name == "snapshots" and gen.loaded.path.is_dir()
-        out = gen.generate(["hi"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+        out = gen.generate(["hi"], SamplingParams(temperature=0), max_tokens=3, ignore_eos=True)[0]
         assert out.usage.completion_tokens == 3
     finally:
         gen.close()

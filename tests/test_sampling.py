@@ -3,13 +3,15 @@ including the slow (bisection) path, and seeds are per request."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from llama_jax.errors import InvalidRequestError
-from llama_jax.sampling import CANDIDATES, SamplingParams, SlotSampling, sample
+from llama_jax.sampling import CANDIDATES, FIELDS, SamplingParams, SlotSampling, sample
 
 N = 20000
 
@@ -38,14 +40,14 @@ PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
 @pytest.mark.parametrize(
     "params,keep",
     [
-        (SamplingParams(), [1, 1, 1, 1, 1, 1]),
-        (SamplingParams(top_k=2), [1, 1, 0, 0, 0, 0]),
-        (SamplingParams(top_p=0.7), [1, 1, 1, 0, 0, 0]),  # 0.4+0.25 < 0.7 <= 0.8
-        (SamplingParams(top_p=0.65), [1, 1, 0, 0, 0, 0]),  # boundary: exactly reached
-        (SamplingParams(min_p=0.3), [1, 1, 1, 0, 0, 0]),  # p >= 0.3 * 0.4
-        (SamplingParams(min_p=0.2), [1, 1, 1, 1, 0, 0]),  # p >= 0.08
+        (SamplingParams(temperature=1.0), [1, 1, 1, 1, 1, 1]),
+        (SamplingParams(temperature=1.0, top_k=2), [1, 1, 0, 0, 0, 0]),
+        (SamplingParams(temperature=1.0, top_p=0.7), [1, 1, 1, 0, 0, 0]),  # 0.4+0.25 < 0.7 <= 0.8
+        (SamplingParams(temperature=1.0, top_p=0.65), [1, 1, 0, 0, 0, 0]),  # boundary: exactly reached
+        (SamplingParams(temperature=1.0, min_p=0.3), [1, 1, 1, 0, 0, 0]),  # p >= 0.3 * 0.4
+        (SamplingParams(temperature=1.0, min_p=0.2), [1, 1, 1, 1, 0, 0]),  # p >= 0.08
         # top-p over the renormalized top-3 (0.4, 0.25, 0.15)/0.8: 0.5, 0.8125 >= 0.8
-        (SamplingParams(top_k=3, top_p=0.8), [1, 1, 0, 0, 0, 0]),
+        (SamplingParams(temperature=1.0, top_k=3, top_p=0.8), [1, 1, 0, 0, 0, 0]),
     ],
 )
 def test_filters_keep_the_right_tokens_with_renormalized_probabilities(params, keep):
@@ -68,13 +70,13 @@ def test_slow_path_beyond_the_candidate_window_is_exact():
     probs[:8] = 20.0
     probs /= probs.sum()
     k = 2 * CANDIDATES
-    got = empirical(probs, SamplingParams(top_k=k))
+    got = empirical(probs, SamplingParams(temperature=1.0, top_k=k))
     assert got[k:].sum() == 0
     assert got[8:k].sum() == pytest.approx(probs[8:k].sum() / probs[:k].sum(), abs=0.02)
     order_mass = np.cumsum(probs)
     j = int(np.searchsorted(order_mass, 0.9))  # nucleus = tokens 0..j
     assert j > CANDIDATES
-    got = empirical(probs, SamplingParams(top_p=0.9))
+    got = empirical(probs, SamplingParams(temperature=1.0, top_p=0.9))
     assert got[j + 1 :].sum() == 0 and got[j - 8 : j + 1].sum() > 0
 
 
@@ -109,12 +111,16 @@ def test_seeded_row_does_not_depend_on_its_neighbours(rng):
     "kwargs,param",
     [
         ({"temperature": -0.1}, "temperature"),
-        ({"top_p": 0.0}, "top_p"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": -0.1}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
+        ({"top_k": 2**31}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
         ({"min_p": 1.2}, "min_p"),
-        ({"max_tokens": 0}, "max_tokens"),
-        ({"stop": [""]}, "stop"),
+        ({"min_p": float("nan")}, "min_p"),
+        ({"seed": 2**64}, "seed"),
         ({"top_logprobs": 21}, "top_logprobs"),
     ],
 )
@@ -122,6 +128,35 @@ def test_invalid_values_are_rejected_with_the_parameter_named(kwargs, param):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kwargs)
     assert e.value.param == param
+
+
+def test_each_field_is_defined_once_with_a_valid_default_and_a_range():
+    assert list(FIELDS) == [f.name for f in dataclasses.fields(SamplingParams)]
+    defaults = SamplingParams()
+    for name, knob in FIELDS.items():
+        assert knob.description and (knob.bounds() or knob.entries)
+        assert getattr(defaults, name) == knob.default
+    assert defaults.temperature == 0.7
+
+
+@pytest.mark.parametrize("name", [n for n, k in FIELDS.items() if k.entries is None])
+def test_each_field_takes_its_bounds_and_refuses_beyond_them(name):
+    knob = FIELDS[name]
+    step = 1 if knob.type is int else 1e-6
+    for key, bound in knob.bounds().items():
+        if key in ("ge", "le"):  # a closed bound is inside, one step past it is not
+            SamplingParams(**{name: knob.type(bound)})
+            beyond = bound - step if key == "ge" else bound + step
+        else:  # an open bound is outside
+            beyond = bound
+        with pytest.raises(InvalidRequestError) as e:
+            SamplingParams(**{name: knob.type(beyond)})
+        assert e.value.param == name
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token():
+    p = SamplingParams(temperature=1.3, top_p=0.0)
+    assert (p.temperature, p.top_p) == (0.0, 1.0)
 
 
 def reference_adjust(logits, params, history, start, end):

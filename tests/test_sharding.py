@@ -206,7 +206,7 @@ def test_two_processes_serve_one_mesh_in_lockstep(tmp_path):
     path = write_gguf(tmp_path / "tiny.gguf", cfg, random_tensors(cfg))
     one = Generator.from_pretrained(path, max_slots=2, max_seq_len=128)
     try:
-        want = one.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=8)).text
+        want = one.chat(MESSAGES, SamplingParams(temperature=0), max_tokens=8).text
     finally:
         one.close()
     port, coordinator = free_port(), free_port()

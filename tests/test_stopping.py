@@ -4,7 +4,8 @@ import time
 import pytest
 
 from llama_jax.errors import InvalidRequestError
-from llama_jax.stopping import MAX_STOP_CHARS, StopMatcher
+from llama_jax.sampling import SamplingParams
+from llama_jax.stopping import DEFAULT_MAX_TOKENS, MAX_STOP_CHARS, StopMatcher, StopRules
 
 
 def run(stops, deltas):
@@ -85,3 +86,31 @@ def test_stop_strings_longer_than_the_cap_in_all_are_refused():
     with pytest.raises(InvalidRequestError) as e:
         StopMatcher(["x" * 2000] * 16)
     assert e.value.param == "stop" and str(MAX_STOP_CHARS) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": ["x" * (MAX_STOP_CHARS + 1)]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ],
+)
+def test_invalid_stop_rules_are_rejected_with_the_parameter_named(kwargs, param):
+    with pytest.raises(InvalidRequestError) as e:
+        StopRules(**kwargs)
+    assert e.value.param == param
+
+
+def test_stop_rules_take_one_string_and_default_to_the_token_limit():
+    rules = StopRules(stop="END", stop_token_ids=[7])
+    assert rules.stop == ("END",) and rules.stop_token_ids == (7,)
+    assert rules.max_tokens == DEFAULT_MAX_TOKENS and not rules.ignore_eos
+
+
+def test_token_limits_and_stops_are_not_sampling_values():
+    for name in ("max_tokens", "stop", "stop_token_ids", "ignore_eos", "grammar"):
+        with pytest.raises(TypeError):
+            SamplingParams(**{name: None})

@@ -338,13 +338,13 @@ def generator(request, files):
 def test_generator_generate_returns_text_and_greedy_ids(generator, cfg, tensors):
     prompt_ids = generator.tokenizer.encode(PROMPT)
     assert 32 < len(prompt_ids) <= 64
-    sampling = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    (out,) = generator.generate(PROMPT, sampling)
+    sampling, stop = SamplingParams(temperature=0.0), {"max_tokens": 6, "ignore_eos": True}
+    (out,) = generator.generate(PROMPT, sampling, **stop)
     assert out.token_ids == greedy_reference(cfg, tensors, prompt_ids, 6)
     assert out.text == generator.tokenizer.decode(out.token_ids)
     assert out.finish_reason == "length"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(prompt_ids), 6)
-    assert generator.generate(prompt_ids, sampling)[0].token_ids == out.token_ids
+    assert generator.generate(prompt_ids, sampling, **stop)[0].token_ids == out.token_ids
 
 
 def test_generator_chat_renders_the_tiny_chatml_template(generator, cfg, tensors):
@@ -353,7 +353,7 @@ def test_generator_chat_renders_the_tiny_chatml_template(generator, cfg, tensors
     assert ids == generator.tokenizer.encode(CHATML, add_bos=False)
     assert ids[0] == TINY_VOCAB.id("<|im_start|>") and ids.count(TINY_VOCAB.eos_id) == 2
     assert 32 < len(ids) <= 64
-    out = generator.chat(MESSAGES, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    out = generator.chat(MESSAGES, SamplingParams(temperature=0.0), max_tokens=5, ignore_eos=True)
     assert out.usage.prompt_tokens == len(ids)
     assert out.token_ids == greedy_reference(cfg, tensors, ids, 5)
     assert isinstance(out.text, str) and out.text == generator.tokenizer.decode(out.token_ids)

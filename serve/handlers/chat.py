@@ -10,7 +10,7 @@ import functools
 
 from quart import Blueprint, g
 
-from serve.generation import Samples, chat_logprobs, sampling_params
+from serve.generation import Samples, chat_logprobs, request_params
 from serve.handlers import parse_body, record, serving, state, stream_finisher
 from serve.output import OutputReader, splits_reasoning
 from serve.reply import Reply, choice
@@ -43,11 +43,11 @@ async def chat_completions():
     ids = prep.prompt_ids
     max_tokens = body.max_completion_tokens or body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else 0
-    params = prep.sampling(sampling_params(body, gen, len(ids), max_tokens, top_logprobs=top))
-    record().reserve(len(ids) + body.n * params.max_tokens)
-    samples = Samples(gen, [ids], params, body.n, client=record().client)
+    params, rules = request_params(body, gen, len(ids), max_tokens, top_logprobs=top)
+    record().reserve(len(ids) + body.n * rules.max_tokens)
+    samples = Samples(gen, [ids], params, rules, body.n, prep.grammar, client=record().client)
     record().count = lambda: (len(ids), samples.generated)
-    skip = gen.eos_ids | frozenset(params.stop_token_ids)
+    skip = gen.eos_ids | frozenset(rules.stop_token_ids)
     reply = Reply("chat", entry, body.model, len(ids), body.n, body.stream_options)
     split = splits_reasoning(body.reasoning_format, state().settings.reasoning_format)
     readers = [OutputReader(prep, split) for _ in range(body.n)]

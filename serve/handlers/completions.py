@@ -4,13 +4,12 @@ structured output through the fields of `serve/structured.py`)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 from quart import Blueprint, g
 
 from llama_jax import ContextLengthError
 from serve.errors import bad_request
-from serve.generation import CompletionLogprobs, Samples, sampling_params
+from serve.generation import CompletionLogprobs, Samples, request_params
 from serve.handlers import parse_body, record, serving, stream_finisher
 from serve.reply import Reply, choice
 from serve.schemas import CompletionRequest
@@ -41,19 +40,17 @@ async def completions():
     if any(not p for p in ids):
         raise bad_request("prompt must not be empty", "prompt")
     top = body.logprobs or 0
-    params = sampling_params(body, gen, max(map(len, ids)), body.max_tokens, top_logprobs=top)
-    if grammar is not None:
-        params = dataclasses.replace(params, grammar=grammar)
-    record().reserve(sum(map(len, ids)) + len(ids) * body.n * params.max_tokens)
+    params, rules = request_params(body, gen, max(map(len, ids)), body.max_tokens, top_logprobs=top)
+    record().reserve(sum(map(len, ids)) + len(ids) * body.n * rules.max_tokens)
     try:
-        samples = Samples(gen, ids, params, body.n, client=record().client)
+        samples = Samples(gen, ids, params, rules, body.n, grammar, client=record().client)
     except ContextLengthError as e:
         e.param = "prompt"
         raise
     record().count = lambda: (sum(map(len, ids)), samples.generated)
     n_choices = len(ids) * body.n
     echoes = [(p if isinstance(p, str) else gen.tokenizer.decode(p)) if body.echo else "" for p in prompts]
-    skip = gen.eos_ids | frozenset(params.stop_token_ids)
+    skip = gen.eos_ids | frozenset(rules.stop_token_ids)
     logprobs = [CompletionLogprobs(len(echoes[i // body.n])) for i in range(n_choices)]
     reply = Reply("text", entry, body.model, sum(map(len, ids)), body.n, body.stream_options)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from quart import Blueprint, request
 
 from llama_jax import __version__
-from serve.generation import sampling_params
+from serve.generation import request_params
 from serve.handlers import serving
 from serve.schemas import SamplingFields
 
@@ -23,7 +23,7 @@ async def version():
 async def props():
     entry, gen = await serving(request.args.get("model"))
     # The defaults are what a request that sets nothing gets: derived, not restated.
-    d = sampling_params(SamplingFields(model=entry.id), gen, 0, None)
+    d, rules = request_params(SamplingFields(model=entry.id), gen, 0, None)
     return {
         "default_generation_settings": {
             "n_ctx": gen.max_seq_len,
@@ -32,7 +32,7 @@ async def props():
                 "top_p": d.top_p,
                 "top_k": d.top_k,
                 "min_p": d.min_p,
-                "n_predict": d.max_tokens,
+                "n_predict": rules.max_tokens,
                 "presence_penalty": d.presence_penalty,
                 "frequency_penalty": d.frequency_penalty,
                 "repeat_penalty": d.repetition_penalty,

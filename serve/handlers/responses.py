@@ -22,7 +22,7 @@ from quart import Blueprint, g
 
 from llama_jax import Delta, LlamaJaxError, SamplingParams
 from serve.errors import APIError, bad_request, from_library
-from serve.generation import Samples, sampling_params
+from serve.generation import Samples, request_params
 from serve.handlers import note_tokens, now, parse_body, record, serving, state, stream_finisher
 from serve.output import OutputReader, splits_reasoning
 from serve.schemas import (
@@ -78,13 +78,13 @@ async def create_response():
         model=body.model, temperature=body.temperature, top_p=body.top_p, seed=body.seed, top_k=body.top_k
     )
     try:
-        params = prep.sampling(sampling_params(fields, gen, len(ids), body.max_output_tokens))
+        params, rules = request_params(fields, gen, len(ids), body.max_output_tokens)
     except APIError as e:
         if e.param == "max_tokens":
             e.param = "max_output_tokens"
         raise
-    record().reserve(len(ids) + params.max_tokens)
-    samples = Samples(gen, [ids], params, 1, client=record().client)
+    record().reserve(len(ids) + rules.max_tokens)
+    samples = Samples(gen, [ids], params, rules, 1, prep.grammar, client=record().client)
     record().count = lambda: (len(ids), samples.generated)
     split = splits_reasoning(None, state().settings.reasoning_format)
     out = _Output(_response(body, params, entry.answer_name(body.model)), OutputReader(prep, split))

@@ -1,4 +1,4 @@
-"""The engine thread and its bridges: asyncio streams, blocking streams, cancellation, device
+"""The scheduler thread and its bridges: asyncio streams, blocking streams, cancellation, device
 calls, and what callers see when the thread dies."""
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 from tiny import gguf_metadata, random_tensors, tiny_config
 
-from llama_jax.engine import Engine
-from llama_jax.engine_loop import EngineLoop
 from llama_jax.errors import ContextLengthError, EngineDeadError, OverloadedError
 from llama_jax.runner import ModelRunner
 from llama_jax.sampling import SamplingParams
+from llama_jax.scheduler import Scheduler
+from llama_jax.scheduler_loop import SchedulerLoop
+from llama_jax.stopping import StopRules
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.weights import build_model, pack_tensors
 
-GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0), StopRules(max_tokens=10, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def parts():
 @pytest.fixture
 def loop(parts):
     runner, tokenizer = parts
-    lp = EngineLoop(Engine(runner, tokenizer, max_queue=200)).start()
+    lp = SchedulerLoop(Scheduler(runner, tokenizer, max_queue=200)).start()
     yield lp
     lp.close()
 
@@ -46,18 +47,18 @@ def prompts(n, seed=0):
 
 
 def reference(parts, prompt, params=GREEDY):
-    """The same request on a fresh engine driven synchronously."""
+    """The same request on a fresh scheduler driven synchronously."""
     runner, tokenizer = parts
-    engine = Engine(runner, tokenizer)
-    req = engine.submit(prompt, params)
+    scheduler = Scheduler(runner, tokenizer)
+    req = scheduler.submit(prompt, *params)
     while not req.finished:
-        engine.step()
+        scheduler.step()
     return req.output_ids
 
 
 async def collect(loop, prompt, params=GREEDY):
     ids, text, last = [], [], None
-    async for d in loop.astream(prompt, params):
+    async for d in loop.astream(prompt, *params):
         ids += d.token_ids
         text.append(d.text)
         last = d
@@ -75,7 +76,7 @@ def test_concurrent_async_streams_equal_separate_runs(loop, parts):
         assert ids == reference(parts, p)
         assert last.finish_reason == "length"
         assert last.usage.prompt_tokens == len(p) and last.usage.completion_tokens == 10
-    assert loop.call(lambda: loop.engine.live_slots) == 0
+    assert loop.call(lambda: loop.scheduler.live_slots) == 0
 
 
 def test_blocking_stream_from_several_threads(loop, parts):
@@ -83,7 +84,7 @@ def test_blocking_stream_from_several_threads(loop, parts):
     out: dict[int, list[int]] = {}
 
     def worker(i):
-        out[i] = [t for d in loop.stream(ps[i], GREEDY) for t in d.token_ids]
+        out[i] = [t for d in loop.stream(ps[i], *GREEDY) for t in d.token_ids]
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(ps))]
     for t in threads:
@@ -94,10 +95,10 @@ def test_blocking_stream_from_several_threads(loop, parts):
 
 
 def test_hundred_cancelled_streams_leave_every_slot_free(loop, parts):
-    long = SamplingParams(temperature=0.8, max_tokens=60, ignore_eos=True)
+    long = SamplingParams(temperature=0.8), StopRules(max_tokens=60, ignore_eos=True)
 
     async def cancel_after_first(p):
-        gen = loop.astream(p, long)
+        gen = loop.astream(p, *long)
         await gen.__anext__()
         await gen.aclose()  # what a disconnecting HTTP client does
 
@@ -113,7 +114,7 @@ def test_hundred_cancelled_streams_leave_every_slot_free(loop, parts):
         await asyncio.gather(*(cancel_after_first(p) for p in ps[:70]), *(cancel_task(p) for p in ps[70:]))
 
     asyncio.run(main())
-    state = loop.call(lambda: (loop.engine.live_slots, len(loop.engine.waiting)))
+    state = loop.call(lambda: (loop.scheduler.live_slots, len(loop.scheduler.waiting)))
     assert state == (0, 0)
     p = prompts(1, seed=3)[0]
     ids, _, last = asyncio.run(collect(loop, p))
@@ -122,24 +123,24 @@ def test_hundred_cancelled_streams_leave_every_slot_free(loop, parts):
 
 def test_bad_requests_fail_on_the_callers_thread(loop):
     with pytest.raises(ContextLengthError):
-        loop.submit(list(range(3, 120)), SamplingParams(max_tokens=20), lambda _: None)
+        loop.submit(list(range(3, 120)), SamplingParams(), StopRules(max_tokens=20), lambda _: None)
 
 
 def test_full_queue_is_refused_at_once(parts):
     runner, tokenizer = parts
-    lp = EngineLoop(Engine(runner, tokenizer, max_queue=3))  # not started: nothing drains the inbox
+    lp = SchedulerLoop(Scheduler(runner, tokenizer, max_queue=3))  # not started: nothing drains the inbox
     lp._thread.is_alive = lambda: True  # submits are accepted, then count against the queue
     for _ in range(3):
-        lp.submit([5, 6], GREEDY, lambda _: None)
+        lp.submit([5, 6], *GREEDY, lambda _: None)
     with pytest.raises(OverloadedError):
-        lp.submit([5, 6], GREEDY, lambda _: None)
+        lp.submit([5, 6], *GREEDY, lambda _: None)
 
 
 def test_engine_failure_reaches_every_waiting_caller_and_later_submits(parts):
     runner, tokenizer = parts
-    engine = Engine(runner, tokenizer)
-    lp = EngineLoop(engine).start()
-    original = engine.step
+    scheduler = Scheduler(runner, tokenizer)
+    lp = SchedulerLoop(scheduler).start()
+    original = scheduler.step
     calls = {"n": 0}
 
     def failing_step():
@@ -148,20 +149,23 @@ def test_engine_failure_reaches_every_waiting_caller_and_later_submits(parts):
             raise RuntimeError("injected device fault")
         original()
 
-    engine.step = failing_step
+    scheduler.step = failing_step
 
     async def main():
         return await asyncio.gather(
-            *(collect(lp, p, SamplingParams(max_tokens=50, ignore_eos=True)) for p in prompts(6, seed=4)),
+            *(
+                collect(lp, p, (SamplingParams(), StopRules(max_tokens=50, ignore_eos=True)))
+                for p in prompts(6, seed=4)
+            ),
             return_exceptions=True,
         )
 
     results = asyncio.run(asyncio.wait_for(main(), 60))
     assert all(isinstance(r, EngineDeadError) and "injected device fault" in str(r) for r in results)
     with pytest.raises(EngineDeadError):
-        lp.submit([5, 6], GREEDY, lambda _: None)
+        lp.submit([5, 6], *GREEDY, lambda _: None)
     with pytest.raises(EngineDeadError):
-        list(lp.stream([5, 6], GREEDY))
+        list(lp.stream([5, 6], *GREEDY))
 
 
 def test_device_calls_run_on_the_engine_thread(loop):
@@ -169,30 +173,30 @@ def test_device_calls_run_on_the_engine_thread(loop):
     assert names == "llama-jax-engine"
     with pytest.raises(ZeroDivisionError):
         loop.call(lambda: 1 / 0)
-    assert loop.running  # an error in a call is the caller's, not the engine's
+    assert loop.running  # an error in a call is the caller's, not the scheduler's
 
 
 def test_a_broken_consumer_loses_its_request_not_the_engine(loop, parts):
     def broken(_):
         raise RuntimeError("consumer gone")
 
-    req = loop.submit([5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True), broken)
+    req = loop.submit([5, 6, 7], SamplingParams(), StopRules(max_tokens=50, ignore_eos=True), broken)
     p = prompts(1, seed=5)[0]
-    assert [t for d in loop.stream(p, GREEDY) for t in d.token_ids] == reference(parts, p)
+    assert [t for d in loop.stream(p, *GREEDY) for t in d.token_ids] == reference(parts, p)
     assert req.finish_reason == "cancelled" and loop.running
 
 
 def test_streams_from_a_finished_event_loop_do_not_hurt_the_engine(loop, parts):
-    """A consumer whose event loop closed before its cancel reached the engine thread."""
+    """A consumer whose event loop closed before its cancel reached the scheduler thread."""
 
     async def first_delta_only(p):
-        gen = loop.astream(p, SamplingParams(max_tokens=40, ignore_eos=True))
+        gen = loop.astream(p, SamplingParams(), StopRules(max_tokens=40, ignore_eos=True))
         await gen.__anext__()  # never closed: the loop ends with the request still running
 
     for seed in range(5):
         asyncio.run(first_delta_only(prompts(1, seed=seed)[0]))
     p = prompts(1, seed=9)[0]
-    assert [t for d in loop.stream(p, GREEDY) for t in d.token_ids] == reference(parts, p)
+    assert [t for d in loop.stream(p, *GREEDY) for t in d.token_ids] == reference(parts, p)
     assert loop.running
 
 
@@ -210,7 +214,8 @@ def test_group_of_samples_streams_to_each_sink(loop):
 
     group = loop.submit_group(
         [5, 6, 7, 8],
-        SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=3),
+        StopRules(max_tokens=6, ignore_eos=True),
         [sink(0), sink(1)],
     )
     assert all(e.wait(60) for e in done)
@@ -230,7 +235,7 @@ def test_first_tokens_are_delivered_one_prefill_apart(loop, parts):
         return prefill(*args)
 
     release = threading.Event()
-    blocked = loop.call_async(release.wait)  # hold the engine thread so the three arrive together
+    blocked = loop.call_async(release.wait)  # hold the scheduler thread so the three arrive together
     first_at, done = {}, threading.Event()
 
     def sink_for(i):
@@ -245,7 +250,7 @@ def test_first_tokens_are_delivered_one_prefill_apart(loop, parts):
     runner.prefill = counting_prefill
     try:
         for i, p in enumerate(prompts(3, seed=5)):
-            loop.submit(p[:8], GREEDY, sink_for(i))
+            loop.submit(p[:8], *GREEDY, sink_for(i))
         release.set()
         blocked.result(timeout=60)
         assert done.wait(timeout=120)
@@ -266,7 +271,7 @@ def test_embeddings_are_computed_in_chunks_and_a_cancel_stops_them(loop, parts):
     gate.set()
     with pytest.raises(concurrent.futures.CancelledError):
         fut.result(30)
-    assert job.done < len(job.rows) and not loop.engine.embeddings
+    assert job.done < len(job.rows) and not loop.scheduler.embeddings
 
 
 def test_stalled_for_counts_only_while_work_waits_on_a_long_call(loop):

@@ -1,9 +1,10 @@
-"""The engine: continuous batching of requests over the slots of one `ModelRunner`.
+"""The scheduler: continuous batching of requests over the slots of one `Runner`
+(`runner.py`'s protocol: a `ModelRunner` on a model, or a fake in the tests).
 
 A request's life, one `step()` at a time:
 
-1. `submit()` validates it (context length, sampling values) before any device work and
-   queues it.
+1. `submit()` validates it (context length; its `SamplingParams` and `StopRules` validated
+   themselves) before any device work, builds its sampling row once, and queues it.
 2. Admission: while a slot is free, the oldest waiting request takes it: the free slot
    whose cache holds the longest start of its prompt (the prefix cache: a chat's earlier
    turns are not prefilled again). Where a running request's prompt shares a longer start
@@ -26,16 +27,16 @@ A request's life, one `step()` at a time:
 
 Embeddings (`make_embedding`) share the same steps: each step embeds at most one bounded chunk
 of rows (`embed_budget` tokens, shortest rows first), and while anything generates, embedding
-takes at most `embed_share` of the engine's time, so a flood of documents slows streams by a
+takes at most `embed_share` of the scheduler's time, so a flood of documents slows streams by a
 bounded factor instead of stopping them, and a cancelled embedding request stops after its
 current chunk.
 
-Constrained requests (a `Grammar` in their sampling) carry a matcher that gives each step an
+Constrained requests (made with a `Grammar`) carry a matcher that gives each step an
 allowed-token bitmask and consumes each sampled token. Its next mask depends on the token just
 sampled, so while such a request decodes, a step processes the previous step's tokens before
 dispatching (no overlap; on CPU the host work is a few percent of a step).
 
-The engine itself is single-threaded and synchronous; `engine_loop.EngineLoop` runs it on
+The scheduler itself is single-threaded and synchronous; `scheduler_loop.SchedulerLoop` runs it on
 the one thread that owns the device and bridges requests to threads and asyncio.
 """
 
@@ -51,12 +52,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from llama_jax.constrain import GrammarCompiler, Matcher
+from llama_jax.constrain import Grammar, GrammarCompiler, Matcher
 from llama_jax.errors import ContextLengthError, InvalidRequestError, OverloadedError
-from llama_jax.metrics import EngineMetrics
-from llama_jax.runner import ModelRunner, unpack, unpack_top
+from llama_jax.metrics import SchedulerMetrics
+from llama_jax.runner import Runner, unpack, unpack_top
 from llama_jax.sampling import SamplingParams, SlotSampling
-from llama_jax.stopping import StopMatcher
+from llama_jax.stopping import StopMatcher, StopRules
 from llama_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ CLOSE_MARGIN = 5  # ...and takes it when the tokens left exceed its length by no
 # (a free token may lengthen the way to finish by up to the margin + 1 and still leave room: `, "`
 # opens a key that needs `": ""}`; a request that has lengthened it more gets a wider margin)
 CLOSE_RETRY = 4  # tokens before looking again when no way to finish in time was found (doubling)
-EMBED_MAX_BATCH = 16  # rows per embedding chunk (`ModelRunner.embed`'s largest batch)
+EMBED_MAX_BATCH = 16  # rows per embedding chunk (`Runner.embed`'s largest batch)
 CLIENT_SHARE = 4  # by default one client may hold at most 1/CLIENT_SHARE of the waiting queue
 
 
@@ -108,8 +109,10 @@ class Token:
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
+    rules: StopRules
     seed: int
     id: str
+    row: SlotSampling  # its sampling values as host rows, built once, inserted at its last chunk
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     text: str = ""
@@ -153,10 +156,10 @@ class EmbedJob:
         return self.cancelled or self.done == len(self.rows)
 
 
-class Engine:
+class Scheduler:
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: Runner,
         tokenizer: Tokenizer,
         eos_ids: Sequence[int] = (),
         max_queue: int = 256,
@@ -180,16 +183,16 @@ class Engine:
         # What each idle slot's cache holds (token ids of its valid positions), for reuse.
         self.prefix_cache = prefix_cache
         self.slot_tokens: list[list[int]] = [[] for _ in range(runner.max_slots)]
-        self.metrics = EngineMetrics()
+        self.metrics = SchedulerMetrics()
         # Prompt tokens prefilled per step (default: one full chunk).
         self.prefill_budget = prefill_budget or runner.max_prefill_chunk
         # Embedding tokens per step (a row longer than this is one chunk of its own), and the
-        # share of engine time embeddings may take while requests generate.
+        # share of scheduler time embeddings may take while requests generate.
         self.embed_budget = embed_budget or self.prefill_budget
         self.embed_share = embed_share
         self.embeddings: collections.deque[EmbedJob] = collections.deque()
         self._embed_debt = 0.0  # seconds of other work owed before the next embedding chunk
-        # Called in the middle of a step whenever requests have new deltas (`EngineLoop` sets
+        # Called in the middle of a step whenever requests have new deltas (`SchedulerLoop` sets
         # it to hand them to their callers); the end of each step is the caller's to handle.
         self.deliver: Callable[[], None] | None = None
         self._admissions = itertools.count()
@@ -208,11 +211,16 @@ class Engine:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        rules: StopRules,
+        *,
+        grammar: Grammar | None = None,
         request_id: str | None = None,
         client: str | None = None,
     ) -> Request:
-        """Validate and queue a request (single-threaded use; `EngineLoop` has its own submit)."""
-        req = self.make_request(prompt_ids, params, request_id, client)
+        """Validate and queue a request (single-threaded use; `SchedulerLoop` has its own submit)."""
+        req = self.make_request(
+            prompt_ids, params, rules, grammar=grammar, request_id=request_id, client=client
+        )
         self.check_room(1, req.client)
         self.enqueue(req)
         return req
@@ -231,7 +239,7 @@ class Engine:
             )
 
     def enqueue(self, req: Request) -> None:
-        """Queue a request made by `make_request` (engine thread only)."""
+        """Queue a request made by `make_request` (scheduler thread only)."""
         self.metrics.requests_submitted += 1
         self.waiting.append(req)
         if req.client is not None:
@@ -248,34 +256,36 @@ class Engine:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        rules: StopRules,
+        *,
+        grammar: Grammar | None = None,
         request_id: str | None = None,
         client: str | None = None,
     ) -> Request:
-        """A validated request, not yet queued. Touches no engine state: safe from any thread."""
+        """A validated request, not yet queued. Touches no scheduler state: safe from any thread."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         vocab = self.runner.cfg.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        need = len(prompt_ids) + params.max_tokens
+        need = len(prompt_ids) + rules.max_tokens
         if need > self.max_seq_len:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
-                f"{need} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} for the completion). "
+                f"{need} tokens ({len(prompt_ids)} in the prompt, {rules.max_tokens} for the completion). "
                 "Please reduce the prompt or max_tokens.",
                 param="messages",
             )
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        req = Request(prompt_ids, params, seed, request_id or f"req-{next(self._ids)}", client=client)
+        row = SlotSampling.from_params([params], [seed])  # on the caller's thread, once
+        req = Request(
+            prompt_ids, params, rules, seed, request_id or f"req-{next(self._ids)}", row, client=client
+        )
         req.detok = IncrementalDetokenizer(self.tokenizer)
-        req.stops = StopMatcher(params.stop)
-        try:  # the device rows are built here, on the caller's thread: a value that does not fit fails now
-            SlotSampling.from_params([params], [seed])
-        except (OverflowError, ValueError, TypeError) as e:
-            raise InvalidRequestError(f"a sampling value is out of range: {e}") from None
-        if params.grammar is not None:
-            req.matcher = self.grammars.matcher(params.grammar)
+        req.stops = StopMatcher(rules.stop)
+        if grammar is not None:
+            req.matcher = self.grammars.matcher(grammar)
         return req
 
     def cancel(self, req: Request) -> None:
@@ -296,12 +306,12 @@ class Engine:
         return EmbedJob(rows, np.zeros((len(rows), self.runner.cfg.dim), np.float32), order)
 
     def enqueue_embedding(self, job: EmbedJob) -> None:
-        """Queue an embeddings request (engine thread only); `job.finished` tells when it is done."""
+        """Queue an embeddings request (scheduler thread only); `job.finished` tells when it is done."""
         if not job.finished:
             self.embeddings.append(job)
 
     def cancel_embedding(self, job: EmbedJob) -> None:
-        """Drop what is left of an embeddings request (engine thread only)."""
+        """Drop what is left of an embeddings request (scheduler thread only)."""
         job.cancelled = True
         if job in self.embeddings:
             self.embeddings.remove(job)
@@ -423,7 +433,7 @@ class Engine:
         grammar (close the JSON), force the shortest completion found, one token per step, so
         constrained output is whole instead of cut off by max_tokens. A complete output that
         could go on (another tool call) ends when one more item might not fit."""
-        left = min(req.params.max_tokens, self.max_seq_len - len(req.prompt_ids)) - len(req.output_ids)
+        left = min(req.rules.max_tokens, self.max_seq_len - len(req.prompt_ids)) - len(req.output_ids)
         m = req.matcher
         if m.accepting:
             if left > m.whole_cost + CLOSE_MARGIN:
@@ -456,7 +466,10 @@ class Engine:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        rules: StopRules,
         n: int,
+        *,
+        grammar: Grammar | None = None,
         request_id: str | None = None,
         client: str | None = None,
     ) -> list[Request]:
@@ -465,13 +478,20 @@ class Engine:
         last prompt token. With a seed, sample i uses seed + i."""
         if n < 1:
             raise InvalidRequestError(f"n must be >= 1, got {n}", param="n")
-        first = self.make_request(prompt_ids, params, request_id, client)
+        first = self.make_request(
+            prompt_ids, params, rules, grammar=grammar, request_id=request_id, client=client
+        )
         group = [first]
         for i in range(1, n):
             seed = None if params.seed is None else params.seed + i
             group.append(
                 self.make_request(
-                    prompt_ids, dataclasses.replace(params, seed=seed), f"{first.id}-{i}", client
+                    prompt_ids,
+                    dataclasses.replace(params, seed=seed),
+                    rules,
+                    grammar=grammar,
+                    request_id=f"{first.id}-{i}",
+                    client=client,
                 )
             )
         return group
@@ -555,7 +575,6 @@ class Engine:
         """Prefill the request's next chunk; returns how many prompt tokens it took."""
         start = req.prefilled
         chunk = req.prompt_ids[start : start + self.runner.max_prefill_chunk]
-        row = SlotSampling.from_params([req.params], [req.seed])
         last = start + len(chunk) == len(req.prompt_ids)
         mask = None
         if last and req.matcher is not None:
@@ -564,7 +583,9 @@ class Engine:
             self._close_in_time(req, mask[0])
             self.metrics.grammar_mask_seconds += time.perf_counter() - t0
             self.metrics.constrained_tokens += 1
-        self.state, out = self.runner.prefill(self.state, np.asarray(chunk, np.int32), slot, start, row, mask)
+        self.state, out = self.runner.prefill(
+            self.state, np.asarray(chunk, np.int32), slot, start, req.row, mask
+        )
         if self._pending is not None:
             # The device ran the previous decode step before this chunk: hand its tokens out
             # now rather than after this step's prefills.
@@ -595,12 +616,12 @@ class Engine:
         self.metrics.generated_tokens += 1
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
-        p = req.params
+        rules = req.rules
         if req.matcher is not None and not req.matcher.advance(token):
             log.error("request %s: token %d broke its grammar: %s", req.id, token, req.matcher.error)
             self._finish(req, "stop", token=tok)
             return
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self.eos_ids and not rules.ignore_eos) or token in rules.stop_token_ids:
             self._finish(req, "stop", token=tok)
             return
         text = req.stops.feed(req.detok.add(token))
@@ -609,7 +630,7 @@ class Engine:
             self._finish(req, "stop")
             return
         if (
-            len(req.output_ids) >= p.max_tokens
+            len(req.output_ids) >= rules.max_tokens
             or len(req.prompt_ids) + len(req.output_ids) >= self.max_seq_len
         ):
             self._emit(req, text, tok)

@@ -1,14 +1,14 @@
-"""`EngineLoop`: the one thread that owns the device, and the bridge to callers.
+"""`SchedulerLoop`: the one thread that owns the device, and the bridge to callers.
 
-    loop = EngineLoop(engine).start()
-    async for delta in loop.astream(prompt_ids, SamplingParams()): ...   # asyncio (the server)
-    for delta in loop.stream(prompt_ids, SamplingParams()): ...          # threads, notebooks
-    vectors = loop.embed(rows)                                           # embeddings
-    loop.call(lambda: engine.warmup())                                   # any device work
+    loop = SchedulerLoop(scheduler).start()
+    async for delta in loop.astream(prompt_ids, SamplingParams(), StopRules()): ...  # asyncio
+    for delta in loop.stream(prompt_ids, SamplingParams(), StopRules()): ...         # threads
+    vectors = loop.embed(rows)                                                       # embeddings
+    loop.call(lambda: scheduler.warmup())                                            # device work
 
-Callers never touch the engine: `submit` validates on the caller's thread (so a bad request
-fails at once, before any device work) and posts the request to an inbox; the engine thread
-drains the inbox, runs `Engine.step()` while there is work, and hands each request's deltas to
+Callers never touch the scheduler: `submit` validates on the caller's thread (so a bad request
+fails at once, before any device work) and posts the request to an inbox; the scheduler thread
+drains the inbox, runs `Scheduler.step()` while there is work, and hands each request's deltas to
 its sink (`loop.call_soon_threadsafe` for asyncio). With nothing to do it blocks on the inbox,
 so an idle server uses no CPU. Cancelling (a client that went away, a closed generator) posts
 a cancel that frees the slot before the next decode step; a cancelled embeddings request
@@ -17,7 +17,9 @@ effect within one step, and `stalled_for()` tells a health check when the thread
 but finished no step for a while (a device call that hangs).
 
 If the thread dies, every waiting request receives `EngineDeadError` and later submits raise
-it at once: callers never hang on a dead engine.
+it at once: callers never hang on a dead engine. ("Engine" is the user-visible name of the whole
+inference engine, scheduler and device together: the error, the thread's name `llama-jax-engine`
+and its log lines keep it.)
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax.engine import Delta, EmbedJob, Engine, Request
+from llama_jax.constrain import Grammar
 from llama_jax.errors import EngineDeadError
 from llama_jax.sampling import SamplingParams
+from llama_jax.scheduler import Delta, EmbedJob, Request, Scheduler
+from llama_jax.stopping import StopRules
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +49,14 @@ Sink = Callable[[Delta | BaseException], None]
 _STOP = object()
 
 
-class EngineLoop:
-    def __init__(self, engine: Engine, name: str = "llama-jax-engine"):
-        self.engine = engine
-        engine.deliver = self._deliver  # first tokens reach their callers mid-step
+class SchedulerLoop:
+    def __init__(self, scheduler: Scheduler, name: str = "llama-jax-engine"):
+        self.scheduler = scheduler
+        scheduler.deliver = self._deliver  # first tokens reach their callers mid-step
         self.error: BaseException | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[Request, Sink] = {}
-        self._posted = 0  # submits in the inbox, not yet in engine.waiting
+        self._posted = 0  # submits in the inbox, not yet in scheduler.waiting
         self._posted_by_client: collections.Counter[str] = collections.Counter()
         self._embeds: dict[EmbedJob, concurrent.futures.Future] = {}
         # When the thread last finished a step or woke up with work; `_idle` while it waits.
@@ -62,7 +66,7 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def start(self) -> EngineLoop:
+    def start(self) -> SchedulerLoop:
         self._thread.start()
         # Stop the thread before JAX's own exit handlers (registered earlier, so run later)
         # tear the runtime down under it.
@@ -71,7 +75,7 @@ class EngineLoop:
 
     @property
     def backlog(self) -> int:
-        """Requests posted but not yet queued by the engine thread."""
+        """Requests posted but not yet queued by the scheduler thread."""
         return self._posted
 
     @property
@@ -98,14 +102,19 @@ class EngineLoop:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        rules: StopRules,
         sink: Sink,
+        *,
+        grammar: Grammar | None = None,
         request_id: str | None = None,
         client: str | None = None,
     ) -> Request:
-        """Validate and post a request; `sink` receives its deltas on the engine thread.
+        """Validate and post a request; `sink` receives its deltas on the scheduler thread.
         `client` (a key, an address) is held to its share of the queue."""
         self._check_alive()
-        req = self.engine.make_request(prompt_ids, params, request_id, client)
+        req = self.scheduler.make_request(
+            prompt_ids, params, rules, grammar=grammar, request_id=request_id, client=client
+        )
         self._post([req], [sink])
         return req
 
@@ -113,13 +122,18 @@ class EngineLoop:
         self,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        rules: StopRules,
         sinks: Sequence[Sink],
+        *,
+        grammar: Grammar | None = None,
         request_id: str | None = None,
         client: str | None = None,
     ) -> list[Request]:
         """`len(sinks)` samples of one prompt sharing one prefill (OpenAI's `n`), posted together."""
         self._check_alive()
-        group = self.engine.make_group(prompt_ids, params, len(sinks), request_id, client)
+        group = self.scheduler.make_group(
+            prompt_ids, params, rules, len(sinks), grammar=grammar, request_id=request_id, client=client
+        )
         self._post(group, sinks)
         return group
 
@@ -128,7 +142,7 @@ class EngineLoop:
         with self._lock:  # with _run's exit under the same lock, nothing is posted to a dead loop
             self._check_alive()
             mine = self._posted_by_client[client] if client is not None else 0
-            self.engine.check_room(len(group), client, self._posted, mine)
+            self.scheduler.check_room(len(group), client, self._posted, mine)
             self._posted += len(group)
             if client is not None:
                 self._posted_by_client[client] += len(group)
@@ -140,7 +154,7 @@ class EngineLoop:
             self._inbox.put(("cancel", req))
 
     def embed(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        """Embeddings [len(rows), D] of validated token-id rows, computed a chunk per engine step."""
+        """Embeddings [len(rows), D] of validated token-id rows, computed a chunk per scheduler step."""
         job, fut = self.submit_embedding(rows)
         try:
             return fut.result()
@@ -156,7 +170,7 @@ class EngineLoop:
             self.cancel_embedding(job)
 
     def submit_embedding(self, rows: Sequence[Sequence[int]]) -> tuple[EmbedJob, concurrent.futures.Future]:
-        job = self.engine.make_embedding(rows)
+        job = self.scheduler.make_embedding(rows)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             self._check_alive()
@@ -169,7 +183,7 @@ class EngineLoop:
             self._inbox.put(("cancel_embedding", job))
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the engine thread (device work such as embeddings) and return its result."""
+        """Run `fn` on the scheduler thread (device work such as embeddings) and return its result."""
         return self.call_async(fn).result()
 
     def call_async(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
@@ -180,7 +194,13 @@ class EngineLoop:
         return fut
 
     async def astream(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        rules: StopRules,
+        *,
+        grammar: Grammar | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[Delta]:
         """Deltas of one request; closing the generator (or cancelling its task) cancels it."""
         loop = asyncio.get_running_loop()
@@ -190,7 +210,7 @@ class EngineLoop:
             if not loop.is_closed():  # a closed loop means the consumer is gone; its cancel is posted
                 loop.call_soon_threadsafe(q.put_nowait, item)
 
-        req = self.submit(prompt_ids, params, sink, request_id)
+        req = self.submit(prompt_ids, params, rules, sink, grammar=grammar, request_id=request_id)
         try:
             while True:
                 item = await q.get()
@@ -202,10 +222,17 @@ class EngineLoop:
         finally:
             self.cancel(req)
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Delta]:
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        rules: StopRules,
+        *,
+        grammar: Grammar | None = None,
+    ) -> Iterator[Delta]:
         """Blocking counterpart of `astream` for threads and notebooks."""
         q: queue.SimpleQueue = queue.SimpleQueue()
-        req = self.submit(prompt_ids, params, q.put)
+        req = self.submit(prompt_ids, params, rules, q.put, grammar=grammar)
         try:
             while True:
                 item = q.get()
@@ -223,22 +250,22 @@ class EngineLoop:
         if self._stopped or not self._thread.is_alive():
             raise EngineDeadError("the engine thread is not running")
 
-    # -- the engine thread ----------------------------------------------------------------------
+    # -- the scheduler thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         error: BaseException = EngineDeadError("the engine was shut down")
         try:
             while True:
-                if not self._drain(block=not self.engine.has_work):
+                if not self._drain(block=not self.scheduler.has_work):
                     break
-                if self.engine.has_work:
-                    self.engine.step()
+                if self.scheduler.has_work:
+                    self.scheduler.step()
                     self.progress_at = time.monotonic()
                     self._deliver()
             for req in list(self._sinks):
-                self.engine.cancel(req)
+                self.scheduler.cancel(req)
             for job in list(self._embeds):
-                self.engine.cancel_embedding(job)
+                self.scheduler.cancel_embedding(job)
         except BaseException as e:  # noqa: BLE001 - any failure must reach every waiting caller
             log.exception("engine thread died")
             self.error = error = e
@@ -270,19 +297,19 @@ class EngineLoop:
                         if self._posted_by_client[req.client] <= 0:
                             del self._posted_by_client[req.client]
                 self._sinks[req] = sink
-                self.engine.enqueue(req)
+                self.scheduler.enqueue(req)
             elif kind == "cancel":
                 req = item[1]
-                self.engine.cancel(req)
+                self.scheduler.cancel(req)
                 self._sinks.pop(req, None)
             elif kind == "embed":
                 _, job, fut = item
                 if fut.set_running_or_notify_cancel():  # else its caller already gave up
                     self._embeds[job] = fut
-                    self.engine.enqueue_embedding(job)
+                    self.scheduler.enqueue_embedding(job)
             elif kind == "cancel_embedding":
                 job = item[1]
-                self.engine.cancel_embedding(job)
+                self.scheduler.cancel_embedding(job)
                 fut = self._embeds.pop(job, None)
                 if fut is not None:
                     fut.set_exception(concurrent.futures.CancelledError())
@@ -300,9 +327,9 @@ class EngineLoop:
             try:
                 while req.deltas:
                     sink(req.deltas.popleft())
-            except Exception:  # noqa: BLE001 - a broken consumer loses its request, not the engine
+            except Exception:  # noqa: BLE001 - a broken consumer loses its request, not the scheduler
                 log.exception("dropping request %s: its consumer failed", req.id)
-                self.engine.cancel(req)
+                self.scheduler.cancel(req)
                 del self._sinks[req]
                 continue
             if req.finished:
