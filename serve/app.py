@@ -156,6 +156,15 @@ def create_app(settings: Settings | None = None) -> Quart:
             "X-Request-Id, Retry-After, x-ratelimit-remaining-requests"
         )
 
+    _error_handlers(app)
+    return app
+
+
+def _error_handlers(app: Quart) -> None:
+    """Whatever a request raises leaves as an OpenAI error object: `APIError` as it is, the
+    library's errors through `from_library` (one mapping), bad bodies and HTTP errors as 400s
+    and the like, anything else as a logged 500."""
+
     @app.errorhandler(APIError)
     async def _api_error(e: APIError):
         return e.response()
@@ -178,8 +187,6 @@ def create_app(settings: Settings | None = None) -> Quart:
         return await _api_error(
             APIError(500, "The server had an error while processing your request.", "server_error")
         )
-
-    return app
 
 
 # For `hypercorn serve.app:app`. Building the app is cheap: the models load when serving starts.
